@@ -1,0 +1,364 @@
+"""Random-access image classification sources (no TensorFlow needed).
+
+A *source* is any object with ``__len__`` and ``__getitem__(i) -> dict(image=uint8
+(H, W, 3) NHWC-style HWC array in [0, 255], label=int)``; grain reads it directly
+with ``grain.MapDataset.source``. Supported datasets:
+
+* ``cifar10`` / ``cifar100`` / ``imagenet2012``: ``tfds.data_source`` over a
+  TFDS directory prepared once in the ``array_record`` format. Reading needs no
+  TensorFlow; only the one-off ``tfds build`` does.
+* ``npz``: a local ``.npz`` with ``x_train, y_train, x_test, y_test``; ``x`` is
+  uint8 ``(N, H, W, 3)``, ``(N, H, W, 1)`` or ``(N, H, W)`` (grey is repeated to
+  3 channels), ``y`` integer class ids ``(N,)``.
+* ``digits``: scikit-learn's embedded 8x8 handwritten digits, upsampled to
+  16x16 RGB. Works offline; meant for smoke tests and CPU-sized experiments.
+
+Everything that can be checked without reading the pixels is checked in
+:func:`inspect_sources`, which raises ``ValueError`` with the problem and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import zipfile
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+TFDS_DATASETS = ("cifar10", "cifar100", "imagenet2012")
+DATASETS = TFDS_DATASETS + ("npz", "digits")
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+# Split used for evaluation when ds_cfg.test_split is missing: ImageNet has no
+# labelled "test" split in TFDS.
+_DEFAULT_TEST_SPLIT = {"cifar10": "test", "cifar100": "test",
+                       "imagenet2012": "validation"}
+
+DIGITS_NUM_TEST = 360  # 20% of the 1797 scikit-learn digits.
+DIGITS_SIDE = 16  # 8x8 upsampled x2 by pixel repetition.
+
+
+def cfg_get(ds_cfg: Any, name: str, default: Any = None) -> Any:
+  """``getattr`` that also works for dicts and ``ml_collections.ConfigDict``."""
+  if isinstance(ds_cfg, Mapping):
+    return ds_cfg.get(name, default)
+  return getattr(ds_cfg, name, default)
+
+
+def eval_split_name(ds_cfg: Any) -> str:
+  """The TFDS split used for evaluation (``ds_cfg.test_split`` or a default)."""
+  split = cfg_get(ds_cfg, "test_split")
+  return split or _DEFAULT_TEST_SPLIT.get(cfg_get(ds_cfg, "name"), "test")
+
+
+def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+  """``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` uint8 -> ``(H, W, 3)`` uint8."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  return image
+
+
+class ArraySource:
+  """Random-access source over in-memory arrays.
+
+  Args:
+    images: uint8 ``(N, H, W, 3)``.
+    labels: integer ``(N,)``.
+  """
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    if len(images) != len(labels):
+      raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+    self.images = images
+    self.labels = labels
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    # Views, not copies: the augmentations never write into their input.
+    return {"image": self.images[index], "label": int(self.labels[index])}
+
+  def __repr__(self) -> str:
+    return f"ArraySource(n={len(self)}, image_shape={self.images.shape[1:]})"
+
+
+class TfdsSource:
+  """Adapts a ``tfds.data_source`` split to ``dict(image=uint8 HWC, label=int)``.
+
+  Drops the other features (``id``, ``file_name``) so batches stack cleanly.
+  """
+
+  def __init__(self, data_source: Sequence[Mapping[str, Any]]):
+    self.data_source = data_source
+
+  def __len__(self) -> int:
+    return len(self.data_source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    example = self.data_source[index]
+    return {"image": to_rgb_uint8(example["image"]),
+            "label": int(example["label"])}
+
+  def __repr__(self) -> str:
+    return f"TfdsSource(n={len(self)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceInfo:
+  """What :func:`inspect_sources` learns without decoding images.
+
+  Attributes:
+    num_train, num_test: number of examples in the train / eval split.
+    num_classes: number of label values.
+    stored_shape: ``(H, W, 3)`` of the stored images; ``H, W`` are ``None`` for
+      variable-sized images (ImageNet).
+  """
+  num_train: int
+  num_test: int
+  num_classes: int
+  stored_shape: tuple[int | None, int | None, int]
+
+
+# ----------------------------------------------------------------------------
+# digits
+
+
+@functools.lru_cache(maxsize=1)
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                  np.ndarray]:
+  """scikit-learn digits as ``(x_train, y_train, x_test, y_test)``.
+
+  ``x`` is uint8 ``(N, 16, 16, 3)``: values 0..16 are rescaled to 0..255
+  (``round(v * 255 / 16)``), each pixel repeated 2x2 (nearest-neighbour), grey
+  replicated to RGB. A fixed permutation (``default_rng(0)``) puts the last 360
+  images (20%) in the test split. Cached: the result is read-only.
+  """
+  # Imported lazily: scikit-learn takes ~1 s to import and only this needs it.
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  x = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8)
+  x = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+  x = np.repeat(x[..., None], 3, axis=-1)
+  y = digits.target.astype(np.int32)
+  perm = np.random.default_rng(0).permutation(len(x))
+  x, y = x[perm], y[perm]
+  cut = len(x) - DIGITS_NUM_TEST
+  arrays = (x[:cut], y[:cut], x[cut:], y[cut:])
+  for a in arrays:
+    a.flags.writeable = False  # Shared through the cache.
+  return arrays
+
+
+# ----------------------------------------------------------------------------
+# npz
+
+
+def _npz_fix(path: str) -> str:
+  return (f"Set ds_cfg.path to an .npz made with np.savez(path, x_train=..., "
+          f"y_train=..., x_test=..., y_test=...) where x is uint8 (N,H,W,3), "
+          f"(N,H,W,1) or (N,H,W) and y is integer (N,) (got path={path!r}).")
+
+
+def _npz_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Shapes and dtypes of the arrays in an ``.npz`` without reading the data."""
+  headers = {}
+  with zipfile.ZipFile(path) as zf:
+    for member in zf.namelist():
+      if not member.endswith(".npy"):
+        continue
+      with zf.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+          shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+          shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+      headers[member[:-len(".npy")]] = (tuple(shape), np.dtype(dtype))
+  return headers
+
+
+def _check_npz(path: str | None) -> tuple[dict[str, Any], int]:
+  """Validates the npz layout; returns its headers and the number of classes."""
+  if not path:
+    raise ValueError("ds_cfg.name='npz' needs ds_cfg.path, which is empty. "
+                     + _npz_fix(path))
+  if not os.path.isfile(path):
+    raise ValueError(f"npz file {path!r} does not exist. " + _npz_fix(path))
+  try:
+    headers = _npz_headers(path)
+  except (zipfile.BadZipFile, ValueError, OSError) as e:
+    raise ValueError(f"{path!r} is not a readable .npz file ({e}). "
+                     + _npz_fix(path)) from e
+  missing = [k for k in NPZ_KEYS if k not in headers]
+  if missing:
+    raise ValueError(f"npz file {path!r} lacks the arrays {missing} (it has "
+                     f"{sorted(headers)}). " + _npz_fix(path))
+  hw = None
+  for split in ("train", "test"):
+    (xs, xd), (ys, yd) = headers[f"x_{split}"], headers[f"y_{split}"]
+    if xd != np.uint8:
+      raise ValueError(f"x_{split} in {path!r} has dtype {xd}, expected uint8 "
+                       f"in [0, 255]. " + _npz_fix(path))
+    if not (len(xs) == 3 or (len(xs) == 4 and xs[-1] in (1, 3))):
+      raise ValueError(f"x_{split} in {path!r} has shape {xs}, expected "
+                       f"(N,H,W,3), (N,H,W,1) or (N,H,W). " + _npz_fix(path))
+    if not np.issubdtype(yd, np.integer) or len(ys) != 1:
+      raise ValueError(f"y_{split} in {path!r} is {yd} {ys}, expected integer "
+                       f"class ids of shape (N,). " + _npz_fix(path))
+    if ys[0] != xs[0] or xs[0] == 0:
+      raise ValueError(f"x_{split} {xs} and y_{split} {ys} in {path!r} must "
+                       f"have the same non-zero length. " + _npz_fix(path))
+    if hw is not None and xs[1:3] != hw:
+      raise ValueError(f"x_train and x_test in {path!r} differ in image size "
+                       f"({hw} vs {xs[1:3]}). " + _npz_fix(path))
+    hw = xs[1:3]
+  # Labels are small, so reading them here keeps dataset_info cheap.
+  with np.load(path) as npz:
+    labels = [npz["y_train"], npz["y_test"]]
+  low = min(int(y.min()) for y in labels)
+  if low < 0:
+    raise ValueError(f"{path!r} has negative labels (min {low}); labels must be "
+                     f"class ids 0..C-1. " + _npz_fix(path))
+  num_classes = max(int(y.max()) for y in labels) + 1
+  return headers, num_classes
+
+
+def _load_npz_arrays(path: str) -> tuple[np.ndarray, ...]:
+  """Reads an npz (validated by :func:`_check_npz`) into RGB uint8 arrays."""
+  with np.load(path) as npz:
+    arrays = []
+    for split in ("train", "test"):
+      x = npz[f"x_{split}"]
+      if x.ndim == 3:
+        x = x[..., None]
+      if x.shape[-1] == 1:
+        # Done once here rather than per example so batches are cheap.
+        x = np.repeat(x, 3, axis=-1)
+      arrays += [np.ascontiguousarray(x), npz[f"y_{split}"].astype(np.int32)]
+  return tuple(arrays)
+
+
+# ----------------------------------------------------------------------------
+# tfds
+
+
+def _default_data_dir() -> str:
+  # What tfds uses when data_dir is None (without importing tfds).
+  return os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+
+
+def _tfds_prepare_hint(name: str, data_dir: str | None) -> str:
+  shown = data_dir or _default_data_dir()
+  hint = (f"Prepare it once with `pip install tensorflow && tfds build {name} "
+          f"--data_dir={shown} --file_format=array_record` (TensorFlow is only "
+          f"needed for this one-off build; the array_record format is what "
+          f"random access needs)")
+  if name == "imagenet2012":
+    hint += (f"; ImageNet cannot be downloaded automatically: first put "
+             f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
+             f"{shown}/downloads/manual/")
+  return hint + ". Or set ds_cfg.data_dir to where it is already prepared."
+
+
+def _tfds_split(name: str, split: str, data_dir: str | None) -> Any:
+  # Imported lazily: tensorflow_datasets takes ~1 s to import.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # download=False: an unprepared dataset must fail fast with our hint rather
+  # than start a multi-hour download (or an ImageNet build that cannot work).
+  return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+
+
+def _open_tfds(ds_cfg: Any) -> tuple[Any, Any]:
+  """Opens the train and eval splits, translating tfds errors."""
+  name, data_dir = cfg_get(ds_cfg, "name"), cfg_get(ds_cfg, "data_dir")
+  shown = data_dir or f"the default TFDS data_dir ({_default_data_dir()})"
+  try:
+    train = _tfds_split(name, cfg_get(ds_cfg, "train_split") or "train",
+                        data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    # tfds raises assorted types here (NotImplementedError for a missing or
+    # TFRecord-format dataset, AssertionError, FileNotFoundError, ...).
+    # The hint comes first: tfds' own text (e.g. about TFRECORD files) is
+    # confusing for a dataset that was simply never built.
+    raise ValueError(f"{name} is not prepared in {shown}. "
+                     + _tfds_prepare_hint(name, data_dir)
+                     + f" (tfds said: {type(e).__name__}: {str(e)[:300]})"
+                     ) from e
+  split = eval_split_name(ds_cfg)
+  try:
+    test = _tfds_split(name, split, data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"Split {split!r} of {name} could not be opened in {shown} "
+                     f"({type(e).__name__}: {str(e)[:300]}). Set "
+                     f"ds_cfg.test_split to an existing split ('test' for "
+                     f"cifar, 'validation' for imagenet2012).") from e
+  return train, test
+
+
+def _tfds_info(train: Any, test: Any) -> tuple[int, tuple[Any, ...]]:
+  """num_classes and stored image shape from the TFDS feature spec."""
+  info = getattr(train, "dataset_info", None)
+  if info is not None:
+    features = info.features
+    return (int(features["label"].num_classes),
+            tuple(features["image"].shape))
+  # Plain sequences (e.g. tests that monkeypatch tfds.data_source): look at
+  # the data itself.
+  labels = [int(ex["label"]) for src in (train, test) for ex in src]
+  shapes = {to_rgb_uint8(src[0]["image"]).shape for src in (train, test)}
+  shape = shapes.pop() if len(shapes) == 1 else (None, None, 3)
+  return max(labels) + 1, shape
+
+
+# ----------------------------------------------------------------------------
+# public entry points
+
+
+def _check_name(ds_cfg: Any) -> str:
+  name = cfg_get(ds_cfg, "name")
+  if name not in DATASETS:
+    raise ValueError(f"Unknown dataset ds_cfg.name={name!r}. Set it to one of "
+                     f"{list(DATASETS)}.")
+  return name
+
+
+def inspect_sources(ds_cfg: Any) -> SourceInfo:
+  """Validates ``ds_cfg`` and returns sizes/classes/shape without decoding.
+
+  Raises:
+    ValueError: unknown name, bad or missing npz, tfds dataset not prepared.
+  """
+  name = _check_name(ds_cfg)
+  if name == "digits":
+    x_train, _, x_test, _ = load_digits_arrays()
+    return SourceInfo(len(x_train), len(x_test), 10, tuple(x_train.shape[1:]))
+  if name == "npz":
+    headers, num_classes = _check_npz(cfg_get(ds_cfg, "path"))
+    xs, xt = headers["x_train"][0], headers["x_test"][0]
+    return SourceInfo(xs[0], xt[0], num_classes, (xs[1], xs[2], 3))
+  train, test = _open_tfds(ds_cfg)
+  num_classes, shape = _tfds_info(train, test)
+  return SourceInfo(len(train), len(test), num_classes, shape)
+
+
+def get_sources(ds_cfg: Any) -> tuple[Any, Any]:
+  """``(train_source, test_source)``: random-access, see the module docstring.
+
+  Raises:
+    ValueError: as :func:`inspect_sources`.
+  """
+  name = _check_name(ds_cfg)
+  if name == "digits":
+    x_train, y_train, x_test, y_test = load_digits_arrays()
+  elif name == "npz":
+    path = cfg_get(ds_cfg, "path")
+    _check_npz(path)
+    x_train, y_train, x_test, y_test = _load_npz_arrays(path)
+  else:
+    train, test = _open_tfds(ds_cfg)
+    return TfdsSource(train), TfdsSource(test)
+  return ArraySource(x_train, y_train), ArraySource(x_test, y_test)

@@ -1,0 +1,171 @@
+"""Flax NNX layers over :mod:`irnet_jax.ops`.
+
+* :class:`BinaryConv` -- IR-Net's ``IRConv2d``: Libra-PB weights and EDE-binarized
+  inputs, or any ablation of them; with 32 bits for both it is a plain convolution,
+  which the models use for their full-precision first layer and shortcuts.
+* :class:`BatchNorm` -- batch normalization with PyTorch's semantics.
+
+Layouts: activations NHWC, kernels HWIO (``(kh, kw, in, out)``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from irnet_jax import ops
+
+Dtype = Any
+
+
+def he_normal(mode: str = "fan_in") -> nnx.Initializer:
+  """``N(0, 2/fan)``: torch ``kaiming_normal_`` (fan_in) or the ``normal_(0, sqrt(2/n))``
+  with ``n = k*k*out`` of the official ImageNet/VGG code (fan_out)."""
+  return nnx.initializers.variance_scaling(2.0, mode, "normal")
+
+
+class BinaryConv(nnx.Module):
+  """kxk convolution with binary weights (Libra-PB) and binary inputs (EDE).
+
+  ``x (N, H, W, in) -> (N, H', W', out)``. The input is binarized *before* zero
+  padding, so border taps see 0 (not +-1), exactly like ``F.conv2d`` on ``sign(x)``.
+
+  Args:
+    in_features, out_features: channels.
+    kernel_size, strides, padding: as in ``nn.Conv2d`` (symmetric integer padding).
+    weight_bits: 1 (quantized with ``weight_quantizer``) or 32 (float).
+    act_bits: 1 (inputs binarized with ``estimator``) or 32 (float).
+    estimator: backward of sign: "ede", "ste" or "approx_sign".
+    weight_quantizer: "libra_pb", "sign" or "none".
+    dtype: compute dtype of the convolution (e.g. bfloat16); None keeps the
+      promoted dtype of input and kernel.
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, *,
+               strides: int = 1, padding: int = 1, weight_bits: int = 1,
+               act_bits: int = 1, estimator: str = "ede",
+               weight_quantizer: str = "libra_pb", kernel_init: nnx.Initializer | None = None,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    if weight_bits not in (1, 32) or act_bits not in (1, 32):
+      raise ValueError(f"weight_bits and act_bits must be 1 or 32, got "
+                       f"{weight_bits} and {act_bits}")
+    if estimator not in ops.ESTIMATORS:
+      raise ValueError(f"unknown estimator {estimator!r}; expected one of {ops.ESTIMATORS}")
+    if weight_quantizer not in ops.WEIGHT_QUANTIZERS:
+      raise ValueError(f"unknown weight_quantizer {weight_quantizer!r}; expected one of "
+                       f"{ops.WEIGHT_QUANTIZERS}")
+    init = kernel_init or he_normal("fan_in")
+    shape = (kernel_size, kernel_size, in_features, out_features)
+    self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
+    self.in_features, self.out_features = in_features, out_features
+    self.kernel_size, self.strides, self.padding = kernel_size, strides, padding
+    self.binary_weights = weight_bits == 1 and weight_quantizer != "none"
+    self.binary_acts = act_bits == 1
+    self.estimator, self.weight_quantizer = estimator, weight_quantizer
+    self.dtype = dtype
+
+  def quantized_kernel(self, ede: ops.EDE | None = None) -> jax.Array:
+    """The kernel the convolution uses (HWIO): quantized, or the float one."""
+    kernel = self.kernel[...]
+    if self.binary_weights:
+      kernel = ops.quantize_weights(kernel, self.weight_quantizer, self.estimator, ede)
+    return kernel
+
+  def __call__(self, x: jax.Array, ede: ops.EDE | None = None) -> jax.Array:
+    kernel = self.quantized_kernel(ede)
+    if self.binary_acts:
+      x = ops.binarize(x, self.estimator, ede)
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    p = self.padding
+    return jax.lax.conv_general_dilated(
+        x.astype(dtype), kernel.astype(dtype),
+        window_strides=(self.strides, self.strides),
+        padding=((p, p), (p, p)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class BatchNorm(nnx.Module):
+  """Batch normalization over the last axis with ``torch.nn.BatchNorm{1,2}d`` semantics.
+
+  Written here instead of ``nnx.BatchNorm`` because PyTorch updates the running
+  variance with the *unbiased* batch variance (n/(n-1)), which nnx does not; the
+  official checkpoints and their eval numbers depend on it. ``momentum`` is
+  PyTorch's (weight of the new batch, 0.1). Statistics are computed in at least
+  float32 whatever the compute dtype; the output has the input's dtype.
+
+  Params: ``scale``, ``bias``; batch stats: ``mean``, ``var`` (all shape ``(C,)``).
+  """
+
+  def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
+               param_dtype: Dtype = jnp.float32, use_running_average: bool = False,
+               rngs: nnx.Rngs | None = None):
+    del rngs  # Deterministic init; kept for a uniform constructor signature.
+    self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
+    self.momentum, self.epsilon = momentum, epsilon
+    self.use_running_average = use_running_average
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    stat_dtype = jnp.promote_types(jnp.promote_types(x.dtype, jnp.float32),
+                                   self.scale.dtype)
+    xs = x.astype(stat_dtype)
+    axes = tuple(range(x.ndim - 1))
+    if self.use_running_average:
+      mean, var = self.mean[...].astype(stat_dtype), self.var[...].astype(stat_dtype)
+    else:
+      mean = jnp.mean(xs, axis=axes)
+      var = jnp.mean(jnp.square(xs - mean), axis=axes)  # biased, for normalization
+      n = x.size // x.shape[-1]
+      unbiased = var * (n / max(n - 1, 1))
+      m = self.momentum
+      self.mean[...] = ((1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+                        ).astype(self.mean.dtype)
+      self.var[...] = ((1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+                       ).astype(self.var.dtype)
+    scale = self.scale[...].astype(stat_dtype) * jax.lax.rsqrt(var + self.epsilon)
+    y = (xs - mean) * scale + self.bias[...].astype(stat_dtype)
+    return y.astype(x.dtype)
+
+
+def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
+  """``nn.MaxPool2d(window, stride, padding)`` on NHWC: pads with -inf."""
+  p = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  init = jnp.array(-jnp.inf, x.dtype)
+  return jax.lax.reduce_window(x, init, jax.lax.max, (1, window, window, 1),
+                               (1, stride, stride, 1), p)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """``(N, H, W, C) -> (N, C)``."""
+  return jnp.mean(x, axis=(1, 2))
+
+
+def conv_kwargs(weight_bits: int, act_bits: int, estimator: str, weight_quantizer: str,
+                dtype: Dtype | None, param_dtype: Dtype) -> dict:
+  """The keyword arguments every model passes to its binary convolutions."""
+  return dict(weight_bits=weight_bits, act_bits=act_bits, estimator=estimator,
+              weight_quantizer=weight_quantizer, dtype=dtype, param_dtype=param_dtype)
+
+
+def fp_conv(in_features: int, out_features: int, kernel_size: int, *, strides: int = 1,
+            padding: int = 0, kernel_init: nnx.Initializer | None = None,
+            dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+            rngs: nnx.Rngs) -> BinaryConv:
+  """A full-precision convolution (first layer, 1x1 shortcuts)."""
+  return BinaryConv(in_features, out_features, kernel_size, strides=strides,
+                    padding=padding, weight_bits=32, act_bits=32, kernel_init=kernel_init,
+                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def dense(in_features: int, out_features: int, *, kernel_init: nnx.Initializer | None = None,
+          dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+          rngs: nnx.Rngs) -> nnx.Linear:
+  """Full-precision last layer (``nn.Linear`` with bias); kernel ``(in, out)``."""
+  kw = {} if kernel_init is None else {"kernel_init": kernel_init}
+  return nnx.Linear(in_features, out_features, dtype=dtype, param_dtype=param_dtype,
+                    rngs=rngs, **kw)
