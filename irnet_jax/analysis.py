@@ -1,0 +1,347 @@
+"""Information-retention diagnostics of binary networks (IR-Net, Qin et al. 2020).
+
+Pure functions over model state, usable eagerly or under ``jax.jit`` / ``nnx.jit``.
+Python loops here run over the *layers* at trace time only; the compiled program
+is one fused computation, and re-calling it with new weights, a new EDE or new
+activations does not recompile.
+
+Statistics (all dimensionless; entropies in bits):
+
+* :func:`entropy_bits` -- Bernoulli entropy of a sign tensor (IR-Net maximizes it
+  for the binary weights with Libra-PB, Eq. 5-7).
+* :func:`sign_balance` -- fraction of +1 per output channel.
+* :func:`quantization_error` -- relative L2 error of the weight quantizer.
+* :func:`flip_ratio` -- fraction of binary weights whose sign changed.
+* :func:`ede_grad_scale` -- mean magnitude of the EDE's backward multiplier.
+
+Model-level: :func:`binary_layers`, :func:`weight_signs` and :func:`diagnostics`
+(a flat ``dict[str, scalar]`` for the metrics log; see its docstring for keys).
+:func:`record_calls` captures the inputs and outputs of chosen layer classes during
+one forward pass; :mod:`irnet_jax.summary` uses it for output shapes.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from irnet_jax import layers, ops
+
+
+# ----------------------------------------------------------------------------------
+# Tensor statistics.
+
+
+def entropy_bits(b: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
+  """Entropy in bits of the binary tensor ``b > 0``: ``-p log2 p - (1-p) log2(1-p)``.
+
+  ``p`` is the fraction of strictly positive entries over ``axis`` (None: all).
+  Zeros (``sign(0) == 0`` in :mod:`irnet_jax.ops`) count as "not +1", i.e. with
+  the -1s: entropy is that of the binary *event* "is +1", which for a ``sign``
+  tensor without zeros is the entropy of the binary weights. ``p in {0, 1}`` gives 0
+  (the ``0 log 0 = 0`` convention), without NaNs in the value or its trace.
+
+  Args:
+    b: any real tensor, typically ``sign(w)`` or a quantized kernel.
+    axis: axes to reduce over, like ``jnp.mean``.
+
+  Returns:
+    float32 entropy in ``[0, 1]``, with the reduced axes removed.
+  """
+  p = jnp.mean((b > 0).astype(jnp.float32), axis=axis)
+  return _binary_entropy(p)
+
+
+def _binary_entropy(p: jax.Array) -> jax.Array:
+  # Substitute a safe operand where p is 0 or 1 so that log2 never sees 0.
+  def term(q):
+    safe = jnp.where(q > 0, q, 1.0)
+    return jnp.where(q > 0, -q * jnp.log2(safe), 0.0)
+  return term(p) + term(1.0 - p)
+
+
+def sign_balance(kernel_q: jax.Array) -> jax.Array:
+  """Per-output-channel fraction of +1 of a (quantized) kernel, ``(..., out) -> (out,)``.
+
+  The last axis is the output channel (HWIO convs, ``(in, out)`` dense); 0.5 means
+  a balanced filter. Zeros count as not +1, as in :func:`entropy_bits`.
+  """
+  axes = tuple(range(kernel_q.ndim - 1))
+  return jnp.mean((kernel_q > 0).astype(jnp.float32), axis=axes)
+
+
+def _relative_error(x: jax.Array, q: jax.Array) -> jax.Array:
+  x, q = x.astype(jnp.float32), q.astype(jnp.float32)
+  return jnp.linalg.norm((x - q).ravel()) / jnp.linalg.norm(x.ravel())
+
+
+def quantization_error(kernel: jax.Array, quantizer: str = "libra_pb") -> jax.Array:
+  """Relative L2 error ``||x - Q(x)|| / ||x||`` of a weight quantizer, a float32 scalar.
+
+  * "libra_pb": ``x = standardize(kernel)`` (what the sign actually sees) and
+    ``Q(x) = 2^round(log2 mean|x|) * sign(x)`` per output channel. Scale-invariant
+    in the kernel, so comparable across layers and over training.
+  * "sign": ``x = kernel``, ``Q(x) = sign(kernel)``, with no standardization and
+    no scale -- literally the error of what the "sign" ablation computes. It depends
+    on the kernel's magnitude (it is ~``1/mean|w|`` for small weights and can
+    exceed 1); the BN after each conv absorbs that scale, so compare it only
+    between steps of the same run, not with Libra-PB.
+  * "none": 0 (no quantization).
+  """
+  if quantizer == "libra_pb":
+    w_std = ops.standardize(kernel)
+    return _relative_error(w_std, ops.libra_scale(w_std) * jnp.sign(w_std))
+  if quantizer == "sign":
+    return _relative_error(kernel, jnp.sign(kernel))
+  if quantizer == "none":
+    return jnp.zeros((), jnp.float32)
+  raise ValueError(f"unknown weight quantizer {quantizer!r}; expected one of "
+                   f"{ops.WEIGHT_QUANTIZERS}")
+
+
+def flip_ratio(signs_a: jax.Array, signs_b: jax.Array) -> jax.Array:
+  """Fraction of entries whose sign differs between two states (float32 scalar).
+
+  Inputs are sign tensors (e.g. int8 from :func:`weight_signs`) or raw weights;
+  both are passed through ``sign`` first, so a 0 <-> +-1 change counts as a flip.
+  """
+  return jnp.mean((jnp.sign(signs_a) != jnp.sign(signs_b)).astype(jnp.float32))
+
+
+def ede_grad_scale(x: jax.Array, ede: ops.EDE) -> jax.Array:
+  """``mean |k t (1 - tanh^2(t x))|``: how much gradient the EDE passes through ``sign(x)``.
+
+  ``k * t`` at ``x = 0``; decays to 0 for ``|x| >> 1/t``. Early in training (small
+  t, ``k = 1/t``) it is ~1 everywhere, like an identity; late (t = 10) it is
+  concentrated on ``|x| < 0.1``. Float32 scalar.
+  """
+  t = jnp.asarray(ede.t, jnp.float32)
+  k = jnp.asarray(ede.k, jnp.float32)
+  x = x.astype(jnp.float32)
+  return jnp.mean(jnp.abs(k * t * (1.0 - jnp.square(jnp.tanh(t * x)))))
+
+
+# ----------------------------------------------------------------------------------
+# The paper's Libra-PB entropy claim (Sec. 3.1, Fig. 3).
+
+
+def skewed_gaussian_kernel(key: jax.Array, shape: tuple[int, ...] = (3, 3, 64, 64),
+                           mean: float = 0.5, std: float = 1.0) -> jax.Array:
+  """An HWIO kernel drawn from ``N(mean, std^2)``: with ``mean != 0`` its plain sign
+  is unbalanced (``P(+1) = Phi(mean/std)``), the case Libra-PB is designed for."""
+  return mean + std * jax.random.normal(key, shape, jnp.float32)
+
+
+def weight_entropy_by_quantizer(kernel: jax.Array) -> dict[str, jax.Array]:
+  """Weight entropy (bits) of ``kernel`` under Libra-PB and under plain sign.
+
+  IR-Net's claim: Libra-PB's per-channel centering makes ``P(+1) ~ 1/2`` in each
+  filter, so its entropy is ~1 bit and at least that of ``sign(kernel)`` whenever
+  the kernel is skewed (e.g. :func:`skewed_gaussian_kernel`). Returns
+  ``{"libra_pb": H, "sign": H}``, float32 scalars.
+  """
+  return {"libra_pb": entropy_bits(ops.libra_pb(kernel)),
+          "sign": entropy_bits(jnp.sign(kernel))}
+
+
+# ----------------------------------------------------------------------------------
+# Model-level diagnostics.
+
+
+def _dotted(path: tuple) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def binary_layers(model: nnx.Module) -> dict[str, layers.BinaryConv]:
+  """Every :class:`~irnet_jax.layers.BinaryConv` with binary weights or activations.
+
+  Keyed by the torch-style dotted path (``"layer1.0.conv1"``); full-precision
+  convolutions (first layer, 1x1 shortcuts) are left out. Sorted by path.
+  """
+  found = {}
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, layers.BinaryConv) and (node.binary_weights or node.binary_acts):
+      found[_dotted(path)] = node
+  return dict(sorted(found.items()))
+
+
+def _sign_input(layer: layers.BinaryConv) -> jax.Array:
+  """What the weight sign is applied to: standardized weights for Libra-PB."""
+  kernel = layer.kernel[...]
+  return ops.standardize(kernel) if layer.weight_quantizer == "libra_pb" else kernel
+
+
+def weight_signs(model: nnx.Module) -> dict[str, jax.Array]:
+  """``sign`` of the quantized kernel of every binary-weight layer, int8 HWIO.
+
+  Keyed like :func:`binary_layers`; keep the result to pass as ``prev_signs`` to
+  the next :func:`diagnostics` call (1 byte per weight).
+  """
+  return {name: jnp.sign(_sign_input(layer)).astype(jnp.int8)
+          for name, layer in binary_layers(model).items() if layer.binary_weights}
+
+
+@dataclasses.dataclass
+class Call:
+  """One recorded layer call: dotted ``path``, the ``module``, its first positional
+  ``input`` and its ``output`` (arrays, or tracers inside a transform)."""
+  path: str
+  module: nnx.Module
+  input: Any
+  output: Any
+
+
+@contextlib.contextmanager
+def record_calls(model: nnx.Module, classes: tuple[type, ...] = (layers.BinaryConv,)
+                 ) -> Iterator[list[Call]]:
+  """Records every call of a module of ``model`` whose type is one of ``classes``.
+
+  Usage::
+
+      with record_calls(model) as calls:
+        model(x)
+      {c.path: c.input for c in calls}
+
+  Works under ``jax.jit``/``eval_shape`` (it runs at trace time; the recorded
+  tracers can be returned from the traced function). Implemented by patching
+  ``cls.__call__`` for the duration of the block -- the layers have no ``sow``
+  and ``nnx.capture(method_outputs=...)`` records outputs only, while EDE
+  statistics need the *input* of each binary conv (``nnx.capture`` patches classes
+  the same way). Not thread-safe; calls of modules outside ``model`` are ignored.
+  Calls are listed in execution order.
+  """
+  paths = {id(m): _dotted(p) for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
+  calls: list[Call] = []
+  active: set[int] = set()  # Guards against double records via super().__call__.
+  saved = []
+  for cls in dict.fromkeys(classes):
+    own = cls.__dict__.get("__call__")
+    original = cls.__call__
+
+    def wrapper(self, *args, _orig=original, **kwargs):
+      if id(self) in active or id(self) not in paths:
+        return _orig(self, *args, **kwargs)
+      active.add(id(self))
+      try:
+        out = _orig(self, *args, **kwargs)
+      finally:
+        active.discard(id(self))
+      calls.append(Call(paths[id(self)], self, args[0] if args else None, out))
+      return out
+
+    saved.append((cls, own))
+    cls.__call__ = wrapper
+  try:
+    yield calls
+  finally:
+    for cls, own in reversed(saved):
+      if own is None:
+        delattr(cls, "__call__")
+      else:
+        cls.__call__ = own
+
+
+def binary_conv_inputs(model: nnx.Module, x: jax.Array,
+                       ede: ops.EDE | None = None) -> dict[str, jax.Array]:
+  """Input activations (before binarization) of each binary-activation conv on batch ``x``.
+
+  Runs the forward pass on a *copy* of ``model`` in its current mode (train: batch
+  statistics, as training sees them; eval: running statistics), so the model's BN
+  statistics are not updated. ``x``: NHWC model inputs. Returns NHWC arrays.
+  """
+  # New Variable objects sharing the arrays: BN-statistic updates stay on the copy
+  # (with split/merge they would reach the caller's Variables under nnx.jit).
+  copy = nnx.clone(model)
+  wanted = {name for name, layer in binary_layers(copy).items() if layer.binary_acts}
+  with record_calls(copy, (layers.BinaryConv,)) as calls:
+    copy(x, ede)
+  out = {}
+  for c in calls:
+    if c.path in wanted and c.path not in out:
+      out[c.path] = c.input
+  return out
+
+
+def _mean(values: list[jax.Array]) -> jax.Array:
+  return jnp.mean(jnp.stack(values)) if values else jnp.zeros((), jnp.float32)
+
+
+def diagnostics(model: nnx.Module, ede: ops.EDE | None = None,
+                prev_signs: Mapping[str, jax.Array] | None = None,
+                activations: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Compact information-retention metrics for logging; float32 scalars.
+
+  Keys (``<layer>`` is a dotted path from :func:`binary_layers`):
+
+  * ``weight_entropy/<layer>``, ``weight_entropy_mean`` -- bits of the weight signs.
+  * ``quant_error/<layer>``, ``quant_error_mean`` -- :func:`quantization_error`.
+  * ``ede_grad_scale_w`` -- :func:`ede_grad_scale` on the input of each weight sign
+    (standardized weights for Libra-PB), averaged over layers.
+  * with ``prev_signs`` (an earlier :func:`weight_signs`): ``flip_ratio/<layer>``,
+    ``flip_ratio_mean``.
+  * with ``activations`` (a batch of model inputs, NHWC): ``act_entropy/<layer>``,
+    ``act_entropy_mean`` (bits of ``sign`` of each binary conv's input),
+    ``ede_grad_scale_a/<layer>``, ``ede_grad_scale_a`` (mean over layers).
+
+  The "ede_grad_scale" keys evaluate the EDE multiplier whatever the layer's
+  estimator is. Jit with ``nnx.jit(diagnostics)`` or :func:`pure_diagnostics`;
+  recompiles only if the presence of ``prev_signs``/``activations`` or shapes change.
+  """
+  ede = ops.DEFAULT_EDE if ede is None else ede
+  out: dict[str, jax.Array] = {}
+  ent, err, grad, flips = [], [], [], []
+  for name, layer in binary_layers(model).items():
+    if not layer.binary_weights:
+      continue
+    x = _sign_input(layer)
+    h = entropy_bits(x)
+    e = quantization_error(layer.kernel[...], layer.weight_quantizer)
+    out[f"weight_entropy/{name}"], out[f"quant_error/{name}"] = h, e
+    ent.append(h)
+    err.append(e)
+    grad.append(ede_grad_scale(x, ede))
+    if prev_signs is not None and name in prev_signs:
+      f = flip_ratio(jnp.sign(x).astype(jnp.int8), prev_signs[name])
+      out[f"flip_ratio/{name}"] = f
+      flips.append(f)
+  out["weight_entropy_mean"] = _mean(ent)
+  out["quant_error_mean"] = _mean(err)
+  out["ede_grad_scale_w"] = _mean(grad)
+  if prev_signs is not None:
+    out["flip_ratio_mean"] = _mean(flips)
+  if activations is not None:
+    a_ent, a_grad = [], []
+    for name, x in binary_conv_inputs(model, activations, ede).items():
+      h, g = entropy_bits(x), ede_grad_scale(x, ede)
+      out[f"act_entropy/{name}"], out[f"ede_grad_scale_a/{name}"] = h, g
+      a_ent.append(h)
+      a_grad.append(g)
+    out["act_entropy_mean"] = _mean(a_ent)
+    out["ede_grad_scale_a"] = _mean(a_grad)
+  return out
+
+
+def pure_diagnostics(graphdef: nnx.GraphDef, state: nnx.State, ede: ops.EDE | None = None,
+                     prev_signs: Mapping[str, jax.Array] | None = None,
+                     activations: jax.Array | None = None) -> dict[str, jax.Array]:
+  """:func:`diagnostics` on ``nnx.merge(graphdef, state)``, for ``jax.jit``:
+
+      fn = jax.jit(pure_diagnostics, static_argnums=0)
+      metrics = fn(graphdef, state, ede, prev_signs, x)
+  """
+  return diagnostics(nnx.merge(graphdef, state), ede, prev_signs, activations)
+
+
+def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+  """Device scalars -> Python floats (for ``metrics.jsonl``); NaN/inf kept as floats."""
+  return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+__all__ = ["entropy_bits", "sign_balance", "quantization_error", "flip_ratio",
+           "ede_grad_scale", "skewed_gaussian_kernel", "weight_entropy_by_quantizer",
+           "binary_layers", "weight_signs", "record_calls", "Call", "binary_conv_inputs",
+           "diagnostics", "pure_diagnostics", "to_floats"]

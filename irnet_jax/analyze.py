@@ -1,0 +1,412 @@
+"""Plots and a Markdown report from a training run's ``metrics.jsonl``.
+
+    python -m irnet_jax.analyze --workdir=DIR [--compare=DIR2] [--out=DIR/report]
+
+Reads ``DIR/metrics.jsonl`` (one JSON object per line, each with ``step`` and
+``split``; written by the training loop) and, if present, ``DIR/final_metrics.json``,
+and writes into ``DIR/report/``:
+
+* ``curves.png`` -- loss and accuracy (train, test), learning rate, throughput;
+* ``ede.png`` -- EDE t and k, and the EDE gradient scale of weights/activations;
+* ``weight_entropy.png``, ``flip_ratio.png``, ``quant_error.png``,
+  ``act_entropy.png`` -- per-layer analysis metrics over training;
+* ``compare.png`` (with ``--compare``) -- both runs on the same axes;
+* ``report.md`` -- tables of final/best values and the figures.
+
+Splits: "train" (loss, accuracy, lr, ede_t, ede_k, images_per_sec), "test" (loss,
+accuracy) and "analysis" (the keys of :func:`irnet_jax.analysis.diagnostics`,
+``name/<layer>`` per layer). Missing splits or keys skip their plot and the report
+says so; unparsable lines are skipped and counted. Only matplotlib (Agg) is needed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+Records = dict[str, list[dict[str, Any]]]
+
+# Per-layer metric families of the "analysis" split:
+# prefix -> (title, y label, key of the mean over layers).
+LAYER_FAMILIES = {
+    "weight_entropy": ("Weight entropy per layer", "bits", "weight_entropy_mean"),
+    "flip_ratio": ("Weight sign flip ratio per layer (since previous analysis)", "fraction",
+                   "flip_ratio_mean"),
+    "quant_error": ("Weight quantization error per layer", "relative L2",
+                    "quant_error_mean"),
+    "act_entropy": ("Activation entropy per layer", "bits", "act_entropy_mean"),
+    "ede_grad_scale_a": ("EDE gradient scale of activations per layer", "mean |dsign/dx|",
+                         "ede_grad_scale_a"),
+}
+
+
+def load_metrics(path: str | os.PathLike) -> tuple[Records, int]:
+  """``metrics.jsonl`` -> ({split: [record, ...] sorted by step}, #skipped lines).
+
+  Lines that are blank, not JSON objects, or lack a numeric ``step`` are skipped.
+  """
+  records: Records = {}
+  skipped = 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        skipped += 1
+        continue
+      if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+        skipped += 1
+        continue
+      records.setdefault(str(rec.get("split", "train")), []).append(rec)
+  for recs in records.values():
+    recs.sort(key=lambda r: r["step"])
+  return records, skipped
+
+
+def series(records: Records, split: str, key: str) -> tuple[list[float], list[float]]:
+  """(steps, values) of ``key`` in ``split``; non-numeric values are dropped."""
+  xs, ys = [], []
+  for rec in records.get(split, []):
+    v = rec.get(key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+      xs.append(rec["step"])
+      ys.append(float(v))
+  return xs, ys
+
+
+def _natural_key(name: str) -> list:
+  # "layer10" after "layer2"; digits compare as numbers.
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def layer_names(records: Records, family: str) -> list[str]:
+  """Layers that have ``family/<layer>`` in the analysis split, in network order."""
+  prefix = family + "/"
+  names = {k[len(prefix):] for rec in records.get("analysis", []) for k in rec
+           if k.startswith(prefix)}
+  return sorted(names, key=_natural_key)
+
+
+def _last(records: Records, split: str, key: str) -> float | None:
+  _, ys = series(records, split, key)
+  return ys[-1] if ys else None
+
+
+# ----------------------------------------------------------------------------------
+# Figures. Each returns the file name written, or None if there was nothing to plot.
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")  # Headless: no display on training machines.
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _save(fig, out_dir: Path, name: str) -> str:
+  fig.tight_layout()
+  fig.savefig(out_dir / name, dpi=110)
+  _plt().close(fig)
+  return name
+
+
+def plot_curves(records: Records, out_dir: Path) -> str | None:
+  """Loss, accuracy (train and test), learning rate and images/s vs step."""
+  panels = [("loss", "Loss", [("train", "loss"), ("test", "loss")]),
+            ("accuracy", "Accuracy", [("train", "accuracy"), ("test", "accuracy")]),
+            ("lr", "Learning rate", [("train", "lr")]),
+            ("images_per_sec", "Throughput (images/s)", [("train", "images_per_sec")])]
+  panels = [p for p in panels if any(series(records, s, k)[0] for s, k in p[2])]
+  if not panels:
+    return None
+  plt = _plt()
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+  for ax, (_, title, lines) in zip(axes[0], panels):
+    for split, key in lines:
+      xs, ys = series(records, split, key)
+      if xs:
+        ax.plot(xs, ys, marker="o" if split == "test" else None, ms=3, label=split)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if len(lines) > 1:
+      ax.legend()
+  return _save(fig, out_dir, "curves.png")
+
+
+def plot_ede(records: Records, out_dir: Path) -> str | None:
+  """EDE t and k (log scale) and the EDE gradient scale of weights/activations."""
+  t, k = series(records, "train", "ede_t"), series(records, "train", "ede_k")
+  gw = series(records, "analysis", "ede_grad_scale_w")
+  ga = series(records, "analysis", "ede_grad_scale_a")
+  panels = []
+  if t[0] or k[0]:
+    panels.append(("EDE parameters", [("t", t), ("k", k)], True))
+  if gw[0] or ga[0]:
+    panels.append(("EDE gradient scale (mean over layers)",
+                   [("weights", gw), ("activations", ga)], False))
+  if not panels:
+    return None
+  plt = _plt()
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False)
+  for ax, (title, lines, log) in zip(axes[0], panels):
+    for label, (xs, ys) in lines:
+      if xs:
+        ax.plot(xs, ys, label=label)
+    if log and all(y > 0 for _, (_, ys) in lines for y in ys):
+      ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+  return _save(fig, out_dir, "ede.png")
+
+
+def plot_layer_family(records: Records, family: str, out_dir: Path) -> str | None:
+  """One line per layer of ``family/<layer>``, colored by depth, and the mean if logged."""
+  names = layer_names(records, family)
+  if not names:
+    return None
+  plt = _plt()
+  title, ylabel, mean_key = LAYER_FAMILIES.get(family, (family, "", f"{family}_mean"))
+  fig, ax = plt.subplots(figsize=(9, 4.2))
+  cmap = plt.get_cmap("viridis")
+  for i, name in enumerate(names):
+    xs, ys = series(records, "analysis", f"{family}/{name}")
+    ax.plot(xs, ys, color=cmap(i / max(len(names) - 1, 1)), lw=1, label=name)
+  xs, ys = series(records, "analysis", mean_key)
+  if xs:
+    ax.plot(xs, ys, color="red", lw=2.2, ls="--", label="mean")
+  ax.set_title(title)
+  ax.set_xlabel("step")
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6, ncol=1 + len(names) // 20, loc="center left",
+            bbox_to_anchor=(1.01, 0.5))
+  return _save(fig, out_dir, f"{family}.png")
+
+
+COMPARE_PANELS = [("test", "accuracy", "Test accuracy"), ("train", "loss", "Train loss"),
+                  ("train", "accuracy", "Train accuracy"), ("test", "loss", "Test loss"),
+                  ("analysis", "weight_entropy_mean", "Mean weight entropy (bits)"),
+                  ("analysis", "flip_ratio_mean", "Mean flip ratio"),
+                  ("analysis", "act_entropy_mean", "Mean activation entropy (bits)"),
+                  ("train", "lr", "Learning rate")]
+
+
+def plot_compare(runs: Sequence[tuple[str, Records]], out_dir: Path) -> str | None:
+  """The main curves of several runs, one panel per metric, runs overlaid."""
+  panels = [p for p in COMPARE_PANELS
+            if any(series(r, p[0], p[1])[0] for _, r in runs)]
+  if not panels:
+    return None
+  plt = _plt()
+  cols = min(4, len(panels))
+  rows = math.ceil(len(panels) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+  for ax, (split, key, title) in zip(axes.ravel(), panels):
+    for label, recs in runs:
+      xs, ys = series(recs, split, key)
+      if xs:
+        ax.plot(xs, ys, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  for ax in axes.ravel()[len(panels):]:
+    ax.axis("off")
+  return _save(fig, out_dir, "compare.png")
+
+
+# ----------------------------------------------------------------------------------
+# Report.
+
+
+def _fmt(v: Any) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def headline(records: Records) -> dict[str, Any]:
+  """Key numbers of a run: final/best test accuracy, final losses, EDE, entropy."""
+  out: dict[str, Any] = {}
+  xs, ys = series(records, "test", "accuracy")
+  if ys:
+    best = max(range(len(ys)), key=ys.__getitem__)
+    out["final test accuracy"] = ys[-1]
+    out["best test accuracy (step)"] = f"{ys[best]:.4g} ({xs[best]})"
+  for split, key, label in [("test", "loss", "final test loss"),
+                            ("train", "loss", "final train loss"),
+                            ("train", "accuracy", "final train accuracy"),
+                            ("train", "ede_t", "final EDE t"), ("train", "ede_k", "final EDE k"),
+                            ("analysis", "weight_entropy_mean", "final mean weight entropy"),
+                            ("analysis", "flip_ratio_mean", "final mean flip ratio"),
+                            ("analysis", "act_entropy_mean", "final mean activation entropy")]:
+    v = _last(records, split, key)
+    if v is not None:
+      out[label] = v
+  _, ips = series(records, "train", "images_per_sec")
+  if ips:
+    out["mean images/s"] = sum(ips) / len(ips)
+  steps = [r["step"] for recs in records.values() for r in recs]
+  if steps:
+    out["last step"] = max(steps)
+  return out
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+  return lines
+
+
+def _layer_table(records: Records) -> list[str]:
+  """Last analysis values per layer, one column per family that is present."""
+  families = [f for f in LAYER_FAMILIES if layer_names(records, f)]
+  if not families:
+    return []
+  names = sorted({n for f in families for n in layer_names(records, f)}, key=_natural_key)
+  rows = [[n] + [_last(records, "analysis", f"{f}/{n}") for f in families] for n in names]
+  return _table(["layer"] + families, rows)
+
+
+def _read_final(workdir: Path) -> dict[str, Any] | None:
+  path = workdir / "final_metrics.json"
+  if not path.exists():
+    return None
+  try:
+    data = json.loads(path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, OSError):
+    return None
+  return _flatten(data) if isinstance(data, dict) else None
+
+
+def analyze(workdir: str | os.PathLike, compare: str | os.PathLike | None = None,
+            out_dir: str | os.PathLike | None = None) -> Path:
+  """Writes the plots and ``report.md`` for ``workdir`` (and ``compare``); returns the
+  report path. Raises ``FileNotFoundError`` if ``workdir/metrics.jsonl`` is missing."""
+  workdir = Path(workdir)
+  out = Path(out_dir) if out_dir is not None else workdir / "report"
+  out.mkdir(parents=True, exist_ok=True)
+  records, skipped = load_metrics(workdir / "metrics.jsonl")
+  notes: list[str] = []
+  if skipped:
+    notes.append(f"{skipped} unparsable line(s) of metrics.jsonl were skipped.")
+  for split in ("train", "test", "analysis"):
+    if split not in records:
+      notes.append(f"No '{split}' records in metrics.jsonl.")
+
+  figures: list[tuple[str, str]] = []
+
+  def add(title: str, name: str | None, why_missing: str) -> None:
+    if name:
+      figures.append((title, name))
+    else:
+      notes.append(f"Skipped '{title}': {why_missing}.")
+
+  add("Training curves", plot_curves(records, out), "no loss/accuracy/lr values")
+  add("Error Decay Estimator", plot_ede(records, out),
+      "no ede_t/ede_k (train) or ede_grad_scale_* (analysis) values")
+  for family, (title, _, _) in LAYER_FAMILIES.items():
+    add(title, plot_layer_family(records, family, out),
+        f"no '{family}/<layer>' keys in the analysis split")
+
+  lines = [f"# Training report: `{workdir.name}`", "", f"Run directory: `{workdir}`", ""]
+  final = _read_final(workdir)
+  head = headline(records)
+  other_head = other_final = None
+  other_label = None
+  if compare is not None:
+    compare = Path(compare)
+    other_label = compare.name
+    try:
+      other, other_skipped = load_metrics(compare / "metrics.jsonl")
+    except FileNotFoundError:
+      notes.append(f"--compare: {compare / 'metrics.jsonl'} not found; no comparison.")
+    else:
+      if other_skipped:
+        notes.append(f"{other_skipped} unparsable line(s) skipped in {compare.name}.")
+      other_head, other_final = headline(other), _read_final(compare)
+      label_a = workdir.name
+      if label_a == other_label:  # Same basename: fall back to full paths.
+        label_a, other_label = str(workdir), str(compare)
+      add(f"Comparison with {other_label}",
+          plot_compare([(label_a, records), (other_label, other)], out),
+          "neither run has the compared metrics")
+
+  lines += ["## Summary", ""]
+  if other_head is not None:
+    keys = list(dict.fromkeys([*head, *other_head]))
+    lines += _table(["metric", workdir.name, other_label],
+                    [[k, head.get(k), other_head.get(k)] for k in keys])
+  elif head:
+    lines += _table(["metric", "value"], list(head.items()))
+  else:
+    lines.append("No metrics to summarize.")
+  lines.append("")
+
+  if final is not None or other_final is not None:
+    lines += ["## final_metrics.json", ""]
+    if other_head is not None:
+      a, b = final or {}, other_final or {}
+      keys = list(dict.fromkeys([*a, *b]))
+      lines += _table(["key", workdir.name, other_label], [[k, a.get(k), b.get(k)] for k in keys])
+    else:
+      lines += _table(["key", "value"], list(final.items()))
+    lines.append("")
+  else:
+    notes.append("No final_metrics.json in the run directory.")
+
+  layer_lines = _layer_table(records)
+  if layer_lines:
+    lines += ["## Per-layer analysis (last logged values)", "", *layer_lines, ""]
+
+  lines += ["## Figures", ""]
+  for title, name in figures:
+    lines += [f"### {title}", "", f"![{title}]({name})", ""]
+  if notes:
+    lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+  report = out / "report.md"
+  report.write_text("\n".join(lines), encoding="utf-8")
+  return report
+
+
+def _main(argv: Sequence[str]) -> None:
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  report = analyze(f.workdir, f.compare, f.out)
+  print(f"wrote {report}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+
+  flags.DEFINE_string("workdir", None, "Run directory containing metrics.jsonl.")
+  flags.DEFINE_string("compare", None, "Optional second run directory to compare with.")
+  flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/report).")
+  flags.mark_flag_as_required("workdir")
+  app.run(_main)
+
+
+__all__ = ["analyze", "load_metrics", "series", "layer_names", "headline", "plot_curves",
+           "plot_ede", "plot_layer_family", "plot_compare"]

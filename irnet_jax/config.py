@@ -1,0 +1,144 @@
+"""Shared config defaults and validation for every experiment in ``configs/``.
+
+Every ``configs/NAME.py`` starts from :func:`base_config` and overrides what its
+recipe needs. :func:`validate` checks a config against the data and the devices
+before anything is compiled, with one message naming the problem and the fix.
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from irnet_jax import models, ops
+
+OPTIMIZERS = ("sgd", "nesterov", "adam")
+SCHEDULES = ("cosine_epoch", "cosine", "warmup_multistep", "constant")
+EDE_UPDATES = ("epoch", "step")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults: the official CIFAR-10 ResNet-20 1w1a recipe; configs override fields."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_epochs = 400
+  c.num_train_steps = -1          # -1: from num_epochs; > 0 overrides.
+  c.batch_size = 128              # Global, across all devices and processes.
+  c.eval_batch_size = 500         # Global; the last batch is padded and masked.
+  c.log_every_steps = 50
+  c.eval_every_steps = -1         # -1: at the end of every epoch (and at the end).
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.analysis_every_steps = 0      # 0: off. Diagnostics of irnet_jax.analysis.
+  c.compute_dtype = "float32"     # Or "bfloat16" on GPU/TPU (params stay float32).
+  c.progress_bar = True
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "cifar10"
+  c.dataset.data_dir = ""         # tfds data dir; "" = tfds default (~/tensorflow_datasets).
+  c.dataset.path = ""             # For name="npz".
+  c.dataset.augment = "cifar"
+  c.dataset.image_size = 32
+  c.dataset.mean = IMAGENET_MEAN  # The official CIFAR code normalizes with these too.
+  c.dataset.std = IMAGENET_STD
+  c.dataset.num_threads = 2
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet20"
+  c.model.num_classes = -1        # -1: from the dataset.
+  c.model.structure = ""          # "": the model's default ("bireal" for resnet20).
+  c.model.weight_bits = 1
+  c.model.act_bits = 1
+  c.model.estimator = "ede"
+  c.model.weight_quantizer = "libra_pb"
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 1e-4  # L2 added to the gradient of every parameter (torch SGD).
+  c.optimizer.schedule = "cosine_epoch"
+  c.optimizer.warmup_steps = 0
+  c.optimizer.warmup_init_lr = 0.0
+  c.optimizer.decay_fractions = (0.3, 0.6, 0.9)
+  c.optimizer.decay_factor = 0.1
+
+  c.ede = ml_collections.ConfigDict()
+  c.ede.t_min = 1e-3              # Official ResNet-20 1w1a trainer; the paper says 0.1.
+  c.ede.t_max = 10.0
+  c.ede["update"] = "epoch"          # "epoch" (official CIFAR code) or "step".
+  c.ede.every_steps = 1           # With update="step": refresh t, k every N steps.
+  return c
+
+
+def _choice(value, allowed, field):
+  if value not in allowed:
+    raise ValueError(f"config.{field}={value!r} is not valid; choose one of {list(allowed)}.")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises ``ValueError`` naming the bad field and the fix; cheap (no data, no compile)."""
+  _choice(c.model.name, sorted(models.REGISTRY), "model.name")
+  _choice(c.model.estimator, ops.ESTIMATORS, "model.estimator")
+  _choice(c.model.weight_quantizer, ops.WEIGHT_QUANTIZERS, "model.weight_quantizer")
+  _choice(c.model.weight_bits, (1, 32), "model.weight_bits")
+  _choice(c.model.act_bits, (1, 32), "model.act_bits")
+  _choice(c.optimizer.name, OPTIMIZERS, "optimizer.name")
+  _choice(c.optimizer.schedule, SCHEDULES, "optimizer.schedule")
+  _choice(c.ede["update"], EDE_UPDATES, "ede.update")
+  _choice(c.compute_dtype, COMPUTE_DTYPES, "compute_dtype")
+  if not c.optimizer.learning_rate > 0:
+    raise ValueError(f"config.optimizer.learning_rate={c.optimizer.learning_rate} must be "
+                     "> 0; set e.g. --config.optimizer.learning_rate=0.1.")
+  if c.num_train_steps <= 0 and not c.num_epochs > 0:
+    raise ValueError(f"config.num_epochs={c.num_epochs} must be > 0 (or set "
+                     "config.num_train_steps > 0).")
+  if not 0 < c.ede.t_min < c.ede.t_max:
+    raise ValueError(f"config.ede needs 0 < t_min < t_max, got t_min={c.ede.t_min}, "
+                     f"t_max={c.ede.t_max}; the paper uses 0.1 -> 10.")
+  if c.ede.every_steps < 1:
+    raise ValueError("config.ede.every_steps must be >= 1.")
+  for field in ("batch_size", "eval_batch_size"):
+    size = c[field]
+    if size <= 0 or size % num_devices:
+      raise ValueError(f"config.{field}={size} must be a positive multiple of the "
+                       f"{num_devices} devices; set --config.{field}="
+                       f"{max(num_devices, size - size % num_devices)}.")
+  for field in ("log_every_steps", "checkpoint_every_steps"):
+    if c[field] <= 0:
+      raise ValueError(f"config.{field}={c[field]} must be > 0.")
+  if c.dataset.name == "npz" and not c.dataset.path:
+    raise ValueError("config.dataset.name='npz' needs config.dataset.path; pass "
+                     "--config.dataset.path=/path/to/arrays.npz (x_train, y_train, x_test, "
+                     "y_test).")
+
+
+def model_kwargs(c: ml_collections.ConfigDict) -> dict:
+  """``models.create`` keyword arguments of ``c.model`` (num_classes must be resolved)."""
+  m = c.model
+  if m.num_classes <= 0:
+    raise ValueError("config.model.num_classes is not resolved; set it or let the training "
+                     "loop take it from the dataset.")
+  dtype = {"float32": None, "bfloat16": jnp.bfloat16}[c.get("compute_dtype", "float32")]
+  return dict(num_classes=m.num_classes, structure=m.structure or None,
+              weight_bits=m.weight_bits, act_bits=m.act_bits, estimator=m.estimator,
+              weight_quantizer=m.weight_quantizer, dtype=dtype)
+
+
+def build_model(c: ml_collections.ConfigDict, seed: int | None = None) -> nnx.Module:
+  """The network of config ``c``, initialized from ``seed`` (default ``c.seed``)."""
+  return models.create(c.model.name, rngs=nnx.Rngs(c.seed if seed is None else seed),
+                       **model_kwargs(c))
+
+
+def num_train_steps(c: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:
+  """(total steps, steps per epoch); an epoch is ``floor(N / batch)`` steps (drop last)."""
+  steps_per_epoch = max(1, num_train_examples // c.batch_size)
+  if c.num_train_steps > 0:
+    return c.num_train_steps, steps_per_epoch
+  return int(math.ceil(c.num_epochs * steps_per_epoch)), steps_per_epoch

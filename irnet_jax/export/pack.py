@@ -1,0 +1,349 @@
+"""Packs a trained IR-Net model into a deployable, NNX-free :class:`PackedModel`.
+
+A packed model is a *layer program* (a list of instructions over named registers,
+mirroring the model's ``__call__`` in eval mode) plus a flat dict of numpy arrays.
+:func:`irnet_jax.export.infer` runs it without the NNX model.
+
+Binary convolutions (binary weights)
+------------------------------------
+The kernel the model uses, ``q = layer.quantized_kernel()`` (HWIO), is
+``sign(w_std) * 2^e[o]`` with ``w_std = standardize(kernel)`` for Libra-PB
+(``e = 0`` for the plain "sign" quantizer). It is stored as
+
+* ``<name>/sign``: ``uint32 (out, n_words)``, the sign bits of ``q`` along the
+  reduction axis. The reduction axis is the HWIO kernel flattened to
+  ``K = kh * kw * in`` in row-major order, i.e. element ``k = (i * kw + j) * in + c``
+  for tap ``(i, j)`` and input channel ``c``. Element ``k`` lives in word
+  ``k // 32`` at bit ``k % 32`` (least significant bit first). A set bit means
+  ``-1``; a clear bit ``+1`` (or 0, see below). ``n_words = ceil(K / 32)``; the
+  unused high bits of the last word are 0.
+* ``<name>/exp``: ``int8 (out,)``, the Libra-PB scale of each output channel as an
+  exponent: ``scale = 2^exp``.
+* ``<name>/nonzero``: ``uint32 (out, n_words)``, same layout, only present when some
+  standardized weight is exactly 0. ``sign(0) = 0`` (as in ``torch.sign``) is a third
+  value that one bit cannot hold, so such a weight is stored exactly as a cleared
+  bit in this mask: it contributes 0 to every dot product. Layers without zeros
+  (the normal case) have no mask and use the cheaper 2-plane dot product.
+
+Activations are packed at inference time with the same bit order, so a dot
+product is ``valid - 2 * popcount((a XOR w) AND mask)`` (see :mod:`.infer`).
+
+Float layers
+------------
+The stem, the 1x1 shortcut convs and the classifier stay float arrays
+(``<name>/kernel``, HWIO or ``(in, out)``, and ``<name>/bias``). BatchNorm (eval
+mode, running statistics) is stored as the per-channel affine
+``y = (x - <name>/mean) * <name>/mul + <name>/bias`` with
+``mul = gamma * rsqrt(var + eps)`` precomputed. The mean is deliberately *not*
+folded into the bias (``y = a * x + b``): that changes the float rounding of the
+BN output, and a one-ulp change right before the next layer's ``sign`` flips a
++-1 activation whenever the value is within an ulp of 0, which breaks bit-exact
+agreement with the float model. Keeping the model's own order of operations makes
+every value feeding a ``sign`` bitwise identical to the float model's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from irnet_jax import layers, ops
+from irnet_jax.models.blocks import BasicBlock
+from irnet_jax.models.resnet_cifar import CifarResNet
+from irnet_jax.models.resnet_imagenet import ImageNetResNet
+from irnet_jax.models.vgg_small import _POOL_AFTER as VGG_POOL_AFTER
+from irnet_jax.models.vgg_small import VGGSmall
+
+# Register holding the network input in every program.
+INPUT = "input"
+
+# Instruction set of the layer program. Every instruction is a JSON-serializable dict
+# ``{"op": ..., "inputs": [register, ...], "out": register, **attrs}``.
+OPS = ("conv", "bn", "act", "add", "max_pool", "avg_pool", "shortcut_a", "flatten_chw",
+       "linear")
+
+
+@dataclasses.dataclass(eq=False)
+class PackedModel:
+  """A model ready for :func:`~irnet_jax.export.infer`, independent of NNX.
+
+  Attributes:
+    program: instructions executed in order; register :data:`INPUT` holds the
+      NHWC images, ``output`` names the register with the logits.
+    output: register holding the logits after the last instruction.
+    arrays: parameter arrays keyed ``"<module path>/<field>"`` (see module doc).
+    meta: architecture record: ``arch`` (model class), ``name`` and ``kwargs``
+      (the ``models.create`` call, when known), ``num_classes``, ``in_channels``.
+  """
+  program: list[dict[str, Any]]
+  output: str
+  arrays: dict[str, np.ndarray]
+  meta: dict[str, Any]
+  # Jitted forward and device copies of ``arrays``, built on first use by infer().
+  _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of all parameter arrays (the bulk of the file size)."""
+    return sum(int(a.nbytes) for a in self.arrays.values())
+
+  def binary_layers(self) -> list[str]:
+    """Names of the convolutions stored as packed sign bits."""
+    return [i["name"] for i in self.program if i["op"] == "conv" and i["binary_weights"]]
+
+
+def num_words(k: int) -> int:
+  """uint32 words holding ``k`` bits."""
+  return -(-k // 32)
+
+
+def pack_bits(bits: jax.Array | np.ndarray) -> jax.Array:
+  """Packs booleans along the last axis: ``(..., K) -> (..., ceil(K/32))`` uint32.
+
+  Element ``k`` goes to word ``k // 32``, bit ``k % 32`` (LSB first); the padding
+  bits of the last word are 0. Works on traced arrays (used by :mod:`.infer`).
+  """
+  bits = jnp.asarray(bits)
+  k = bits.shape[-1]
+  nw = num_words(k)
+  pad = [(0, 0)] * (bits.ndim - 1) + [(0, nw * 32 - k)]
+  b = jnp.pad(bits, pad).reshape(*bits.shape[:-1], nw, 32).astype(jnp.uint32)
+  # Distinct bits: the sum is a bitwise OR and cannot carry.
+  return jnp.sum(b << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+
+def unpack_bits(words: jax.Array | np.ndarray, k: int) -> np.ndarray:
+  """Inverse of :func:`pack_bits`: ``(..., n_words)`` uint32 -> ``(..., k)`` bool."""
+  words = np.asarray(words, np.uint32)
+  bits = (words[..., None] >> np.arange(32, dtype=np.uint32)) & np.uint32(1)
+  return bits.reshape(*words.shape[:-1], -1)[..., :k].astype(bool)
+
+
+def _exponents(q: np.ndarray, name: str) -> np.ndarray:
+  """Per output channel ``e`` with ``|q| == 2^e`` wherever ``q != 0`` (q: ``(K, O)``)."""
+  if not np.all(np.isfinite(q)):
+    raise ValueError(f"{name}: quantized kernel is not finite (a constant kernel channel "
+                     "has std 0, so Libra-PB divides by zero); cannot pack it")
+  mag = np.abs(q).max(axis=0)
+  mag = np.where(mag == 0, 1.0, mag)  # An all-zero channel: any scale works.
+  if not np.all((np.abs(q) == mag) | (q == 0)):
+    raise ValueError(f"{name}: quantized kernel has more than one magnitude per output "
+                     "channel; not a binary (+-scale) kernel")
+  mant, exp = np.frexp(mag)  # mag = mant * 2^exp, mant in [0.5, 1)
+  if not np.all(mant == 0.5):
+    raise ValueError(f"{name}: Libra-PB scale is not an exact power of two "
+                     f"({mag[mant != 0.5][:4]}); cannot store it as an exponent")
+  e = exp.astype(np.int64) - 1
+  if e.min() < -126 or e.max() > 127:
+    raise ValueError(f"{name}: scale exponent outside the normal float32 range: "
+                     f"[{e.min()}, {e.max()}]")
+  return e.astype(np.int8)
+
+
+class _Builder:
+  """Emits instructions and collects arrays while walking a model like its __call__."""
+
+  def __init__(self):
+    self.program: list[dict[str, Any]] = []
+    self.arrays: dict[str, np.ndarray] = {}
+    self._count = 0
+
+  def emit(self, op: str, inputs: list[str], **attrs) -> str:
+    out = f"r{self._count}"
+    self._count += 1
+    self.program.append(dict(op=op, inputs=list(inputs), out=out, **attrs))
+    return out
+
+  def conv(self, x: str, conv: layers.BinaryConv, name: str) -> str:
+    if conv.dtype is not None:
+      raise ValueError(f"{name}: pack() supports float32 compute only (dtype=None), got "
+                       f"dtype={conv.dtype}")
+    kh = conv.kernel_size
+    attrs = dict(name=name, kernel_size=kh, strides=conv.strides, padding=conv.padding,
+                 in_features=conv.in_features, out_features=conv.out_features,
+                 binary_weights=bool(conv.binary_weights),
+                 binary_acts=bool(conv.binary_acts), has_zeros=False)
+    q = np.asarray(conv.quantized_kernel(), np.float32)  # HWIO; eval forward: no EDE
+    if conv.binary_weights:
+      q2 = q.reshape(-1, conv.out_features)  # (K, O), K in (kh, kw, in) order
+      self.arrays[f"{name}/exp"] = _exponents(q2, name)
+      self.arrays[f"{name}/sign"] = np.asarray(pack_bits(q2.T < 0))
+      if np.any(q2 == 0):
+        attrs["has_zeros"] = True
+        self.arrays[f"{name}/nonzero"] = np.asarray(pack_bits(q2.T != 0))
+    else:
+      self.arrays[f"{name}/kernel"] = q
+    return self.emit("conv", [x], **attrs)
+
+  def bn(self, x: str, bn: layers.BatchNorm, name: str) -> str:
+    f32 = jnp.float32
+    # Same expression, dtype and op order as BatchNorm.__call__ (eval), so that the
+    # precomputed multiplier is bitwise the one the float model uses.
+    var = bn.var[...].astype(f32)
+    mul = bn.scale[...].astype(f32) * jax.lax.rsqrt(var + bn.epsilon)
+    self.arrays[f"{name}/mean"] = np.asarray(bn.mean[...].astype(f32))
+    self.arrays[f"{name}/mul"] = np.asarray(mul)
+    self.arrays[f"{name}/bias"] = np.asarray(bn.bias[...].astype(f32))
+    return self.emit("bn", [x], name=name)
+
+  def act(self, x: str, fn) -> str:
+    names = [k for k, v in ops.ACTIVATIONS.items() if v is fn]
+    if not names:
+      raise ValueError(f"unsupported activation {fn!r}; expected one of "
+                       f"{sorted(ops.ACTIVATIONS)}")
+    return self.emit("act", [x], fn=names[0])
+
+  def linear(self, x: str, lin: nnx.Linear, name: str) -> str:
+    self.arrays[f"{name}/kernel"] = np.asarray(lin.kernel[...], np.float32)
+    self.arrays[f"{name}/bias"] = np.asarray(lin.bias[...], np.float32)
+    return self.emit("linear", [x], name=name)
+
+  def block(self, x: str, block: BasicBlock, name: str) -> str:
+    """Mirrors :meth:`BasicBlock.__call__`."""
+    if block.option is None:
+      res = x
+    elif block.option == "A":
+      res = self.emit("shortcut_a", [x], planes=block.planes)
+    else:
+      conv, bn = getattr(block, block.shortcut_attr)
+      path = f"{name}.{block.shortcut_attr}"
+      res = self.bn(self.conv(x, conv, f"{path}.0"), bn, f"{path}.1")
+    y = self.bn(self.conv(x, block.conv1, f"{name}.conv1"), block.bn1, f"{name}.bn1")
+    if block.structure == "bireal":
+      out = self.act(self.emit("add", [y, res]), block.act)
+      y = self.bn(self.conv(out, block.conv2, f"{name}.conv2"), block.bn2, f"{name}.bn2")
+      return self.act(self.emit("add", [y, out]), block.act)
+    out = self.act(y, block.act)
+    y = self.bn(self.conv(out, block.conv2, f"{name}.conv2"), block.bn2, f"{name}.bn2")
+    return self.act(self.emit("add", [y, res]), block.act)
+
+  def stages(self, x: str, model, num_stages: int) -> str:
+    for i in range(num_stages):
+      for j, block in enumerate(getattr(model, f"layer{i + 1}")):
+        x = self.block(x, block, f"layer{i + 1}.{j}")
+    return x
+
+
+def _cifar_resnet(b: _Builder, m: CifarResNet) -> str:
+  x = b.bn(b.conv(INPUT, m.conv1, "conv1"), m.bn1, "bn1")
+  if m.stem_act:
+    x = b.act(x, m.act)
+  x = b.stages(x, m, m.num_stages)
+  x = b.bn(b.emit("avg_pool", [x]), m.bn2, "bn2")
+  if m.head_act:
+    x = b.act(x, m.act)
+  return b.linear(x, m.linear, "linear")
+
+
+def _imagenet_resnet(b: _Builder, m: ImageNetResNet) -> str:
+  x = b.act(b.bn(b.conv(INPUT, m.conv1, "conv1"), m.bn1, "bn1"), m.act)
+  x = b.emit("max_pool", [x], window=3, stride=2, padding=1)
+  x = b.stages(x, m, 4)
+  # bn3 is never called by the model (see ImageNetResNet) and is not exported.
+  x = b.bn(b.emit("avg_pool", [x]), m.bn2, "bn2")
+  return b.linear(x, m.fc, "fc")
+
+
+def _vgg_small(b: _Builder, m: VGGSmall) -> str:
+  x = b.act(b.bn(b.conv(INPUT, m.conv0, "conv0"), m.bn0, "bn0"), ops.hardtanh)
+  for i in range(1, 6):
+    x = b.conv(x, getattr(m, f"conv{i}"), f"conv{i}")
+    if i in VGG_POOL_AFTER:
+      x = b.emit("max_pool", [x], window=2, stride=2, padding=0)
+    x = b.act(b.bn(x, getattr(m, f"bn{i}"), f"bn{i}"), ops.hardtanh)
+  return b.linear(b.emit("flatten_chw", [x]), m.fc, "fc")
+
+
+_WALKERS = ((CifarResNet, _cifar_resnet), (ImageNetResNet, _imagenet_resnet),
+            (VGGSmall, _vgg_small))
+
+
+def pack(model: nnx.Module, *, name: str | None = None,
+         kwargs: dict[str, Any] | None = None, **meta) -> PackedModel:
+  """Packs ``model`` (any network of :mod:`irnet_jax.models`) for deployment.
+
+  Always exports eval-mode semantics (BatchNorm running statistics), whatever
+  mode ``model`` is in. ``name`` and ``kwargs`` (the ``models.create`` call) are
+  recorded in ``meta`` when given; ``infer`` only needs the program. Extra
+  JSON-serializable ``meta`` entries (e.g. ``config``) are recorded as well.
+
+  Raises:
+    ValueError: unsupported model class or compute dtype, or a binary kernel that
+      is not ``+-2^e`` per channel (e.g. NaN from a constant channel).
+  """
+  for cls, walk in _WALKERS:
+    if isinstance(model, cls):
+      break
+  else:
+    raise ValueError(f"cannot pack {type(model).__name__}; supported: "
+                     f"{[c.__name__ for c, _ in _WALKERS]}")
+  b = _Builder()
+  out = walk(b, model)
+  last = b.program[-1]
+  info = dict(arch=cls.__name__, name=name, kwargs=dict(kwargs or {}),
+              num_classes=int(b.arrays[f"{last['name']}/bias"].shape[0]),
+              in_channels=int(b.program[0]["in_features"]), **meta)
+  return PackedModel(program=b.program, output=out, arrays=b.arrays, meta=info)
+
+
+def unpack(packed: PackedModel) -> dict[str, np.ndarray]:
+  """The kernel every convolution of the float model uses, keyed by module path.
+
+  Binary layers come back as ``sign * nonzero * 2^exp`` (HWIO float32), i.e. the
+  model's ``quantized_kernel()`` bit for bit; float layers as stored.
+  """
+  kernels = {}
+  for ins in packed.program:
+    if ins["op"] != "conv":
+      continue
+    name = ins["name"]
+    if not ins["binary_weights"]:
+      kernels[name] = packed.arrays[f"{name}/kernel"]
+      continue
+    k = ins["kernel_size"]
+    kk = k * k * ins["in_features"]
+    neg = unpack_bits(packed.arrays[f"{name}/sign"], kk)  # (O, K)
+    val = np.where(neg, -1.0, 1.0).astype(np.float32)
+    if ins["has_zeros"]:
+      val *= unpack_bits(packed.arrays[f"{name}/nonzero"], kk)
+    scale = np.ldexp(np.float32(1), packed.arrays[f"{name}/exp"].astype(np.int32))
+    kernels[name] = (val * scale[:, None].astype(np.float32)).T.reshape(
+        k, k, ins["in_features"], ins["out_features"])
+  return kernels
+
+
+def expected_arrays(ins: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+  """The arrays (shape, dtype) instruction ``ins`` reads; used to validate loaded files."""
+  op, name = ins["op"], ins.get("name")
+  if op == "conv":
+    k, cin, cout = ins["kernel_size"], ins["in_features"], ins["out_features"]
+    if not ins["binary_weights"]:
+      return {f"{name}/kernel": ((k, k, cin, cout), "float32")}
+    nw = num_words(k * k * cin)
+    out = {f"{name}/sign": ((cout, nw), "uint32"), f"{name}/exp": ((cout,), "int8")}
+    if ins["has_zeros"]:
+      out[f"{name}/nonzero"] = ((cout, nw), "uint32")
+    return out
+  if op == "bn":
+    return {f"{name}/{f}": (None, "float32") for f in ("mean", "mul", "bias")}
+  if op == "linear":
+    return {f"{name}/kernel": (None, "float32"), f"{name}/bias": (None, "float32")}
+  return {}
+
+
+def scale_from_exponent(exp: jax.Array) -> jax.Array:
+  """``2^exp`` as float32, exactly (built from the exponent bits, unlike ``exp2``,
+  which XLA evaluates inexactly for ``|exp| >= 13``)."""
+  bits = (exp.astype(jnp.int32) + 127) << 23
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+# Model bytes if every parameter were float32 (the reference for size comparisons).
+def float32_param_bytes(model: nnx.Module) -> int:
+  """4 bytes per ``nnx.Param`` element (BN running stats excluded)."""
+  return 4 * sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

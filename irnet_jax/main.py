@@ -1,0 +1,55 @@
+"""Experiment launcher.
+
+  python -m irnet_jax.main --config=configs/NAME.py --workdir=DIR [--config.a.b=value ...]
+
+Multi-host: add ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``
+on every process (``jax.distributed.initialize``; on CPU, gloo collectives).
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from irnet_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics).")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def init_distributed() -> None:
+  """``jax.distributed.initialize`` when the multi-host flags are given."""
+  given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+  if all(v is None for v in given):
+    return
+  if any(v is None for v in given):
+    raise app.UsageError("--coordinator_address, --num_processes and --process_id must be "
+                         "given together.")
+  if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+    # CPU collectives across processes need gloo (the default is none).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  init_distributed()
+  final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    print(f"test_accuracy={final['test_accuracy']:.4f} test_loss={final['test_loss']:.4f} "
+          f"train_seconds={final['train_seconds']:.1f} workdir={FLAGS.workdir}")
+
+
+if __name__ == "__main__":
+  app.run(main)

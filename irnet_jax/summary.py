@@ -1,0 +1,303 @@
+"""Model summary by precision, like ``larq.models.summary``.
+
+``summary(model, input_shape)`` lists every convolution, dense and batch-norm layer
+in execution order with its output shape, parameters by precision, MACs and
+memory, and totals. ``format_summary`` renders it as a text table.
+
+Conventions:
+
+* **1-bit params**: kernels of convs with binary weights (Libra-PB or sign). The
+  per-channel Libra-PB scale is derived from the weights and folds into the next
+  BN at deployment, so it is not counted. Everything else (FP convs, dense, BN
+  scale/bias) is 32-bit.
+* **Binary MACs** are those with *both* operands binary (XNOR + popcount): convs
+  with binary weights *and* binary activations. A 1w32a conv (binary weights,
+  float activations) counts as float MACs, as do the FP first conv, 1x1 shortcuts
+  and the last dense. Conv MACs per image: ``H_out * W_out * k * k * in * out``;
+  dense: ``in * out``. BN, pooling and the shortcuts' adds are not counted.
+* **Memory**: "float32" stores every parameter and BN running statistic in 4 bytes;
+  "packed" stores 1-bit params in 1 bit (``n / 8`` bytes), the rest in 4 bytes.
+  KiB/MiB are 1024-based.
+
+CLI::
+
+    python -m irnet_jax.summary --config=configs/NAME.py
+    python -m irnet_jax.summary --model=resnet18 --image_size=224 --num_classes=1000
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from irnet_jax import layers
+from irnet_jax.analysis import record_calls
+
+_LAYER_TYPES = (layers.BinaryConv, layers.BatchNorm, nnx.Linear)
+
+
+@dataclasses.dataclass
+class LayerRow:
+  """One layer. MACs are per image; memory in bytes; ``output_shape`` None if the
+  layer is never called by the forward pass (e.g. ``bn3`` of the ImageNet ResNets)."""
+  name: str
+  kind: str
+  bits: str  # "weights/activations", e.g. "1/1"; "-" for BN.
+  output_shape: tuple[int, ...] | None
+  params_1bit: int = 0
+  params_32bit: int = 0
+  batch_stats: int = 0
+  macs_binary: int = 0
+  macs_float: int = 0
+
+  @property
+  def params(self) -> int:
+    return self.params_1bit + self.params_32bit
+
+  @property
+  def memory_float32(self) -> float:
+    return 4.0 * (self.params + self.batch_stats)
+
+  @property
+  def memory_packed(self) -> float:
+    return self.params_1bit / 8 + 4.0 * (self.params_32bit + self.batch_stats)
+
+
+@dataclasses.dataclass
+class Summary:
+  """Rows in execution order (unused layers last) and totals over them."""
+  model_name: str
+  input_shape: tuple[int, ...]
+  rows: list[LayerRow]
+
+  def _sum(self, field: str) -> float:
+    return sum(getattr(r, field) for r in self.rows)
+
+  @property
+  def params_1bit(self) -> int:
+    return int(self._sum("params_1bit"))
+
+  @property
+  def params_32bit(self) -> int:
+    return int(self._sum("params_32bit"))
+
+  @property
+  def params(self) -> int:
+    return self.params_1bit + self.params_32bit
+
+  @property
+  def batch_stats(self) -> int:
+    return int(self._sum("batch_stats"))
+
+  @property
+  def macs_binary(self) -> int:
+    return int(self._sum("macs_binary"))
+
+  @property
+  def macs_float(self) -> int:
+    return int(self._sum("macs_float"))
+
+  @property
+  def binary_mac_share(self) -> float:
+    """Fraction of all MACs that are binary (0 for a model without MACs)."""
+    total = self.macs_binary + self.macs_float
+    return self.macs_binary / total if total else 0.0
+
+  @property
+  def memory_float32(self) -> float:
+    """Bytes with every parameter and statistic in float32."""
+    return self._sum("memory_float32")
+
+  @property
+  def memory_packed(self) -> float:
+    """Bytes with 1-bit params packed 8 per byte."""
+    return self._sum("memory_packed")
+
+  @property
+  def compression(self) -> float:
+    return self.memory_float32 / self.memory_packed if self.memory_packed else 1.0
+
+  def row(self, name: str) -> LayerRow:
+    for r in self.rows:
+      if r.name == name:
+        return r
+    raise KeyError(name)
+
+
+def _count(module: nnx.Module, kind: type) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, kind)))
+
+
+def _output_shapes(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, tuple]:
+  """Output shape of the first call of each layer, from an abstract forward pass."""
+  graphdef, state = nnx.split(model)
+  paths: list[str] = []
+
+  def forward(state):
+    m = nnx.merge(graphdef, state)
+    with record_calls(m, _LAYER_TYPES) as calls:
+      m(jnp.zeros(input_shape, jnp.float32))
+    paths.extend(c.path for c in calls)
+    return [c.output for c in calls]
+
+  outs = jax.eval_shape(forward, state)  # No FLOPs: shapes only.
+  shapes: dict[str, tuple] = {}
+  for path, out in zip(paths, outs):
+    shapes.setdefault(path, tuple(out.shape))
+  return shapes
+
+
+def _layer_row(name: str, layer: nnx.Module, shape: tuple | None) -> LayerRow:
+  n_params = _count(layer, nnx.Param)
+  if isinstance(layer, layers.BatchNorm):
+    return LayerRow(name, "BatchNorm", "-", shape, params_32bit=n_params,
+                    batch_stats=_count(layer, nnx.BatchStat))
+  if isinstance(layer, layers.BinaryConv):
+    w_bits = 1 if layer.binary_weights else 32
+    a_bits = 1 if layer.binary_acts else 32
+    k = layer.kernel_size
+    kind = f"Conv{k}x{k}" + (" (binary)" if layer.binary_weights or layer.binary_acts else "")
+    n_w = int(layer.kernel[...].size)
+    row = LayerRow(name, kind, f"{w_bits}/{a_bits}", shape,
+                   params_1bit=n_w if layer.binary_weights else 0,
+                   params_32bit=n_params - (n_w if layer.binary_weights else 0))
+    if shape is not None:
+      macs = shape[1] * shape[2] * k * k * layer.in_features * layer.out_features
+      if layer.binary_weights and layer.binary_acts:
+        row.macs_binary = macs
+      else:
+        row.macs_float = macs
+    return row
+  # nnx.Linear: full precision.
+  row = LayerRow(name, "Dense", "32/32", shape, params_32bit=n_params)
+  if shape is not None:
+    row.macs_float = layer.in_features * layer.out_features
+  return row
+
+
+def summary(model: nnx.Module, input_shape: Sequence[int] = (1, 32, 32, 3)) -> Summary:
+  """Per-layer parameters, MACs and memory of ``model`` for NHWC ``input_shape``.
+
+  Output shapes come from ``jax.eval_shape`` of a forward pass (no compute, the
+  model is not modified). MACs are per image whatever the batch size. Parameters
+  of modules that are not conv/dense/BN (none in :mod:`irnet_jax.models`) appear
+  in an "(other)" row as 32-bit, so the totals always match the model.
+  """
+  input_shape = tuple(int(d) for d in input_shape)
+  shapes = _output_shapes(model, input_shape)
+  found = {}
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, _LAYER_TYPES):
+      found[".".join(str(p) for p in path)] = node
+  order = {p: i for i, p in enumerate(shapes)}
+  names = sorted(found, key=lambda n: (order.get(n, len(order)), n))
+  rows = [_layer_row(n, found[n], shapes.get(n)) for n in names]
+  other = _count(model, nnx.Param) - sum(r.params for r in rows)
+  if other:
+    rows.append(LayerRow("(other)", "-", "32/32", None, params_32bit=other))
+  return Summary(type(model).__name__, input_shape, rows)
+
+
+def _fmt_int(n: int) -> str:
+  return f"{n:,}" if n else "0"
+
+
+def format_summary(s: Summary) -> str:
+  """Text table of :func:`summary`: one row per layer, then totals."""
+  header = ("Layer", "Type", "W/A bits", "Output shape", "1-bit params", "32-bit params",
+            "Mem fp32 KiB", "Mem packed KiB", "Binary MACs", "Float MACs")
+  body = []
+  for r in s.rows:
+    shape = "unused" if r.output_shape is None else str(tuple(r.output_shape))
+    body.append((r.name, r.kind, r.bits, shape, _fmt_int(r.params_1bit),
+                 _fmt_int(r.params_32bit), f"{r.memory_float32 / 1024:.2f}",
+                 f"{r.memory_packed / 1024:.2f}", _fmt_int(r.macs_binary),
+                 _fmt_int(r.macs_float)))
+  total = ("Total", "", "", "", _fmt_int(s.params_1bit), _fmt_int(s.params_32bit),
+           f"{s.memory_float32 / 1024:.2f}", f"{s.memory_packed / 1024:.2f}",
+           _fmt_int(s.macs_binary), _fmt_int(s.macs_float))
+  widths = [max(len(str(row[i])) for row in [header, total, *body])
+            for i in range(len(header))]
+  left = {0, 1, 3}  # Text columns; numbers are right-aligned.
+
+  def line(row):
+    return "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w)
+                     for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+  rule = "-" * len(line(header))
+  mib = 1024.0 ** 2
+  out = [f"Model: {s.model_name}    input: {s.input_shape} (NHWC), MACs per image",
+         rule, line(header), rule, *map(line, body), rule, line(total), rule,
+         f"Total params:          {s.params:,}  (1-bit {s.params_1bit:,}, "
+         f"32-bit {s.params_32bit:,}); BN running stats {s.batch_stats:,}",
+         f"Memory float32:        {s.memory_float32 / mib:.3f} MiB",
+         f"Memory packed (1-bit): {s.memory_packed / mib:.3f} MiB  "
+         f"(compression x{s.compression:.2f})",
+         f"MACs:                  binary {s.macs_binary:,} | float {s.macs_float:,} | "
+         f"binary share {100 * s.binary_mac_share:.2f}%"]
+  return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------
+# CLI.
+
+
+def _main(argv: Sequence[str]) -> None:
+  del argv
+  from absl import flags  # Imported here: only the CLI needs absl.
+  from irnet_jax import models
+
+  f = flags.FLAGS
+  kw = {}
+  image_size = None
+  if f.config is not None:
+    mc = f.config.model
+    for key in ("num_classes", "weight_bits", "act_bits", "estimator", "weight_quantizer",
+                "structure"):
+      if key in mc and mc[key] is not None:
+        kw[key] = mc[key]
+    name = mc.name
+    if "dataset" in f.config and "image_size" in f.config.dataset:
+      image_size = f.config.dataset.image_size
+  else:
+    name = f.model
+  # Explicit flags override the config.
+  for key in ("num_classes", "weight_bits", "act_bits", "estimator", "weight_quantizer",
+              "structure"):
+    if f[key].present:
+      kw[key] = f[key].value
+  if f["model"].present:
+    name = f.model
+  if f["image_size"].present or image_size is None:
+    image_size = f.image_size or models.INPUT_SIZE.get(name, 32)
+  model = models.create(name, **kw)
+  print(format_summary(summary(model, (1, image_size, image_size, 3))))
+
+
+def _define_flags() -> None:
+  from absl import flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "Training config (configs/NAME.py).",
+                                  lock_config=False)
+  flags.DEFINE_string("model", "resnet20", "Model name (irnet_jax.models.REGISTRY).")
+  flags.DEFINE_integer("image_size", None, "Input height = width; default: the model's.")
+  flags.DEFINE_integer("num_classes", None, "Number of classes; default: the model's.")
+  flags.DEFINE_integer("weight_bits", None, "1 or 32.")
+  flags.DEFINE_integer("act_bits", None, "1 or 32.")
+  flags.DEFINE_string("estimator", None, "ede, ste or approx_sign.")
+  flags.DEFINE_string("weight_quantizer", None, "libra_pb, sign or none.")
+  flags.DEFINE_string("structure", None, "bireal or plain.")
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _define_flags()
+  app.run(_main)
+
+
+__all__ = ["summary", "format_summary", "Summary", "LayerRow"]

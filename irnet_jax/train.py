@@ -1,0 +1,356 @@
+"""The training loop: one jitted step over a device mesh, eval, metrics, checkpoints.
+
+``train_and_evaluate(config, workdir)`` is what ``python -m irnet_jax.main`` runs.
+Sections, top to bottom: optimizer and schedules, EDE from the step counter, the
+jitted train/eval steps, host-side helpers (metrics, fingerprint), the loop.
+
+Design (see the README): ``graphdef, state = nnx.split((model, optimizer))`` once;
+``train_step(state, batch) -> (state, metrics)`` is pure, jitted with the batch
+sharded over the mesh's ``data`` axis and the state replicated (BN statistics are
+therefore over the global batch) and donated. EDE's (t, k) come from the optimizer's
+step counter inside the step: one compilation for the whole run. Every random draw
+is a function of (seed, step), so a resumed run is the same run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from irnet_jax import checkpointing, data, ops
+from irnet_jax import config as config_lib
+
+# ------------------------------------------------------------------ optimizer
+
+
+def learning_rate_schedule(c: ml_collections.ConfigDict, steps_per_epoch: int,
+                           total_steps: int) -> optax.Schedule:
+  """optax schedule of ``c.optimizer.schedule`` as a function of the step."""
+  o = c.optimizer
+  lr = o.learning_rate
+  if o.schedule == "constant":
+    return optax.constant_schedule(lr)
+  if o.schedule == "cosine":
+    return optax.cosine_decay_schedule(lr, max(total_steps, 1))
+  if o.schedule == "cosine_epoch":
+    # torch CosineAnnealingLR(T_max=epochs) stepped once per epoch, as the official code.
+    num_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
+    per_epoch = optax.cosine_decay_schedule(lr, num_epochs)
+    return lambda step: per_epoch(step // steps_per_epoch)
+  # "warmup_multistep": the official ImageNet recipe (linear warm-up, then x0.1 steps).
+  warmup = optax.linear_schedule(o.warmup_init_lr, lr, max(o.warmup_steps, 1))
+  boundaries = {int(f * total_steps) - o.warmup_steps: o.decay_factor
+                for f in o.decay_fractions}
+  decay = optax.piecewise_constant_schedule(lr, boundaries)
+  return optax.join_schedules([warmup, decay], [o.warmup_steps])
+
+
+def make_optimizer(c: ml_collections.ConfigDict, schedule: optax.Schedule
+                   ) -> optax.GradientTransformation:
+  """SGD / Nesterov / Adam with torch-style L2 weight decay (added to the gradient)."""
+  o = c.optimizer
+  if o.name == "adam":
+    opt = optax.adam(schedule)
+  else:
+    opt = optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.name == "nesterov")
+  if o.weight_decay:
+    opt = optax.chain(optax.add_decayed_weights(o.weight_decay), opt)
+  return opt
+
+
+# ------------------------------------------------------------------ EDE
+
+
+def ede_at(c: ml_collections.ConfigDict, step: jax.Array, steps_per_epoch: int,
+           total_steps: int) -> ops.EDE:
+  """EDE (t, k) for a (traced) step: per epoch like the official CIFAR code, or every
+  ``ede.every_steps`` steps by progress like the official ImageNet code."""
+  step = step.astype(jnp.float32)
+  if c.ede["update"] == "epoch":
+    num_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
+    progress = jnp.floor(step / steps_per_epoch) / num_epochs
+  else:
+    every = c.ede.every_steps
+    progress = jnp.floor(step / every) * every / max(total_steps, 1)
+  return ops.ede_schedule(jnp.minimum(progress, 1.0), c.ede.t_min, c.ede.t_max)
+
+
+# ------------------------------------------------------------------ steps
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy in float32; logits (N, C), labels (N,) int."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def make_train_step(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
+                    schedule: optax.Schedule, steps_per_epoch: int, total_steps: int
+                    ) -> Callable[[nnx.State, dict], tuple[nnx.State, dict]]:
+  """``step(state, batch) -> (state, metrics)``: pure, for ``jax.jit``."""
+
+  def train_step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    step = optimizer.step[...]
+    ede = ede_at(c, step, steps_per_epoch, total_steps)
+
+    def loss_fn(m):
+      logits = m(batch["image"], ede=ede)
+      return cross_entropy(logits, batch["label"]).mean(), logits
+
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    metrics = dict(loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+                   lr=jnp.asarray(schedule(step), jnp.float32), ede_t=ede.t, ede_k=ede.k)
+    return nnx.state((model, optimizer)), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, dict], dict]:
+  """``step(model_state, batch) -> sums`` over the unmasked examples of a padded batch."""
+
+  def eval_step(model_state, batch):
+    model = nnx.merge(graphdef, model_state)
+    logits = model(batch["image"])
+    mask = batch["mask"].astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    return dict(loss=jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+                correct=jnp.sum(correct * mask), count=jnp.sum(mask))
+
+  return eval_step
+
+
+# ------------------------------------------------------------------ host helpers
+
+
+def params_fingerprint(model_state: Any) -> str:
+  """sha256 over every parameter and BN statistic, in sorted path order."""
+  h = hashlib.sha256()
+  flat = sorted(((".".join(map(str, p)), v) for p, v in nnx.to_flat_state(model_state)),
+                key=lambda kv: kv[0])
+  for name, var in flat:
+    value = np.asarray(jax.device_get(var.get_value() if isinstance(var, nnx.Variable)
+                                      else var))
+    h.update(name.encode())
+    h.update(np.ascontiguousarray(value).tobytes())
+  return h.hexdigest()
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to ``metrics.jsonl`` (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+
+  def write(self, record: dict) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+
+
+def _jsonable(v):
+  return v.item() if hasattr(v, "item") else v
+
+
+def _global_batch(local: dict, sharding: NamedSharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}
+
+
+def evaluate(eval_step, model_state, c: ml_collections.ConfigDict,
+             sharding: NamedSharding) -> dict:
+  """Loss and accuracy over every test image (padded last batch masked out)."""
+  totals = dict(loss=0.0, correct=0.0, count=0.0)
+  for local in data.eval_batches(c.dataset, c.eval_batch_size, jax.process_index(),
+                                 jax.process_count()):
+    out = jax.device_get(eval_step(model_state, _global_batch(local, sharding)))
+    for k in totals:
+      totals[k] += float(out[k])
+  n = max(totals["count"], 1.0)
+  return dict(loss=totals["loss"] / n, accuracy=totals["correct"] / n,
+              count=int(totals["count"]))
+
+
+# ------------------------------------------------------------------ the loop
+
+
+class _Interval:
+  """Host-side averages of the train metrics between two log events."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self):
+    self.sums, self.count, self.images, self.start = {}, 0, 0, time.perf_counter()
+
+  def add(self, metrics: dict, images: int):
+    for k in ("loss", "accuracy"):
+      self.sums[k] = self.sums.get(k, 0.0) + float(metrics[k])
+    self.count += 1
+    self.images += images
+    self.last = metrics
+
+  def summary(self) -> dict:
+    seconds = max(time.perf_counter() - self.start, 1e-9)
+    out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+    out.update(lr=float(self.last["lr"]), ede_t=float(self.last["ede_t"]),
+               ede_k=float(self.last["ede_k"]), images_per_sec=self.images / seconds)
+    return out
+
+
+def _check_finite(step: int, metrics: dict, last_good: int, ckpt_dir: str) -> None:
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss):
+    raise FloatingPointError(
+        f"the training loss became {loss} at step {step}: the run diverged and was stopped. "
+        f"The last good checkpoint (step {last_good}) is kept in {ckpt_dir}. Lower "
+        "--config.optimizer.learning_rate (or check the input data), then rerun the same "
+        "command to resume from that checkpoint.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       step_hook: Callable[[int], None] | None = None) -> dict:
+  """Trains and evaluates ``config`` in ``workdir``, resuming from its latest checkpoint.
+
+  Args:
+    config: an experiment config (``configs/*.py``).
+    workdir: output directory: ``checkpoints/``, ``metrics.jsonl``,
+      ``final_metrics.json``, ``config.json``.
+    step_hook: called on the host with the number of completed steps after each step
+      (after any checkpoint of that step was started). An exception raised in it
+      aborts the run like a crash; tests use it to simulate a kill.
+
+  Returns:
+    The final metrics (also written to ``final_metrics.json``).
+  """
+  # ---- validate everything cheap before building or compiling anything.
+  c = ml_collections.ConfigDict(config.to_dict())
+  config_lib.validate(c, jax.device_count())
+  info = data.dataset_info(c.dataset)
+  if c.model.num_classes <= 0:
+    c.model.num_classes = info.num_classes
+  total_steps, steps_per_epoch = config_lib.num_train_steps(c, info.num_train)
+  eval_every = c.eval_every_steps if c.eval_every_steps > 0 else steps_per_epoch
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    checkpointing.save_config(workdir, c)
+
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  # ---- model, optimizer, and the state the step carries.
+  model = config_lib.build_model(c)
+  schedule = learning_rate_schedule(c, steps_per_epoch, total_steps)
+  optimizer = nnx.Optimizer(model, make_optimizer(c, schedule), wrt=nnx.Param)
+  model.eval()
+  eval_graphdef, _ = nnx.split(model)
+  model.train()
+  graphdef, state = nnx.split((model, optimizer))
+  state = jax.device_put(state, replicated)
+
+  # ---- resume from the newest readable checkpoint.
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  ckpt = checkpointing.Checkpointer(ckpt_dir, c.keep_checkpoints)
+  start_step, train_seconds = 0, 0.0
+  restored = ckpt.restore_latest(state[0], state[1])
+  if restored is not None:
+    model_state, opt_state, meta = restored
+    if meta.get("seed") != c.seed or meta.get("model") != c.model.name:
+      raise ValueError(f"{ckpt_dir} holds a run of model {meta.get('model')!r} with seed "
+                       f"{meta.get('seed')}, not {c.model.name!r} with seed {c.seed}; use a "
+                       "new --workdir (or the original config) to avoid mixing runs.")
+    state = nnx.State({0: model_state, 1: opt_state})
+    start_step, train_seconds = int(meta["step"]), float(meta.get("train_seconds", 0.0))
+    logging.info("resumed from step %d of %s", start_step, ckpt_dir)
+
+  train_step = jax.jit(make_train_step(graphdef, c, schedule, steps_per_epoch, total_steps),
+                       in_shardings=(replicated, batch_sharding),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(eval_graphdef), in_shardings=(replicated, batch_sharding),
+                      out_shardings=replicated)
+
+  # ---- data: a pure function of (seed, step), so resuming is slicing.
+  train_ds = data.train_dataset(c.dataset, c.batch_size, c.seed, total_steps,
+                                jax.process_index(), jax.process_count())
+  batches = data.train_iterator(train_ds, start_step, c.dataset.num_threads)
+
+  writer = MetricsWriter(workdir, is_main)
+  bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+             disable=not (is_main and c.progress_bar), desc=c.model.name)
+  interval, pending, last_good = _Interval(), None, start_step
+  loop_start = time.perf_counter()
+
+  def meta(step):
+    return dict(step=step, seed=c.seed, model=c.model.name, data_position=step,
+                steps_per_epoch=steps_per_epoch, num_classes=c.model.num_classes,
+                train_seconds=train_seconds + time.perf_counter() - loop_start)
+
+  def drain():
+    """Fetch the previous step's metrics (already computed or nearly), check them."""
+    nonlocal pending
+    if pending is not None:
+      done, metrics = pending
+      metrics = jax.device_get(metrics)
+      _check_finite(done, metrics, last_good, ckpt_dir)
+      interval.add(metrics, c.batch_size)
+      pending = None
+
+  try:
+    for step in range(start_step, total_steps):
+      batch = _global_batch(next(batches), batch_sharding)
+      state, metrics = train_step(state, batch)
+      drain()  # Step `step - 1`: the host never blocks on the step just dispatched.
+      pending = (step + 1, metrics)
+      done = step + 1
+      bar.update(1)
+      if done % c.log_every_steps == 0 or done == total_steps:
+        drain()
+        record = interval.summary()
+        writer.write(dict(step=done, split="train", **record))
+        bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_sec']:.0f}")
+        interval.reset()
+      if done % c.checkpoint_every_steps == 0 or done == total_steps:
+        drain()  # Never checkpoint a diverged state.
+        ckpt.save(done, state[0], state[1], meta(done))
+        last_good = done
+      if done % eval_every == 0 or done == total_steps:
+        drain()
+        result = evaluate(eval_step, state[0], c, batch_sharding)
+        writer.write(dict(step=done, split="test", loss=result["loss"],
+                          accuracy=result["accuracy"]))
+        interval.reset()  # Keep eval time out of the training throughput.
+      if step_hook is not None:
+        step_hook(done)
+    drain()
+  finally:
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+
+  # ---- final report.
+  final_eval = evaluate(eval_step, state[0], c, batch_sharding)
+  train_seconds += time.perf_counter() - loop_start
+  final = dict(test_accuracy=final_eval["accuracy"], test_loss=final_eval["loss"],
+               test_examples=final_eval["count"], train_steps=total_steps,
+               train_seconds=train_seconds, params_fingerprint=params_fingerprint(state[0]),
+               model=c.model.name, seed=c.seed)
+  if is_main:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(final, f, indent=2)
+  return final
