@@ -26,6 +26,7 @@ from flax import nnx
 from irnet_jax import config as config_lib
 
 CONFIG_FILE = "config.json"
+log = logging.getLogger(__name__)
 
 
 def _abstract(tree: Any) -> Any:
@@ -75,7 +76,7 @@ class Checkpointer:
       try:
         return self.restore(step, model_state, opt_state)
       except Exception as e:  # Orbax raises many types for damaged files.
-        logging.warning("checkpoint %d in %s is unreadable (%s: %s); falling back to the "
+        log.warning("checkpoint %d in %s is unreadable (%s: %s); falling back to the "
                         "previous one.", step, self.directory, type(e).__name__, e)
     return None
 

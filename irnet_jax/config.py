@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.analysis_every_steps = 0      # 0: off. Diagnostics of irnet_jax.analysis.
   c.compute_dtype = "float32"     # Or "bfloat16" on GPU/TPU (params stay float32).
   c.progress_bar = True
+  c.num_devices = -1              # -1: every device of every process; N: the first N (1 host).
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "cifar10"
@@ -82,7 +83,10 @@ def _choice(value, allowed, field):
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Raises ``ValueError`` naming the bad field and the fix; cheap (no data, no compile)."""
+  """Raises ``ValueError`` naming the bad field and the fix; cheap (no data, no compile).
+
+  ``num_devices``: the devices the run will use (``batch_size`` must divide evenly).
+  """
   _choice(c.model.name, sorted(models.REGISTRY), "model.name")
   _choice(c.model.estimator, ops.ESTIMATORS, "model.estimator")
   _choice(c.model.weight_quantizer, ops.WEIGHT_QUANTIZERS, "model.weight_quantizer")
@@ -95,9 +99,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if not c.optimizer.learning_rate > 0:
     raise ValueError(f"config.optimizer.learning_rate={c.optimizer.learning_rate} must be "
                      "> 0; set e.g. --config.optimizer.learning_rate=0.1.")
-  if c.num_train_steps <= 0 and not c.num_epochs > 0:
-    raise ValueError(f"config.num_epochs={c.num_epochs} must be > 0 (or set "
-                     "config.num_train_steps > 0).")
+  if not c.num_epochs > 0:
+    raise ValueError(f"config.num_epochs={c.num_epochs} must be > 0 (to train a fixed "
+                     "number of steps instead, also set config.num_train_steps > 0).")
   if not 0 < c.ede.t_min < c.ede.t_max:
     raise ValueError(f"config.ede needs 0 < t_min < t_max, got t_min={c.ede.t_min}, "
                      f"t_max={c.ede.t_max}; the paper uses 0.1 -> 10.")

@@ -43,7 +43,9 @@ def init_distributed() -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
+  # Our progress goes to the bar and metrics.jsonl; keep Orbax's INFO chatter out.
+  logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger("irnet_jax").setLevel(logging.INFO)
   init_distributed()
   final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:

@@ -27,6 +27,7 @@ CLI::
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
@@ -127,8 +128,13 @@ class Summary:
     raise KeyError(name)
 
 
+def _size(x) -> int:
+  # Works for arrays and for the ShapeDtypeStructs of an abstract model.
+  return math.prod(x.shape)
+
+
 def _count(module: nnx.Module, kind: type) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, kind)))
+  return sum(_size(x) for x in jax.tree.leaves(nnx.state(module, kind)))
 
 
 def _output_shapes(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, tuple]:
@@ -160,7 +166,7 @@ def _layer_row(name: str, layer: nnx.Module, shape: tuple | None) -> LayerRow:
     a_bits = 1 if layer.binary_acts else 32
     k = layer.kernel_size
     kind = f"Conv{k}x{k}" + (" (binary)" if layer.binary_weights or layer.binary_acts else "")
-    n_w = int(layer.kernel[...].size)
+    n_w = _size(layer.kernel.get_value())
     row = LayerRow(name, kind, f"{w_bits}/{a_bits}", shape,
                    params_1bit=n_w if layer.binary_weights else 0,
                    params_32bit=n_params - (n_w if layer.binary_weights else 0))
@@ -182,7 +188,8 @@ def summary(model: nnx.Module, input_shape: Sequence[int] = (1, 32, 32, 3)) -> S
   """Per-layer parameters, MACs and memory of ``model`` for NHWC ``input_shape``.
 
   Output shapes come from ``jax.eval_shape`` of a forward pass (no compute, the
-  model is not modified). MACs are per image whatever the batch size. Parameters
+  model is not modified); ``model`` may be abstract (from ``nnx.eval_shape``), which
+  summarizes a large network without allocating its weights. MACs are per image whatever the batch size. Parameters
   of modules that are not conv/dense/BN (none in :mod:`irnet_jax.models`) appear
   in an "(other)" row as 32-bit, so the totals always match the model.
   """
@@ -273,7 +280,7 @@ def _main(argv: Sequence[str]) -> None:
     name = f.model
   if f["image_size"].present or image_size is None:
     image_size = f.image_size or models.INPUT_SIZE.get(name, 32)
-  model = models.create(name, **kw)
+  model = nnx.eval_shape(lambda: models.create(name, **kw))  # Shapes only.
   print(format_summary(summary(model, (1, image_size, image_size, 3))))
 
 

@@ -33,6 +33,8 @@ from tqdm import tqdm
 from irnet_jax import checkpointing, data, ops
 from irnet_jax import config as config_lib
 
+log = logging.getLogger(__name__)
+
 # ------------------------------------------------------------------ optimizer
 
 
@@ -113,6 +115,7 @@ def make_train_step(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
     metrics = dict(loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+                   param_norm=optax.tree.norm(nnx.state(model, nnx.Param)),
                    lr=jnp.asarray(schedule(step), jnp.float32), ede_t=ede.t, ede_k=ede.k)
     return nnx.state((model, optimizer)), metrics
 
@@ -198,7 +201,7 @@ class _Interval:
     self.sums, self.count, self.images, self.start = {}, 0, 0, time.perf_counter()
 
   def add(self, metrics: dict, images: int):
-    for k in ("loss", "accuracy"):
+    for k in ("loss", "accuracy", "param_norm"):
       self.sums[k] = self.sums.get(k, 0.0) + float(metrics[k])
     self.count += 1
     self.images += images
@@ -212,11 +215,23 @@ class _Interval:
     return out
 
 
+def select_devices(num_devices: int) -> list:
+  """All devices (-1), or the first ``num_devices`` of a single-process run."""
+  if num_devices is None or num_devices <= 0:
+    return jax.devices()
+  if jax.process_count() > 1 or num_devices > jax.device_count():
+    raise ValueError(f"config.num_devices={num_devices} but this run has "
+                     f"{jax.device_count()} devices in {jax.process_count()} process(es); "
+                     "use -1 (all devices) or a smaller number on a single host.")
+  return jax.devices()[:num_devices]
+
+
 def _check_finite(step: int, metrics: dict, last_good: int, ckpt_dir: str) -> None:
-  loss = float(metrics["loss"])
-  if not math.isfinite(loss):
+  loss, norm = float(metrics["loss"]), float(metrics["param_norm"])
+  if not (math.isfinite(loss) and math.isfinite(norm)):
     raise FloatingPointError(
-        f"the training loss became {loss} at step {step}: the run diverged and was stopped. "
+        f"the training loss became {loss} (parameter norm {norm}) at step {step}: the run "
+        "diverged and was stopped. "
         f"The last good checkpoint (step {last_good}) is kept in {ckpt_dir}. Lower "
         "--config.optimizer.learning_rate (or check the input data), then rerun the same "
         "command to resume from that checkpoint.")
@@ -239,7 +254,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   # ---- validate everything cheap before building or compiling anything.
   c = ml_collections.ConfigDict(config.to_dict())
-  config_lib.validate(c, jax.device_count())
+  devices = select_devices(c.get("num_devices", -1))
+  config_lib.validate(c, len(devices))
   info = data.dataset_info(c.dataset)
   if c.model.num_classes <= 0:
     c.model.num_classes = info.num_classes
@@ -250,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if is_main:
     checkpointing.save_config(workdir, c)
 
-  mesh = Mesh(np.array(jax.devices()), ("data",))
+  mesh = Mesh(np.array(devices), ("data",))
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
 
@@ -277,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        "new --workdir (or the original config) to avoid mixing runs.")
     state = nnx.State({0: model_state, 1: opt_state})
     start_step, train_seconds = int(meta["step"]), float(meta.get("train_seconds", 0.0))
-    logging.info("resumed from step %d of %s", start_step, ckpt_dir)
+    log.info("resumed from step %d of %s", start_step, ckpt_dir)
 
   train_step = jax.jit(make_train_step(graphdef, c, schedule, steps_per_epoch, total_steps),
                        in_shardings=(replicated, batch_sharding),

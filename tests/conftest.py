@@ -20,3 +20,10 @@ def x64():
   jax.config.update("jax_enable_x64", True)
   yield
   jax.config.update("jax_enable_x64", previous)
+
+
+# Tests build the same few networks many times: a persistent compilation cache
+# shared by the whole session makes every compile after the first a cache hit.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("IRNET_TEST_JAX_CACHE", "/tmp/irnet_jax_test_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

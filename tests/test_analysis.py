@@ -1,0 +1,195 @@
+"""Diagnostics (irnet_jax.analysis), model summary and the metrics report."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import irnet_jax
+from irnet_jax import analysis, analyze, layers, models, ops
+from irnet_jax import summary as summary_lib
+
+
+# The small checks run inside one jit each: eager dispatch would compile every
+# primitive separately, which dominates the run time on a shared CPU.
+
+
+def test_entropy_balanced_and_constant():
+  @jax.jit
+  def values():
+    return (analysis.entropy_bits(jnp.array([1.0, -1.0] * 50)),
+            analysis.entropy_bits(jnp.ones(64)), analysis.entropy_bits(-jnp.ones(64)),
+            analysis.entropy_bits(jnp.array([1.0, 0.0, 0.0, 0.0])),
+            analysis.entropy_bits(jnp.array([[1.0, 1.0], [-1.0, 1.0]]), axis=0))
+
+  balanced, ones, minus_ones, with_zeros, per_col = values()
+  assert float(balanced) == pytest.approx(1.0, abs=1e-6)
+  assert float(ones) == 0.0 and float(minus_ones) == 0.0
+  # Zeros count as "not +1": [1, 0, 0, 0] has p = 1/4.
+  expected = -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))
+  assert float(with_zeros) == pytest.approx(expected, abs=1e-6)
+  np.testing.assert_allclose(per_col, [1.0, 0.0], atol=1e-6)  # Per-axis entropy.
+
+
+def test_libra_pb_has_higher_entropy_than_sign_on_skewed_kernel():
+  @jax.jit
+  def values(key):
+    kernel = analysis.skewed_gaussian_kernel(key, (3, 3, 16, 8), mean=0.5)
+    return (analysis.weight_entropy_by_quantizer(kernel),
+            analysis.sign_balance(ops.libra_pb(kernel)))
+
+  h, balance = values(jax.random.key(0))
+  assert float(h["libra_pb"]) > float(h["sign"]) + 0.05
+  assert float(h["libra_pb"]) > 0.99
+  assert balance.shape == (8,)
+  np.testing.assert_allclose(balance, 0.5, atol=0.1)
+
+
+def test_flip_ratio_and_quantization_error():
+  @jax.jit
+  def values(key):
+    w = jax.random.normal(key, (3, 3, 4, 4))
+    s = jnp.sign(w).astype(jnp.int8)
+    return (analysis.flip_ratio(s, s), analysis.flip_ratio(s, -s),
+            analysis.quantization_error(w, "libra_pb"),
+            analysis.quantization_error(jnp.sign(w), "sign"),
+            analysis.quantization_error(w, "none"),
+            analysis.ede_grad_scale(jnp.zeros(3), ops.EDE(0.5, 2.0)))
+
+  same, negated, err_libra, err_sign, err_none, grad0 = map(float, values(jax.random.key(1)))
+  assert same == 0.0 and negated == 1.0
+  assert 0.0 < err_libra < 1.0
+  assert err_sign == 0.0 and err_none == 0.0
+  assert grad0 == 1.0  # EDE gradient scale at x = 0 is k * t.
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+  # Shared: building a model eagerly is the slowest step of this file. Tests
+  # must not modify it.
+  return models.create("resnet20", num_classes=10, rngs=nnx.Rngs(0))
+
+
+def test_binary_layers_and_weight_signs(resnet20):
+  names = list(analysis.binary_layers(resnet20))
+  assert len(names) == 18 and "layer1.0.conv1" in names and "conv1" not in names
+  signs = nnx.jit(analysis.weight_signs)(resnet20)
+  assert signs["layer1.0.conv1"].dtype == jnp.int8
+  assert signs["layer1.0.conv1"].shape == (3, 3, 16, 16)
+
+
+def test_diagnostics_jit_compiles_once_and_is_finite(resnet20):
+  model = resnet20
+  prev = analysis.weight_signs(model)
+  x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+  traces = []
+
+  def fn(m, ede, prev_signs, acts):
+    traces.append(1)
+    return analysis.diagnostics(m, ede, prev_signs, acts)
+
+  jitted = nnx.jit(fn)
+  bn_mean = np.asarray(model.bn1.mean[...])
+  out = jitted(model, ops.ede_schedule(0.1), prev, x)
+  out2 = jitted(model, ops.ede_schedule(0.9), prev, x)
+  assert len(traces) == 1
+  for key in ("weight_entropy/layer1.0.conv1", "weight_entropy_mean", "quant_error_mean",
+              "flip_ratio/layer3.2.conv2", "flip_ratio_mean", "ede_grad_scale_w",
+              "act_entropy/layer1.0.conv1", "act_entropy_mean", "ede_grad_scale_a"):
+    assert key in out, key
+  assert all(np.isfinite(float(v)) for v in out.values())
+  assert float(out["flip_ratio_mean"]) == 0.0
+  assert 0.9 < float(out["weight_entropy_mean"]) <= 1.0
+  # Larger t late in training: smaller EDE gradient scale away from 0.
+  assert float(out2["ede_grad_scale_w"]) < float(out["ede_grad_scale_w"])
+  # The forward pass for activations must not touch the model's BN statistics.
+  np.testing.assert_array_equal(model.bn1.mean[...], bn_mean)
+  assert layers.BinaryConv.__call__.__name__ == "__call__"  # Patch removed.
+  assert set(analysis.to_floats(out)) == set(out)
+
+
+def test_pure_diagnostics_under_jax_jit(resnet20):
+  graphdef, state = nnx.split(resnet20)
+  fn = jax.jit(analysis.pure_diagnostics, static_argnums=0)
+  out = fn(graphdef, state, ops.EDE(1.0, 1.0))
+  assert "flip_ratio_mean" not in out and "act_entropy_mean" not in out
+  assert all(np.isfinite(float(v)) for v in out.values())
+
+
+def test_summary_resnet20_counts(resnet20):
+  s = irnet_jax.summary.summary(resnet20, (1, 32, 32, 3))
+  assert s.params == 269_850
+  row = s.row("layer1.0.conv1")
+  assert row.output_shape == (1, 32, 32, 16)
+  assert row.macs_binary == 32 * 32 * 3 * 3 * 16 * 16 and row.macs_float == 0
+  assert row.params_1bit == 3 * 3 * 16 * 16
+  assert s.row("conv1").macs_float == 32 * 32 * 3 * 3 * 3 * 16
+  assert s.row("linear").macs_float == 64 * 10
+  # Every binary 3x3 conv: 6 at 32x32x16, then stride-2 first convs, etc.
+  assert s.macs_binary == sum(r.macs_binary for r in s.rows)
+  assert 0.98 < s.binary_mac_share < 1.0
+  assert s.memory_packed < s.memory_float32 / 10
+  text = summary_lib.format_summary(s)
+  assert "layer1.0.conv1" in text and "269,850" in text
+  assert irnet_jax.model_summary is summary_lib.summary
+
+
+def test_summary_1w32a_has_no_binary_macs():
+  # Abstract model (nnx.eval_shape): the summary only needs shapes.
+  model = nnx.eval_shape(lambda: models.create("resnet20", num_classes=10, act_bits=32))
+  s = summary_lib.summary(model)
+  assert s.macs_binary == 0 and s.params_1bit == 267_264
+
+
+def _write_metrics(path, steps=(100, 200, 300, 400, 500)):
+  layer_names = ["layer1.0.conv1", "layer1.0.conv2", "layer10.0.conv1"]
+  with open(path, "w") as f:
+    for i, step in enumerate(steps):
+      f.write(json.dumps({"step": step, "split": "train", "loss": 2.0 / (i + 1),
+                          "accuracy": 0.2 + 0.1 * i, "lr": 0.1 * (1 - i / 5),
+                          "ede_t": 0.1 * 10 ** i, "ede_k": max(10 / 10 ** i, 1.0),
+                          "images_per_sec": 800.0}) + "\n")
+      if step % 200 == 0:
+        f.write(json.dumps({"step": step, "split": "test", "loss": 1.5 / (i + 1),
+                            "accuracy": 0.3 + 0.1 * i}) + "\n")
+        rec = {"step": step, "split": "analysis", "weight_entropy_mean": 0.99,
+               "flip_ratio_mean": 0.01, "ede_grad_scale_w": 1.0 / (i + 1)}
+        for name in layer_names:
+          rec[f"weight_entropy/{name}"] = 0.98 + 0.001 * i
+          rec[f"flip_ratio/{name}"] = 0.02 / (i + 1)
+        f.write(json.dumps(rec) + "\n")
+    f.write("not json\n")
+
+
+def test_analyze_writes_pngs_and_report(tmp_path):
+  run_a, run_b = tmp_path / "run_a", tmp_path / "run_b"
+  run_a.mkdir()
+  run_b.mkdir()
+  _write_metrics(run_a / "metrics.jsonl")
+  _write_metrics(run_b / "metrics.jsonl", steps=(100, 200, 300))
+  (run_a / "final_metrics.json").write_text(json.dumps(
+      {"test_accuracy": 0.71, "train_seconds": 12.5}))
+  report = analyze.analyze(run_a, compare=run_b)
+  out = run_a / "report"
+  for name in ("curves.png", "ede.png", "weight_entropy.png", "flip_ratio.png",
+               "compare.png"):
+    png = out / name
+    assert png.exists() and png.stat().st_size > 1000, name
+    assert png.read_bytes()[:4] == b"\x89PNG"
+  text = report.read_text()
+  assert "test_accuracy" in text and "0.71" in text
+  assert "unparsable" in text  # The bad line is reported, not fatal.
+  assert "act_entropy" in text  # Missing family reported as skipped.
+  assert text.index("layer1.0.conv2") < text.index("layer10.0.conv1")
+
+
+def test_analyze_survives_train_only_metrics(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text(
+      json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\n")
+  report = analyze.analyze(tmp_path)
+  text = report.read_text()
+  assert "No 'test' records" in text and "No final_metrics.json" in text
+  assert (tmp_path / "report" / "curves.png").exists()

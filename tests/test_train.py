@@ -1,0 +1,183 @@
+"""Training system: configs, the loop on 1 and 4 devices, resume, fallbacks, NaN."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from irnet_jax import checkpointing, config as config_lib, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_npz(path, n_train=64, n_test=21, size=8, seed=0):
+  """A learnable toy set: the class is the bright quadrant of a noisy image."""
+  rng = np.random.default_rng(seed)
+
+  def split(n):
+    y = rng.integers(0, 4, n)
+    x = rng.integers(0, 60, (n, size, size, 3))
+    h = size // 2
+    for i, c in enumerate(y):
+      x[i, (c // 2) * h:(c // 2 + 1) * h, (c % 2) * h:(c % 2 + 1) * h] += 180
+    return x.astype(np.uint8), y.astype(np.int32)
+
+  x_train, y_train = split(n_train)
+  x_test, y_test = split(n_test)
+  np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+  return str(path)
+
+
+def tiny_config(npz, **overrides):
+  c = config_lib.base_config()
+  c.dataset.name, c.dataset.path = "npz", npz
+  c.dataset.augment, c.dataset.image_size, c.dataset.num_threads = "none", 8, 0
+  c.batch_size, c.eval_batch_size = 16, 8
+  c.num_train_steps, c.checkpoint_every_steps, c.log_every_steps = 6, 2, 1
+  c.eval_every_steps = 6
+  c.progress_bar = False
+  c.ede["update"] = "step"
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def read_metrics(workdir, split):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+  return make_npz(tmp_path_factory.mktemp("data") / "toy.npz")
+
+
+def test_every_config_loads_and_validates():
+  import importlib.util
+  paths = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+  assert len(paths) >= 15
+  for path in paths:
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    config_lib.validate(c, num_devices=1)
+    assert module.__doc__, f"{path} has no docstring naming its paper row"
+    for field in ("seed", "num_epochs", "num_train_steps", "batch_size",
+                  "checkpoint_every_steps", "eval_every_steps"):
+      assert field in c, (path, field)
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"model.name": "resnet50"}, "model.name"),
+    ({"batch_size": 10}, "multiple of the 4 devices"),
+    ({"ede.t_min": 10.0}, "t_min < t_max"),
+    ({"optimizer.learning_rate": 0.0}, "learning_rate"),
+    ({"num_epochs": 0}, "num_epochs"),
+    ({"dataset.path": ""}, "dataset.path"),
+])
+def test_bad_config_fails_before_compiling(npz, tmp_path, override, message):
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(tiny_config(npz, **override), str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_missing_npz_file_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="does not exist|not found|No such"):
+    train.train_and_evaluate(tiny_config(str(tmp_path / "nope.npz")), str(tmp_path / "w"))
+
+
+def test_cli_override_and_typo(tmp_path):
+  base = [sys.executable, "-m", "irnet_jax.main", "--config=configs/quickstart.py",
+          f"--workdir={tmp_path}"]
+  typo = subprocess.run(base + ["--config.optimizer.learnig_rate=0.1"], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert typo.returncode != 0 and "learnig_rate" in typo.stderr
+  bad = subprocess.run(base + ["--config.model.name=resnet99"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "model.name" in bad.stderr
+
+
+def test_one_and_four_devices_same_loss(npz, tmp_path):
+  one = train.train_and_evaluate(tiny_config(npz, num_devices=1), str(tmp_path / "one"))
+  four = train.train_and_evaluate(tiny_config(npz, num_devices=4), str(tmp_path / "four"))
+  l1 = [r["loss"] for r in read_metrics(tmp_path / "one", "train")]
+  l4 = [r["loss"] for r in read_metrics(tmp_path / "four", "train")]
+  assert len(l1) == len(l4) == 6
+  np.testing.assert_allclose(l1, l4, rtol=2e-4, atol=2e-5)
+  assert one["test_examples"] == four["test_examples"] == 21  # every image, padded batch
+  np.testing.assert_allclose(one["test_loss"], four["test_loss"], rtol=1e-3)
+  final = json.load(open(tmp_path / "four" / "final_metrics.json"))
+  assert {"test_accuracy", "test_loss", "train_steps", "train_seconds",
+          "params_fingerprint"} <= final.keys()
+  rec = read_metrics(tmp_path / "four", "train")[-1]
+  assert {"step", "loss", "accuracy", "lr", "ede_t", "ede_k", "images_per_sec"} <= rec.keys()
+
+
+def test_loss_decreases_on_learnable_set(npz, tmp_path):
+  c = tiny_config(npz, num_train_steps=40, checkpoint_every_steps=40, eval_every_steps=40,
+                  log_every_steps=10, **{"optimizer.schedule": "constant",
+                                         "optimizer.learning_rate": 0.05})
+  final = train.train_and_evaluate(c, str(tmp_path))
+  losses = [r["loss"] for r in read_metrics(tmp_path, "train")]
+  assert losses[-1] < 0.6 * losses[0], losses
+  assert final["test_accuracy"] > 0.5  # 4 classes: chance is 0.25
+
+
+class _Kill(Exception):
+  pass
+
+
+def _kill_at(step):
+  def hook(done):
+    if done == step:
+      raise _Kill()
+  return hook
+
+
+def test_kill_and_resume_is_bit_identical(npz, tmp_path):
+  ref = train.train_and_evaluate(tiny_config(npz), str(tmp_path / "ref"))
+  with pytest.raises(_Kill):
+    train.train_and_evaluate(tiny_config(npz), str(tmp_path / "run"), step_hook=_kill_at(3))
+  assert checkpointing.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [2]
+  resumed = train.train_and_evaluate(tiny_config(npz), str(tmp_path / "run"))
+  assert resumed["params_fingerprint"] == ref["params_fingerprint"]
+  assert resumed["test_loss"] == ref["test_loss"]
+
+
+def test_corrupt_newest_checkpoint_falls_back(npz, tmp_path, caplog):
+  train.train_and_evaluate(tiny_config(npz, num_train_steps=4), str(tmp_path))
+  ckpt_dir = tmp_path / "checkpoints"
+  assert checkpointing.Checkpointer(str(ckpt_dir)).all_steps() == [2, 4]
+  for f in glob.glob(str(ckpt_dir / "4" / "model" / "**" / "*"), recursive=True):
+    if os.path.isfile(f):
+      with open(f, "wb") as fh:
+        fh.write(b"garbage")
+  model, config = checkpointing.load_model(str(tmp_path))
+  assert "unreadable" in caplog.text and "falling back" in caplog.text
+  ref_model, _ = checkpointing.load_model(str(tmp_path), step=2)
+  assert train.params_fingerprint(__import__("flax").nnx.state(model)) == \
+      train.params_fingerprint(__import__("flax").nnx.state(ref_model))
+  assert config.model.num_classes == 4
+
+
+def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(npz, tmp_path):
+  c = tiny_config(npz, num_train_steps=8, checkpoint_every_steps=1,
+                  **{"optimizer.learning_rate": 1e38, "optimizer.schedule": "constant"})
+  with pytest.raises(FloatingPointError, match="last good checkpoint"):
+    train.train_and_evaluate(c, str(tmp_path))
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
+  steps = ckpt.all_steps()
+  if steps:  # Whatever was kept must be finite.
+    model, _ = checkpointing.load_model(str(tmp_path))
+    leaves = jax.tree.leaves(__import__("flax").nnx.state(model))
+    assert all(np.all(np.isfinite(np.asarray(l))) for l in leaves)
+  assert not os.path.exists(tmp_path / "final_metrics.json")
