@@ -109,6 +109,14 @@ def _plt():
   return plt
 
 
+def _plot(ax, xs, ys, **kw) -> None:
+  # Markers for sparse series, so that a run with one or two points still shows.
+  if len(xs) < 30:
+    kw.setdefault("marker", "o")
+    kw.setdefault("ms", 3)
+  ax.plot(xs, ys, **kw)
+
+
 def _save(fig, out_dir: Path, name: str) -> str:
   fig.tight_layout()
   fig.savefig(out_dir / name, dpi=110)
@@ -131,7 +139,7 @@ def plot_curves(records: Records, out_dir: Path) -> str | None:
     for split, key in lines:
       xs, ys = series(records, split, key)
       if xs:
-        ax.plot(xs, ys, marker="o" if split == "test" else None, ms=3, label=split)
+        _plot(ax, xs, ys, label=split)
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
@@ -158,7 +166,7 @@ def plot_ede(records: Records, out_dir: Path) -> str | None:
   for ax, (title, lines, log) in zip(axes[0], panels):
     for label, (xs, ys) in lines:
       if xs:
-        ax.plot(xs, ys, label=label)
+        _plot(ax, xs, ys, label=label)
     if log and all(y > 0 for _, (_, ys) in lines for y in ys):
       ax.set_yscale("log")
     ax.set_title(title)
@@ -179,10 +187,10 @@ def plot_layer_family(records: Records, family: str, out_dir: Path) -> str | Non
   cmap = plt.get_cmap("viridis")
   for i, name in enumerate(names):
     xs, ys = series(records, "analysis", f"{family}/{name}")
-    ax.plot(xs, ys, color=cmap(i / max(len(names) - 1, 1)), lw=1, label=name)
+    _plot(ax, xs, ys, color=cmap(i / max(len(names) - 1, 1)), lw=1, label=name)
   xs, ys = series(records, "analysis", mean_key)
   if xs:
-    ax.plot(xs, ys, color="red", lw=2.2, ls="--", label="mean")
+    _plot(ax, xs, ys, color="red", lw=2.2, ls="--", label="mean")
   ax.set_title(title)
   ax.set_xlabel("step")
   ax.set_ylabel(ylabel)
@@ -214,7 +222,7 @@ def plot_compare(runs: Sequence[tuple[str, Records]], out_dir: Path) -> str | No
     for label, recs in runs:
       xs, ys = series(recs, split, key)
       if xs:
-        ax.plot(xs, ys, label=label)
+        _plot(ax, xs, ys, label=label)
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)

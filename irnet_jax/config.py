@@ -77,6 +77,39 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def imagenet_config(model: str, act_bits: int = 1) -> ml_collections.ConfigDict:
+  """The official ImageNet recipe (ImageNet/ResNet18/1w1a/config.yaml), batch 2048.
+
+  SGD Nesterov momentum 0.9; linear warm-up 0.2 -> 0.8 over 2,500 iterations, then
+  x0.1 at 30/60/90% of 62,500 iterations (~100 epochs); EDE by progress every 10
+  iterations; random-resized-crop 224 + flip + colour jitter; eval resize 256, crop 224.
+  """
+  c = base_config()
+  c.dataset.name = "imagenet2012"
+  c.dataset.augment = "imagenet"
+  c.dataset.image_size = 224
+  c.dataset.num_threads = 16
+  c.model.name = model
+  c.model.act_bits = act_bits
+  c.batch_size = 2048
+  c.eval_batch_size = 2000
+  c.num_epochs = 100
+  c.num_train_steps = 62500
+  c.eval_every_steps = 2500
+  c.checkpoint_every_steps = 1000
+  c.log_every_steps = 100
+  c.optimizer.name = "nesterov"
+  c.optimizer.schedule = "warmup_multistep"
+  c.optimizer.warmup_init_lr = 0.2
+  c.optimizer.learning_rate = 0.8
+  c.optimizer.warmup_steps = 2500
+  c.optimizer.weight_decay = 1e-4
+  c.ede["update"] = "step"
+  c.ede.every_steps = 10
+  c.ede.t_min = 0.1
+  return c
+
+
 def _choice(value, allowed, field):
   if value not in allowed:
     raise ValueError(f"config.{field}={value!r} is not valid; choose one of {list(allowed)}.")

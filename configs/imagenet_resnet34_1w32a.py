@@ -1,0 +1,6 @@
+"""ImageNet ResNet-34 1w32a (official: plain blocks, ReLU): paper Table 4 (70.4% top-1)."""
+from irnet_jax import config as base
+
+
+def get_config():
+  return base.imagenet_config("resnet34_1w32a", act_bits=32)
