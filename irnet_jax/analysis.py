@@ -266,10 +266,6 @@ def binary_conv_inputs(model: nnx.Module, x: jax.Array,
   return out
 
 
-def _mean(values: list[jax.Array]) -> jax.Array:
-  return jnp.mean(jnp.stack(values)) if values else jnp.zeros((), jnp.float32)
-
-
 def diagnostics(model: nnx.Module, ede: ops.EDE | None = None,
                 prev_signs: Mapping[str, jax.Array] | None = None,
                 activations: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -287,9 +283,13 @@ def diagnostics(model: nnx.Module, ede: ops.EDE | None = None,
     ``act_entropy_mean`` (bits of ``sign`` of each binary conv's input),
     ``ede_grad_scale_a/<layer>``, ``ede_grad_scale_a`` (mean over layers).
 
-  The "ede_grad_scale" keys evaluate the EDE multiplier whatever the layer's
-  estimator is. Jit with ``nnx.jit(diagnostics)`` or :func:`pure_diagnostics`;
-  recompiles only if the presence of ``prev_signs``/``activations`` or shapes change.
+  Keys of a kind are absent when no layer has it (e.g. no weight keys for 32w1a;
+  no flip ratios for layers missing from ``prev_signs``). The "ede_grad_scale" keys
+  evaluate the EDE multiplier whatever the layer's estimator is.
+
+  Jit with ``nnx.jit(diagnostics)`` or :func:`pure_diagnostics`; it recompiles
+  only if the presence of ``prev_signs``/``activations`` or a shape changes.
+  Nothing of ``model`` is modified (the activation pass runs on a clone).
   """
   ede = ops.DEFAULT_EDE if ede is None else ede
   out: dict[str, jax.Array] = {}
@@ -308,11 +308,14 @@ def diagnostics(model: nnx.Module, ede: ops.EDE | None = None,
       f = flip_ratio(jnp.sign(x).astype(jnp.int8), prev_signs[name])
       out[f"flip_ratio/{name}"] = f
       flips.append(f)
-  out["weight_entropy_mean"] = _mean(ent)
-  out["quant_error_mean"] = _mean(err)
-  out["ede_grad_scale_w"] = _mean(grad)
-  if prev_signs is not None:
-    out["flip_ratio_mean"] = _mean(flips)
+  # Means only over layers that exist: a 32w1a model has no weight keys at all,
+  # rather than misleading zeros.
+  if ent:
+    out["weight_entropy_mean"] = jnp.mean(jnp.stack(ent))
+    out["quant_error_mean"] = jnp.mean(jnp.stack(err))
+    out["ede_grad_scale_w"] = jnp.mean(jnp.stack(grad))
+  if flips:
+    out["flip_ratio_mean"] = jnp.mean(jnp.stack(flips))
   if activations is not None:
     a_ent, a_grad = [], []
     for name, x in binary_conv_inputs(model, activations, ede).items():
@@ -320,8 +323,9 @@ def diagnostics(model: nnx.Module, ede: ops.EDE | None = None,
       out[f"act_entropy/{name}"], out[f"ede_grad_scale_a/{name}"] = h, g
       a_ent.append(h)
       a_grad.append(g)
-    out["act_entropy_mean"] = _mean(a_ent)
-    out["ede_grad_scale_a"] = _mean(a_grad)
+    if a_ent:
+      out["act_entropy_mean"] = jnp.mean(jnp.stack(a_ent))
+      out["ede_grad_scale_a"] = jnp.mean(jnp.stack(a_grad))
   return out
 
 

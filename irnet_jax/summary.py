@@ -189,9 +189,10 @@ def summary(model: nnx.Module, input_shape: Sequence[int] = (1, 32, 32, 3)) -> S
 
   Output shapes come from ``jax.eval_shape`` of a forward pass (no compute, the
   model is not modified); ``model`` may be abstract (from ``nnx.eval_shape``), which
-  summarizes a large network without allocating its weights. MACs are per image whatever the batch size. Parameters
-  of modules that are not conv/dense/BN (none in :mod:`irnet_jax.models`) appear
-  in an "(other)" row as 32-bit, so the totals always match the model.
+  summarizes a large network without allocating its weights. MACs are per image
+  whatever the batch size. Parameters of modules that are not conv/dense/BN (none
+  in :mod:`irnet_jax.models`) appear in an "(other)" row as 32-bit, so the totals
+  always match the model.
   """
   input_shape = tuple(int(d) for d in input_shape)
   shapes = _output_shapes(model, input_shape)
@@ -202,6 +203,7 @@ def summary(model: nnx.Module, input_shape: Sequence[int] = (1, 32, 32, 3)) -> S
   order = {p: i for i, p in enumerate(shapes)}
   names = sorted(found, key=lambda n: (order.get(n, len(order)), n))
   rows = [_layer_row(n, found[n], shapes.get(n)) for n in names]
+  # Params of any other module type, so that the totals always match the model.
   other = _count(model, nnx.Param) - sum(r.params for r in rows)
   if other:
     rows.append(LayerRow("(other)", "-", "32/32", None, params_32bit=other))
@@ -252,33 +254,45 @@ def format_summary(s: Summary) -> str:
 # CLI.
 
 
+# Classes of the datasets the configs name, for configs whose model.num_classes is
+# -1 ("from the dataset"): the summary must not need the data itself.
+_DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000, "imagenet": 1000,
+                    "digits": 10, "mnist": 10}
+_MODEL_KEYS = ("num_classes", "weight_bits", "act_bits", "estimator", "weight_quantizer",
+               "structure")
+
+
+def _config_kwargs(config) -> tuple[str, dict, int | None]:
+  """(model name, ``models.create`` kwargs, image size) of a training config."""
+  mc = config.model
+  kw = {k: mc[k] for k in _MODEL_KEYS if k in mc and mc[k] not in (None, "")}
+  dataset = config.get("dataset", {})
+  if kw.get("num_classes", 0) <= 0:
+    kw.pop("num_classes", None)
+    name = dataset.get("name", "")
+    if name in _DATASET_CLASSES:
+      kw["num_classes"] = _DATASET_CLASSES[name]
+    else:  # Unknown (e.g. npz): the model's default; pass --num_classes to set it.
+      print(f"note: num_classes of dataset {name!r} unknown; using the model default")
+  return mc.name, kw, dataset.get("image_size")
+
+
 def _main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # Imported here: only the CLI needs absl.
   from irnet_jax import models
 
   f = flags.FLAGS
-  kw = {}
-  image_size = None
+  name, kw, image_size = f.model, {}, None
   if f.config is not None:
-    mc = f.config.model
-    for key in ("num_classes", "weight_bits", "act_bits", "estimator", "weight_quantizer",
-                "structure"):
-      if key in mc and mc[key] is not None:
-        kw[key] = mc[key]
-    name = mc.name
-    if "dataset" in f.config and "image_size" in f.config.dataset:
-      image_size = f.config.dataset.image_size
-  else:
-    name = f.model
-  # Explicit flags override the config.
-  for key in ("num_classes", "weight_bits", "act_bits", "estimator", "weight_quantizer",
-              "structure"):
+    name, kw, image_size = _config_kwargs(f.config)
+  # Flags given on the command line override the config.
+  for key in _MODEL_KEYS:
     if f[key].present:
       kw[key] = f[key].value
   if f["model"].present:
     name = f.model
-  if f["image_size"].present or image_size is None:
+  if f["image_size"].present or not image_size:
     image_size = f.image_size or models.INPUT_SIZE.get(name, 32)
   model = nnx.eval_shape(lambda: models.create(name, **kw))  # Shapes only.
   print(format_summary(summary(model, (1, image_size, image_size, 3))))

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -191,6 +191,37 @@ def evaluate(eval_step, model_state, c: ml_collections.ConfigDict,
 # ------------------------------------------------------------------ the loop
 
 
+class Setup(NamedTuple):
+  """Everything the loop (and experiments/throughput.py) needs, built once."""
+  state: nnx.State                 # (model, optimizer) state, replicated on the mesh.
+  train_step: Callable             # jitted (state, batch) -> (state, metrics), donates state.
+  eval_step: Callable              # jitted (model_state, batch) -> sums.
+  batch_sharding: NamedSharding    # Batch split over the mesh's "data" axis.
+  mesh: Mesh
+
+
+def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
+          total_steps: int) -> Setup:
+  """Model, optimizer, mesh and the jitted steps of config ``c`` (num_classes resolved)."""
+  mesh = Mesh(np.array(devices), ("data",))
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  model = config_lib.build_model(c)
+  schedule = learning_rate_schedule(c, steps_per_epoch, total_steps)
+  optimizer = nnx.Optimizer(model, make_optimizer(c, schedule), wrt=nnx.Param)
+  model.eval()
+  eval_graphdef, _ = nnx.split(model)
+  model.train()
+  graphdef, state = nnx.split((model, optimizer))
+  state = jax.device_put(state, replicated)
+  train_step = jax.jit(make_train_step(graphdef, c, schedule, steps_per_epoch, total_steps),
+                       in_shardings=(replicated, batch_sharding),
+                       out_shardings=(replicated, replicated), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(eval_graphdef), in_shardings=(replicated, batch_sharding),
+                      out_shardings=replicated)
+  return Setup(state, train_step, eval_step, batch_sharding, mesh)
+
+
 class _Interval:
   """Host-side averages of the train metrics between two log events."""
 
@@ -266,19 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if is_main:
     checkpointing.save_config(workdir, c)
 
-  mesh = Mesh(np.array(devices), ("data",))
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
-
-  # ---- model, optimizer, and the state the step carries.
-  model = config_lib.build_model(c)
-  schedule = learning_rate_schedule(c, steps_per_epoch, total_steps)
-  optimizer = nnx.Optimizer(model, make_optimizer(c, schedule), wrt=nnx.Param)
-  model.eval()
-  eval_graphdef, _ = nnx.split(model)
-  model.train()
-  graphdef, state = nnx.split((model, optimizer))
-  state = jax.device_put(state, replicated)
+  setup = build(c, devices, steps_per_epoch, total_steps)
+  state, batch_sharding = setup.state, setup.batch_sharding
 
   # ---- resume from the newest readable checkpoint.
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -295,11 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     start_step, train_seconds = int(meta["step"]), float(meta.get("train_seconds", 0.0))
     log.info("resumed from step %d of %s", start_step, ckpt_dir)
 
-  train_step = jax.jit(make_train_step(graphdef, c, schedule, steps_per_epoch, total_steps),
-                       in_shardings=(replicated, batch_sharding),
-                       out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(eval_graphdef), in_shardings=(replicated, batch_sharding),
-                      out_shardings=replicated)
+  train_step, eval_step = setup.train_step, setup.eval_step
 
   # ---- data: a pure function of (seed, step), so resuming is slicing.
   train_ds = data.train_dataset(c.dataset, c.batch_size, c.seed, total_steps,

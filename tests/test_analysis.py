@@ -117,6 +117,9 @@ def test_pure_diagnostics_under_jax_jit(resnet20):
   out = fn(graphdef, state, ops.EDE(1.0, 1.0))
   assert "flip_ratio_mean" not in out and "act_entropy_mean" not in out
   assert all(np.isfinite(float(v)) for v in out.values())
+  # 32w1a: no binary weights, so no (misleadingly zero) weight keys at all.
+  fp_weights = nnx.eval_shape(lambda: models.create("resnet20", weight_bits=32))
+  assert analysis.diagnostics(fp_weights) == {}
 
 
 def test_summary_resnet20_counts(resnet20):
@@ -142,6 +145,14 @@ def test_summary_1w32a_has_no_binary_macs():
   model = nnx.eval_shape(lambda: models.create("resnet20", num_classes=10, act_bits=32))
   s = summary_lib.summary(model)
   assert s.macs_binary == 0 and s.params_1bit == 267_264
+
+
+def test_summary_cli_resolves_config_defaults():
+  from irnet_jax import config as config_lib
+  c = config_lib.base_config()  # num_classes -1 ("from the dataset"), structure "".
+  name, kw, image_size = summary_lib._config_kwargs(c)
+  assert name == "resnet20" and image_size == 32
+  assert kw["num_classes"] == 10 and "structure" not in kw
 
 
 def _write_metrics(path, steps=(100, 200, 300, 400, 500)):
