@@ -18,6 +18,7 @@ def get_config():
   c.eval_batch_size = 360
   c.log_every_steps = 20
   c.checkpoint_every_steps = 200
+  c.analysis_every_steps = 44  # Information-retention diagnostics every 2 epochs.
   c.optimizer.learning_rate = 0.1
   c.optimizer.weight_decay = 1e-4
   c.ede.t_min = 0.1   # The paper's schedule.

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import types
 from typing import Sequence
 
 import jax
@@ -313,6 +315,16 @@ def _define_flags() -> None:
   flags.DEFINE_string("weight_quantizer", None, "libra_pb, sign or none.")
   flags.DEFINE_string("structure", None, "bireal or plain.")
 
+
+class _CallableModule(types.ModuleType):
+  """Lets ``irnet_jax.summary(model)`` call :func:`summary` while ``python -m
+  irnet_jax.summary`` still runs this module."""
+
+  def __call__(self, model: nnx.Module, input_shape=(1, 32, 32, 3)) -> Summary:
+    return summary(model, input_shape)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
   from absl import app

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from irnet_jax import checkpointing, data, ops
+from irnet_jax import analysis, checkpointing, data, ops
 from irnet_jax import config as config_lib
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,21 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, dict], dict]:
   return eval_step
 
 
+def make_diagnose(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
+                  steps_per_epoch: int, total_steps: int) -> Callable:
+  """``(model_state, step, prev_signs, x) -> (metrics, signs)`` for jit: the compact
+  information-retention diagnostics of :mod:`irnet_jax.analysis` at the step's EDE,
+  next to the train step (one fused computation, no host loop over layers)."""
+
+  def diagnose(model_state, step, prev_signs, x):
+    model = nnx.merge(graphdef, model_state)  # Eval mode: BN statistics untouched.
+    ede = ede_at(c, step, steps_per_epoch, total_steps)
+    metrics = analysis.diagnostics(model, ede, prev_signs, x)
+    return metrics, analysis.weight_signs(model)
+
+  return diagnose
+
+
 # ------------------------------------------------------------------ host helpers
 
 
@@ -198,6 +213,7 @@ class Setup(NamedTuple):
   eval_step: Callable              # jitted (model_state, batch) -> sums.
   batch_sharding: NamedSharding    # Batch split over the mesh's "data" axis.
   mesh: Mesh
+  diagnose: Callable               # jitted (model_state, step, prev_signs, x) -> (metrics, signs).
 
 
 def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
@@ -219,7 +235,8 @@ def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
                        out_shardings=(replicated, replicated), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(eval_graphdef), in_shardings=(replicated, batch_sharding),
                       out_shardings=replicated)
-  return Setup(state, train_step, eval_step, batch_sharding, mesh)
+  diagnose = jax.jit(make_diagnose(eval_graphdef, c, steps_per_epoch, total_steps))
+  return Setup(state, train_step, eval_step, batch_sharding, mesh, diagnose)
 
 
 class _Interval:
@@ -325,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = MetricsWriter(workdir, is_main)
   bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
              disable=not (is_main and c.progress_bar), desc=c.model.name)
-  interval, pending, last_good = _Interval(), None, start_step
+  interval, pending, last_good, prev_signs = _Interval(), None, start_step, None
   loop_start = time.perf_counter()
 
   def meta(step):
@@ -367,6 +384,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer.write(dict(step=done, split="test", loss=result["loss"],
                           accuracy=result["accuracy"]))
         interval.reset()  # Keep eval time out of the training throughput.
+      if c.analysis_every_steps > 0 and done % c.analysis_every_steps == 0:
+        diag, prev_signs = setup.diagnose(state[0], jnp.asarray(done), prev_signs,
+                                          batch["image"])
+        writer.write(dict(step=done, split="analysis", **analysis.to_floats(diag)))
       if step_hook is not None:
         step_hook(done)
     drain()

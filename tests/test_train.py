@@ -124,12 +124,16 @@ def test_one_and_four_devices_same_loss(npz, tmp_path):
 
 def test_loss_decreases_on_learnable_set(npz, tmp_path):
   c = tiny_config(npz, num_train_steps=40, checkpoint_every_steps=40, eval_every_steps=40,
-                  log_every_steps=10, **{"optimizer.schedule": "constant",
+                  log_every_steps=10, analysis_every_steps=20, **{"optimizer.schedule": "constant",
                                          "optimizer.learning_rate": 0.05})
   final = train.train_and_evaluate(c, str(tmp_path))
   losses = [r["loss"] for r in read_metrics(tmp_path, "train")]
   assert losses[-1] < 0.6 * losses[0], losses
   assert final["test_accuracy"] > 0.5  # 4 classes: chance is 0.25
+  diag = read_metrics(tmp_path, "analysis")
+  assert [r["step"] for r in diag] == [20, 40]
+  assert 0.9 < diag[-1]["weight_entropy_mean"] <= 1.0  # Libra-PB keeps signs balanced
+  assert "flip_ratio_mean" in diag[-1] and "act_entropy/layer1.0.conv1" in diag[-1]
 
 
 class _Kill(Exception):
