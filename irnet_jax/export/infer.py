@@ -109,59 +109,54 @@ def pack_activations(x: jax.Array, k: int, stride: int,
           pack_bits(_im2col(nonzero, k, stride, padding)))
 
 
-def _unpacked_kernel(ins: dict[str, Any], arrays: dict[str, jax.Array]) -> jax.Array:
+def _unpacked_kernel(ins: dict[str, Any], p: dict[str, jax.Array]) -> jax.Array:
   """The float ``+-2^e`` (or 0) HWIO kernel of a binary-weight layer (traced)."""
-  name, k = ins["name"], ins["kernel_size"]
-  cin, cout = ins["in_features"], ins["out_features"]
+  k, cin, cout = ins["kernel_size"], ins["in_features"], ins["out_features"]
   shifts = jnp.arange(32, dtype=jnp.uint32)
 
   def bits(words):  # (O, W) -> (O, K) in {0, 1}
     b = (words[..., None] >> shifts) & jnp.uint32(1)
     return b.reshape(cout, -1)[:, :k * k * cin].astype(jnp.float32)
 
-  val = 1.0 - 2.0 * bits(arrays[f"{name}/sign"])
+  val = 1.0 - 2.0 * bits(p["sign"])
   if ins["has_zeros"]:
-    val = val * bits(arrays[f"{name}/nonzero"])
-  val = val * scale_from_exponent(arrays[f"{name}/exp"])[:, None]
+    val = val * bits(p["nonzero"])
+  val = val * scale_from_exponent(p["exp"])[:, None]
   return val.T.reshape(k, k, cin, cout)
 
 
-def _conv(ins, arrays, x):
-  k, s, p = ins["kernel_size"], ins["strides"], ins["padding"]
-  name = ins["name"]
+def _conv(ins, p, x):
+  k, s, pad = ins["kernel_size"], ins["strides"], ins["padding"]
   if ins["binary_weights"] and ins["binary_acts"]:
-    a_sign, a_mask = pack_activations(x, k, s, p)
+    a_sign, a_mask = pack_activations(x, k, s, pad)
     n, ho, wo, nw = a_sign.shape
-    w_mask = arrays[f"{name}/nonzero"] if ins["has_zeros"] else None
-    dot = popcount_dot(a_sign.reshape(-1, nw), a_mask.reshape(-1, nw),
-                       arrays[f"{name}/sign"], w_mask)
-    y = dot.astype(jnp.float32) * scale_from_exponent(arrays[f"{name}/exp"])
+    dot = popcount_dot(a_sign.reshape(-1, nw), a_mask.reshape(-1, nw), p["sign"],
+                       p["nonzero"] if ins["has_zeros"] else None)
+    y = dot.astype(jnp.float32) * scale_from_exponent(p["exp"])
     return y.reshape(n, ho, wo, -1)
   # Float convolution (float layers, 1w32a weight-only layers, 32w1a layers): the
   # exact lax call of BinaryConv.__call__, on the same kernel values.
-  kernel = (_unpacked_kernel(ins, arrays) if ins["binary_weights"]
-            else arrays[f"{name}/kernel"])
+  kernel = _unpacked_kernel(ins, p) if ins["binary_weights"] else p["kernel"]
   if ins["binary_acts"]:
     x = jnp.sign(x)
   return jax.lax.conv_general_dilated(
       x.astype(jnp.float32), kernel.astype(jnp.float32), window_strides=(s, s),
-      padding=((p, p), (p, p)), dimension_numbers=_DIMS)
+      padding=((pad, pad), (pad, pad)), dimension_numbers=_DIMS)
 
 
-def _bn(ins, arrays, x):
-  name = ins["name"]
-  y = (x.astype(jnp.float32) - arrays[f"{name}/mean"]) * arrays[f"{name}/mul"]
-  return y + arrays[f"{name}/bias"]
+def _bn(ins, p, x):
+  del ins
+  return (x.astype(jnp.float32) - p["mean"]) * p["mul"] + p["bias"]
 
 
-def _linear(ins, arrays, x):
-  name = ins["name"]
-  y = jax.lax.dot_general(x, arrays[f"{name}/kernel"], (((x.ndim - 1,), (0,)), ((), ())))
-  return y + arrays[f"{name}/bias"]
+def _linear(ins, p, x):
+  del ins
+  y = jax.lax.dot_general(x, p["kernel"], (((x.ndim - 1,), (0,)), ((), ())))
+  return y + p["bias"]
 
 
-def _flatten_chw(ins, arrays, x):
-  del ins, arrays
+def _flatten_chw(ins, p, x):
+  del ins, p
   # torch's (C, H, W) flatten order, as in VGGSmall.
   return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
@@ -169,43 +164,89 @@ def _flatten_chw(ins, arrays, x):
 _OPS = {
     "conv": _conv,
     "bn": _bn,
-    "act": lambda ins, arrays, x: ops.ACTIVATIONS[ins["fn"]](x),
-    "add": lambda ins, arrays, a, b: a + b,
-    "max_pool": lambda ins, arrays, x: layers.max_pool(x, ins["window"], ins["stride"],
-                                                       ins["padding"]),
-    "avg_pool": lambda ins, arrays, x: layers.global_avg_pool(x),
-    "shortcut_a": lambda ins, arrays, x: option_a_shortcut(x, ins["planes"]),
+    "act": lambda ins, p, x: ops.ACTIVATIONS[ins["fn"]](x),
+    "add": lambda ins, p, a, b: a + b,
+    "max_pool": lambda ins, p, x: layers.max_pool(x, ins["window"], ins["stride"],
+                                                  ins["padding"]),
+    "avg_pool": lambda ins, p, x: layers.global_avg_pool(x),
+    "shortcut_a": lambda ins, p, x: option_a_shortcut(x, ins["planes"]),
     "flatten_chw": _flatten_chw,
     "linear": _linear,
 }
+_NOT_ATTRS = ("op", "name", "inputs", "out")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply_jit(op: str, attrs: tuple, p: dict[str, jax.Array], *xs: jax.Array):
+  # One compilation per (op, attributes, shapes), shared by all layers and models.
+  return _OPS[op](dict(attrs), p, *xs)
+
+
+def layer_params(program: list[dict[str, Any]],
+                 arrays: dict[str, Any]) -> list[dict[str, Any]]:
+  """Per instruction, its arrays keyed by field (``"sign"``, ``"mean"``, ...)."""
+  out = []
+  for ins in program:
+    prefix = f"{ins.get('name')}/"
+    out.append({k[len(prefix):]: v for k, v in arrays.items()
+                if "name" in ins and k.startswith(prefix)})
+  return out
 
 
 def run_program(program: list[dict[str, Any]], output: str,
-                arrays: dict[str, jax.Array], images: jax.Array) -> jax.Array:
-  """Interprets ``program`` (traceable; :func:`infer` jits it)."""
+                params: list[dict[str, jax.Array]], images: jax.Array, *,
+                jit_layers: bool = False) -> jax.Array:
+  """Interprets ``program`` on NHWC ``images``; ``params`` from :func:`layer_params`.
+
+  Traceable (``jit_layers=False``: :func:`infer` jits the whole program), or
+  dispatching every instruction to a per-layer jitted function (``jit_layers=True``).
+  """
   regs = {INPUT: images.astype(jnp.float32)}
-  for ins in program:
-    fn = _OPS.get(ins["op"])
-    if fn is None:
+  for ins, p in zip(program, params):
+    if ins["op"] not in _OPS:
       raise ValueError(f"unknown op {ins['op']!r} in program")
-    regs[ins["out"]] = fn(ins, arrays, *(regs[r] for r in ins["inputs"]))
+    xs = [regs[r] for r in ins["inputs"]]
+    if jit_layers:
+      attrs = tuple(sorted((k, v) for k, v in ins.items() if k not in _NOT_ATTRS))
+      regs[ins["out"]] = _apply_jit(ins["op"], attrs, p, *xs)
+    else:
+      regs[ins["out"]] = _OPS[ins["op"]](ins, p, *xs)
   return regs[output]
 
 
-def infer(packed: PackedModel, images: jax.Array | np.ndarray) -> jax.Array:
+MODES = ("program", "layers")
+
+
+def infer(packed: PackedModel, images: jax.Array | np.ndarray, *,
+          mode: str = "program") -> jax.Array:
   """Logits ``(N, classes)`` float32 of NHWC ``images`` (normalized floats).
 
   Equals ``model.eval()(images)`` of the packed model up to float rounding of the
-  float layers after the last binarization. The first call compiles (per input
-  shape); the jitted function and device copies of the arrays are cached on
-  ``packed``.
+  float layers after the last binarization.
+
+  Args:
+    packed: from :func:`~irnet_jax.export.pack` or :func:`~irnet_jax.export.load`.
+    images: ``(N, H, W, C)``.
+    mode: "program" jits the whole network as one XLA computation (fastest to
+      run; XLA CPU takes tens of seconds to compile a ResNet) and caches it on
+      ``packed`` (one compilation per input shape). "layers" jits each
+      instruction separately, one compilation per distinct (op, attributes,
+      shapes), shared across layers and models (compiles in seconds; runs slower,
+      with one dispatch per instruction and no cross-layer fusion).
   """
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
   images = jnp.asarray(images, jnp.float32)
   cin = packed.meta.get("in_channels")
   if images.ndim != 4 or (cin is not None and images.shape[-1] != cin):
     raise ValueError(f"images must be NHWC with {cin} channels, got shape {images.shape}")
   cache = packed._cache  # pylint: disable=protected-access
+  if "params" not in cache:
+    cache["params"] = layer_params(
+        packed.program, {k: jnp.asarray(v) for k, v in packed.arrays.items()})
+  if mode == "layers":
+    return run_program(packed.program, packed.output, cache["params"], images,
+                       jit_layers=True)
   if "fn" not in cache:
     cache["fn"] = jax.jit(functools.partial(run_program, packed.program, packed.output))
-    cache["arrays"] = {k: jnp.asarray(v) for k, v in packed.arrays.items()}
-  return cache["fn"](cache["arrays"], images)
+  return cache["fn"](cache["params"], images)

@@ -1,0 +1,79 @@
+"""Runs notebooks/irnet_quickstart.ipynb headless (QUICK mode) and checks its outputs.
+
+The kernel is an ipykernel of *this* interpreter: the test writes its own "python3"
+kernelspec (``sys.executable -m ipykernel_launcher``) into a temporary directory that
+goes first on ``JUPYTER_PATH``, so a kernelspec of another Python (user-level or
+system-wide) is never picked, in this venv or a fresh CI one.
+"""
+import os
+import pathlib
+import re
+import sys
+import time
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+kernelspec = pytest.importorskip("ipykernel.kernelspec")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "irnet_quickstart.ipynb"
+CELL_TIMEOUT_S = 300
+
+
+def _kernel_env() -> dict:
+  env = dict(os.environ)
+  env["IRNET_NOTEBOOK_QUICK"] = "1"
+  env["JAX_PLATFORMS"] = "cpu"
+  # What tests/conftest.py adds for the test process (4 simulated devices) is not for
+  # the kernel: it runs the notebook as a user would, on one CPU device.
+  flags = env.get("XLA_FLAGS", "")
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags).strip()
+  if flags:
+    env["XLA_FLAGS"] = flags
+  else:
+    env.pop("XLA_FLAGS", None)
+  env.pop("MPLBACKEND", None)  # Keep the kernel's inline backend (image/png outputs).
+  return env
+
+
+def _text(output) -> str:
+  if output.get("output_type") == "stream":
+    return output.get("text", "")
+  return output.get("data", {}).get("text/plain", "")
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+  kernels = tmp_path / "jupyter" / "kernels"
+  kernelspec.write_kernel_spec(path=kernels / "python3")  # argv[0] = sys.executable
+  monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  assert nb.metadata.kernelspec.name == "python3"
+  assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
+      "commit the notebook with its outputs cleared")
+
+  client = nbclient.NotebookClient(
+      nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
+      resources={"metadata": {"path": str(REPO / "notebooks")}})
+  start = time.perf_counter()
+  client.execute(env=_kernel_env())
+  seconds = time.perf_counter() - start
+  print(f"notebook executed in {seconds:.1f} s")
+
+  code_cells = [c for c in nb.cells if c.cell_type == "code"]
+  outputs = [o for c in code_cells for o in c.outputs]
+  errors = [o for o in outputs if o.output_type == "error"]
+  assert not errors, errors
+  texts = [_text(o) for o in outputs]
+  everything = "\n".join(texts)
+  assert "Total params" in everything
+  assert "QUICK = True" in everything
+  match = re.search(r"test accuracy: (\d\.\d+) on 360 test images after 8 steps", everything)
+  assert match, everything[-2000:]
+  assert 0.0 <= float(match.group(1)) <= 1.0
+  # The EDE and Libra-PB figures (matplotlib inline) and the analyze() PNGs.
+  pngs = [o for o in outputs if "image/png" in o.get("data", {})]
+  assert len(pngs) >= 4, f"only {len(pngs)} image/png outputs"
+  assert "curves.png" in everything and "weight_entropy.png" in everything
