@@ -79,12 +79,10 @@ class BinaryConv(nnx.Module):
     if self.binary_acts:
       x = ops.binarize(x, self.estimator, ede)
     dtype = self.dtype or jnp.result_type(x, kernel)
-    p = self.padding
-    return jax.lax.conv_general_dilated(
-        x.astype(dtype), kernel.astype(dtype),
-        window_strides=(self.strides, self.strides),
-        padding=((p, p), (p, p)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if self.binary_acts:  # Same values and gradients; packed-bit residual (see ops).
+      return ops.sign_input_conv(x, kernel, self.strides, self.padding)
+    return ops.conv2d(x, kernel, self.strides, self.padding)
 
 
 class BatchNorm(nnx.Module):

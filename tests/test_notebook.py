@@ -22,8 +22,9 @@ NOTEBOOK = REPO / "notebooks" / "irnet_quickstart.ipynb"
 CELL_TIMEOUT_S = 300
 
 
-def _kernel_env() -> dict:
+def _kernel_env(tmp_path: pathlib.Path) -> dict:
   env = dict(os.environ)
+  env["TMPDIR"] = str(tmp_path)  # The notebook's training workdir (tempfile.mkdtemp).
   env["IRNET_NOTEBOOK_QUICK"] = "1"
   env["JAX_PLATFORMS"] = "cpu"
   # What tests/conftest.py adds for the test process (4 simulated devices) is not for
@@ -35,6 +36,10 @@ def _kernel_env() -> dict:
   else:
     env.pop("XLA_FLAGS", None)
   env.pop("MPLBACKEND", None)  # Keep the kernel's inline backend (image/png outputs).
+  # The persistent compilation cache of the other tests (tests/conftest.py).
+  env.setdefault("JAX_COMPILATION_CACHE_DIR",
+                 os.environ.get("IRNET_TEST_JAX_CACHE", "/tmp/irnet_jax_test_cache"))
+  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
   return env
 
 
@@ -58,7 +63,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
       nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
       resources={"metadata": {"path": str(REPO / "notebooks")}})
   start = time.perf_counter()
-  client.execute(env=_kernel_env())
+  client.execute(env=_kernel_env(tmp_path))
   seconds = time.perf_counter() - start
   print(f"notebook executed in {seconds:.1f} s")
 

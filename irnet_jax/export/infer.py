@@ -28,13 +28,22 @@ result is an exact integer; times the layer's ``2^exp`` it is bitwise the float
 model's convolution output (sums of +-2^e below 2^24 * 2^e are exact in float32).
 
 Float parts (stem, shortcuts, BN, classifier) use the same jnp/lax expressions as
-the model, so every value that reaches a ``sign`` is bitwise the float model's,
-and the logits agree up to float rounding of the last layers.
+the model, rounded the same way (BN is kept from being contracted into FMAs, see
+``_bn``), so every value that reaches a ``sign`` is bitwise what the model's eager
+``model.eval()(x)`` computes, and the logits agree up to float rounding of the
+layers after the last binarization. (A *jitted* float forward contracts its BN
+into FMAs: a value within an ulp of 0 can then binarize differently, so agreement
+with it is exact only up to such rare flips.)
+
+Execution: ``infer(mode="program")`` jits the whole program; each binary GEMM
+sits behind a fusion barrier (see ``_conv``). ``mode="layers"`` jits every
+instruction on its own (compiled once per distinct layer shape).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any
+import json
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +56,28 @@ from irnet_jax.models.blocks import option_a_shortcut
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
+def _popcount_gemm(a_sign: Sequence[jax.Array], a_mask: Sequence[jax.Array],
+                   w_sign: jax.Array, w_mask: jax.Array | None) -> jax.Array:
+  """``sum_i valid_i - 2 popcount((a_sign[i] XOR w_sign[:, i]) AND mask_i)``.
+
+  ``a_sign[i]``, ``a_mask[i]``: word ``i`` of the activations, uint32 ``(..., 1)``;
+  ``w_sign``, ``w_mask``: ``(O, W)``. Returns int32 ``(..., O)``. The loop over words is
+  unrolled so that XLA fuses the whole GEMM, including the slicing that produces
+  ``a_*[i]``, into one elementwise kernel over ``(..., O)`` (vectorized along O),
+  with no ``(..., O, W)`` intermediate and no materialized im2col.
+  """
+  pc = jax.lax.population_count
+  mismatch = valid = 0
+  for i, (s, m) in enumerate(zip(a_sign, a_mask)):
+    if w_mask is not None:
+      m = m & w_mask[:, i]
+      valid = valid + pc(m).astype(jnp.int32)
+    mismatch = mismatch + pc((s ^ w_sign[:, i]) & m).astype(jnp.int32)
+  if w_mask is None:  # valid taps do not depend on the output channel
+    valid = sum(pc(m).astype(jnp.int32) for m in a_mask)
+  return valid - 2 * mismatch
+
+
 def popcount_dot(a_sign: jax.Array, a_mask: jax.Array, w_sign: jax.Array,
                  w_mask: jax.Array | None = None) -> jax.Array:
   """Dot products of packed {-1, 0, +1} vectors: ``(P, W), (O, W) -> (P, O)`` int32.
@@ -56,57 +87,68 @@ def popcount_dot(a_sign: jax.Array, a_mask: jax.Array, w_sign: jax.Array,
       subset of ``a_mask`` (a zero has its sign bit clear).
     w_sign: weight sign bits, uint32 ``(O, W)``.
     w_mask: weight nonzero bits ``(O, W)``, or None when every weight is +-1.
-
-  The loop over words is unrolled so that XLA fuses the whole GEMM into a single
-  elementwise kernel over ``(P, O)`` (vectorized along ``O``) instead of
-  materializing a ``(P, O, W)`` intermediate.
   """
-  pc = jax.lax.population_count
-  p, nw = a_sign.shape
-  o = w_sign.shape[0]
-  mismatch = jnp.zeros((p, o), jnp.int32)
-  valid = jnp.zeros((p, o), jnp.int32)
-  for i in range(nw):
-    m = a_mask[:, i:i + 1]
-    if w_mask is not None:
-      m = m & w_mask[None, :, i]
-      valid = valid + pc(m).astype(jnp.int32)
-    diff = (a_sign[:, i:i + 1] ^ w_sign[None, :, i]) & m
-    mismatch = mismatch + pc(diff).astype(jnp.int32)
-  if w_mask is None:
-    valid = jnp.sum(pc(a_mask).astype(jnp.int32), axis=1, keepdims=True)
-  return valid - 2 * mismatch
+  nw = a_sign.shape[1]
+  return _popcount_gemm([a_sign[:, i:i + 1] for i in range(nw)],
+                        [a_mask[:, i:i + 1] for i in range(nw)], w_sign, w_mask)
 
 
-def _im2col(x: jax.Array, k: int, stride: int, padding: int) -> jax.Array:
-  """``(N, H, W, C) -> (N, Ho, Wo, k*k*C)``, zero padded; taps ``(i, j)`` row-major,
-  then channels: the HWIO flattening order of the kernel."""
+def _out_size(n: int, k: int, stride: int, padding: int) -> int:
+  return (n + 2 * padding - k) // stride + 1
+
+
+def _taps(x: jax.Array, k: int, stride: int, padding: int) -> list[jax.Array]:
+  """The ``k*k`` shifted, strided views of zero-padded ``x (N, H, W, C)`` that an
+  im2col would concatenate, taps ``(i, j)`` in row-major order; each
+  ``(N, Ho, Wo, C)``. Slices fuse into their consumer: nothing is materialized."""
   n, h, w, c = x.shape
+  ho, wo = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
   x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  ho = (h + 2 * padding - k) // stride + 1
-  wo = (w + 2 * padding - k) // stride + 1
-  cols = [jax.lax.slice(x, (0, i, j, 0),
+  return [jax.lax.slice(x, (0, i, j, 0),
                         (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
                         (1, stride, stride, 1))
           for i in range(k) for j in range(k)]
-  return jnp.concatenate(cols, axis=-1) if len(cols) > 1 else cols[0]
 
 
-def pack_activations(x: jax.Array, k: int, stride: int,
-                     padding: int) -> tuple[jax.Array, jax.Array]:
-  """Sign and nonzero bit-planes of the im2col patches of ``sign(x)``.
+def activation_words(x: jax.Array, k: int, stride: int,
+                     padding: int) -> tuple[list[jax.Array], list[jax.Array]]:
+  """Sign and nonzero bit-planes of the im2col patches of ``sign(x)``, per word.
 
-  ``x (N, H, W, C)`` float -> two uint32 ``(N, Ho, Wo, ceil(k*k*C / 32))``.
-  With ``C % 32 == 0`` the channels are packed per pixel first and im2col moves
-  whole words (k*k times less packing work); the bit layout is the same because
-  every tap then starts on a word boundary.
+  ``x (N, H, W, C)`` float -> two lists of ``ceil(k*k*C / 32)`` uint32 arrays
+  ``(N, Ho, Wo, 1)``: word ``q`` of every patch, in the layout of :mod:`.pack`.
+  Padded taps have mask 0. The channels are packed once per pixel (not k*k times
+  per patch) and words are assembled from shifted views:
+
+  * ``C % 32 == 0``: every tap starts on a word boundary; word ``q`` is word
+    ``q % (C/32)`` of tap ``q // (C/32)``;
+  * ``32 % C == 0`` (e.g. ResNet-20's 16 channels): ``32 / C`` taps share a word,
+    tap ``t`` at bit offset ``(t % (32/C)) * C``;
+  * otherwise: a materialized im2col, packed afterwards (no model here needs it).
   """
-  neg, nonzero = x < 0, x != 0
-  if x.shape[-1] % 32 == 0:
-    return (_im2col(pack_bits(neg), k, stride, padding),
-            _im2col(pack_bits(nonzero), k, stride, padding))
-  return (pack_bits(_im2col(neg, k, stride, padding)),
-          pack_bits(_im2col(nonzero, k, stride, padding)))
+  c = x.shape[-1]
+  planes = (x < 0, x != 0)
+  if c % 32 != 0 and 32 % c != 0:
+    out = []
+    for plane in planes:
+      words = pack_bits(jnp.concatenate(_taps(plane, k, stride, padding), axis=-1))
+      out.append([words[..., q:q + 1] for q in range(words.shape[-1])])
+    return out[0], out[1]
+  out = []
+  for plane in planes:
+    taps = _taps(pack_bits(plane), k, stride, padding)  # (N, Ho, Wo, ceil(C/32)) each
+    if c % 32 == 0:
+      out.append([t[..., q:q + 1] for t in taps for q in range(c // 32)])
+    else:
+      g = 32 // c
+      words = []
+      for q in range(-(-len(taps) // g)):
+        group = taps[q * g:(q + 1) * g]
+        word = group[0]
+        for t, tap in enumerate(group[1:], 1):
+          word = word | (tap << jnp.uint32(t * c))
+        words.append(word)
+      out.append(words)
+  return out[0], out[1]
 
 
 def _unpacked_kernel(ins: dict[str, Any], p: dict[str, jax.Array]) -> jax.Array:
@@ -128,12 +170,22 @@ def _unpacked_kernel(ins: dict[str, Any], p: dict[str, jax.Array]) -> jax.Array:
 def _conv(ins, p, x):
   k, s, pad = ins["kernel_size"], ins["strides"], ins["padding"]
   if ins["binary_weights"] and ins["binary_acts"]:
-    a_sign, a_mask = pack_activations(x, k, s, pad)
-    n, ho, wo, nw = a_sign.shape
-    dot = popcount_dot(a_sign.reshape(-1, nw), a_mask.reshape(-1, nw), p["sign"],
-                       p["nonzero"] if ins["has_zeros"] else None)
-    y = dot.astype(jnp.float32) * scale_from_exponent(p["exp"])
-    return y.reshape(n, ho, wo, -1)
+    def gemm(x, p):  # -> (N, Ho, Wo, O) int32
+      a_sign, a_mask = activation_words(x, k, s, pad)
+      return _popcount_gemm(a_sign, a_mask, p["sign"],
+                            p["nonzero"] if ins["has_zeros"] else None)
+
+    if ins.get("fusion_barrier", True):
+      # Left alone, XLA CPU fuses this elementwise-looking GEMM into its
+      # consumers -- including the next layer's bit-packing reduction, which then
+      # recomputes it per channel without vectorization (~10x slower end to end,
+      # and much longer compiles); optimization_barrier does not stop it. A
+      # conditional's operands and results are always materialized. Both branches
+      # are the same GEMM, so the (runtime) predicate is irrelevant.
+      dot = jax.lax.cond(p["exp"][0] > 0, gemm, gemm, x, p)
+    else:  # already alone in its own jitted computation ("layers" mode)
+      dot = gemm(x, p)
+    return dot.astype(jnp.float32) * scale_from_exponent(p["exp"])
   # Float convolution (float layers, 1w32a weight-only layers, 32w1a layers): the
   # exact lax call of BinaryConv.__call__, on the same kernel values.
   kernel = _unpacked_kernel(ins, p) if ins["binary_weights"] else p["kernel"]
@@ -145,8 +197,17 @@ def _conv(ins, p, x):
 
 
 def _bn(ins, p, x):
+  """BatchNorm.__call__ in eval mode, rounded like the model's eager forward."""
   del ins
-  return (x.astype(jnp.float32) - p["mean"]) * p["mul"] + p["bias"]
+  x = x.astype(jnp.float32)
+  y = (x - p["mean"]) * p["mul"]
+  # XLA CPU contracts a multiply feeding an add inside a fusion into one FMA (one
+  # rounding instead of two), which moves the result by an ulp from the model's
+  # unfused BN; near 0 that flips the next sign(). A select between the two ops
+  # blocks the contraction (an optimization_barrier does not). x == x is false only
+  # for NaN x, where y is NaN as well.
+  y = jnp.where(x == x, y, x)
+  return y + p["bias"]
 
 
 def _linear(ins, p, x):
@@ -176,10 +237,19 @@ _OPS = {
 _NOT_ATTRS = ("op", "name", "inputs", "out")
 
 
+def apply_instruction(ins: dict[str, Any], params: dict[str, jax.Array],
+                      *xs: jax.Array) -> jax.Array:
+  """Runs one instruction (traceable); ``params`` keyed by field, see :func:`layer_params`."""
+  if ins["op"] not in _OPS:
+    raise ValueError(f"unknown op {ins['op']!r} in program")
+  return _OPS[ins["op"]](ins, params, *xs)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _apply_jit(op: str, attrs: tuple, p: dict[str, jax.Array], *xs: jax.Array):
   # One compilation per (op, attributes, shapes), shared by all layers and models.
-  return _OPS[op](dict(attrs), p, *xs)
+  # Each instruction is its own computation, so no fusion barrier is needed.
+  return _OPS[op](dict(attrs, fusion_barrier=False), p, *xs)
 
 
 def layer_params(program: list[dict[str, Any]],
@@ -203,14 +273,12 @@ def run_program(program: list[dict[str, Any]], output: str,
   """
   regs = {INPUT: images.astype(jnp.float32)}
   for ins, p in zip(program, params):
-    if ins["op"] not in _OPS:
-      raise ValueError(f"unknown op {ins['op']!r} in program")
     xs = [regs[r] for r in ins["inputs"]]
-    if jit_layers:
+    if jit_layers and ins["op"] in _OPS:
       attrs = tuple(sorted((k, v) for k, v in ins.items() if k not in _NOT_ATTRS))
       regs[ins["out"]] = _apply_jit(ins["op"], attrs, p, *xs)
     else:
-      regs[ins["out"]] = _OPS[ins["op"]](ins, p, *xs)
+      regs[ins["out"]] = apply_instruction(ins, p, *xs)
   return regs[output]
 
 
@@ -222,17 +290,18 @@ def infer(packed: PackedModel, images: jax.Array | np.ndarray, *,
   """Logits ``(N, classes)`` float32 of NHWC ``images`` (normalized floats).
 
   Equals ``model.eval()(images)`` of the packed model up to float rounding of the
-  float layers after the last binarization.
+  float layers after the last binarization (bitwise, in practice, on CPU).
 
   Args:
     packed: from :func:`~irnet_jax.export.pack` or :func:`~irnet_jax.export.load`.
-    images: ``(N, H, W, C)``.
-    mode: "program" jits the whole network as one XLA computation (fastest to
-      run; XLA CPU takes tens of seconds to compile a ResNet) and caches it on
-      ``packed`` (one compilation per input shape). "layers" jits each
-      instruction separately, one compilation per distinct (op, attributes,
-      shapes), shared across layers and models (compiles in seconds; runs slower,
-      with one dispatch per instruction and no cross-layer fusion).
+    images: ``(N, H, W, C)``, normalized like the training data.
+    mode: "program" (default) jits the whole network as one XLA computation
+      (fastest; one compilation per input shape, a few seconds for ResNet-20 and
+      ~10 s for ResNet-18/34 on CPU), shared by packed models with the same
+      program. "layers" jits each instruction on its own, one compilation per
+      distinct (op, attributes, shapes) shared across layers and models
+      (compiles the least when many models are checked; runs 1.5-3x slower: a
+      dispatch per instruction and no cross-layer fusion).
   """
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -248,5 +317,13 @@ def infer(packed: PackedModel, images: jax.Array | np.ndarray, *,
     return run_program(packed.program, packed.output, cache["params"], images,
                        jit_layers=True)
   if "fn" not in cache:
-    cache["fn"] = jax.jit(functools.partial(run_program, packed.program, packed.output))
+    cache["fn"] = _program_fn(json.dumps([packed.program, packed.output], sort_keys=True))
   return cache["fn"](cache["params"], images)
+
+
+@functools.lru_cache(maxsize=16)
+def _program_fn(program_json: str):
+  # Keyed by the program text, so that packed models with the same architecture
+  # (e.g. the same file loaded twice) share one jitted function and its compilations.
+  program, output = json.loads(program_json)
+  return jax.jit(functools.partial(run_program, program, output))

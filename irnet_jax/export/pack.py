@@ -40,6 +40,17 @@ BN output, and a one-ulp change right before the next layer's ``sign`` flips a
 +-1 activation whenever the value is within an ulp of 0, which breaks bit-exact
 agreement with the float model. Keeping the model's own order of operations makes
 every value feeding a ``sign`` bitwise identical to the float model's.
+
+Layer program
+-------------
+Instructions ``{"op", "inputs": [registers], "out": register, ...attributes}``
+executed in order, starting from register ``"input"`` (NHWC images):
+``conv`` (kernel_size, strides, padding, in/out_features, binary_weights,
+binary_acts, has_zeros), ``bn``, ``act`` (fn: "hardtanh" | "relu"), ``add``,
+``max_pool`` (window, stride, padding), ``avg_pool`` (global), ``shortcut_a``
+(planes; CIFAR option-A subsample + channel zero-pad), ``flatten_chw`` (torch
+order) and ``linear``. Layers with parameters carry ``name`` (their module path,
+e.g. ``layer2.0.conv1``), the prefix of their arrays.
 """
 from __future__ import annotations
 
@@ -227,6 +238,21 @@ class _Builder:
       for j, block in enumerate(getattr(model, f"layer{i + 1}")):
         x = self.block(x, block, f"layer{i + 1}.{j}")
     return x
+
+
+def pack_layer(module: nnx.Module, name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Packs one BinaryConv, BatchNorm or nnx.Linear on its own: its instruction (input
+  register :data:`INPUT`) and its arrays keyed by field (``"sign"``, ``"mean"``, ...)."""
+  b = _Builder()
+  if isinstance(module, layers.BinaryConv):
+    b.conv(INPUT, module, name)
+  elif isinstance(module, layers.BatchNorm):
+    b.bn(INPUT, module, name)
+  elif isinstance(module, nnx.Linear):
+    b.linear(INPUT, module, name)
+  else:
+    raise ValueError(f"pack_layer: unsupported module {type(module).__name__}")
+  return b.program[0], {k[len(name) + 1:]: v for k, v in b.arrays.items()}
 
 
 def _cifar_resnet(b: _Builder, m: CifarResNet) -> str:

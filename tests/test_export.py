@@ -1,0 +1,342 @@
+"""irnet_jax.export: bit packing, XOR-popcount inference, the file format."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from irnet_jax import export, layers, models
+from irnet_jax.export import format as fmt
+from irnet_jax.export.infer import apply_instruction
+from irnet_jax.export.pack import float32_param_bytes, pack_layer
+
+# Every registry model and two full-precision twins (other variants: single-conv tests).
+CASES = [
+    ("resnet20", {}), ("resnet20_1w32a", {}), ("resnet18_cifar", {}), ("vgg_small", {}),
+    ("resnet18", {}), ("resnet34", {}), ("resnet18_1w32a", {}), ("resnet34_1w32a", {}),
+    ("resnet20", {"weight_bits": 32, "act_bits": 32}),
+    ("resnet18", {"weight_bits": 32, "act_bits": 32}),
+]
+
+
+def _images(n=2, size=32, seed=1):
+  return jax.random.normal(jax.random.key(seed), (n, size, size, 3))
+
+
+def _zero_weights(model):
+  """Output channel 0 of the first binary conv gets exact zeros after standardization:
+  a {-1, 0, +1} pattern with as many -1 as +1 has mean exactly 0, so its zeros stay 0."""
+  conv = next((m for _, m in nnx.iter_graph(model)
+               if isinstance(m, layers.BinaryConv) and m.binary_weights), None)
+  if conv is None:
+    return
+  k = conv.kernel[...]
+  n = k[..., 0].size
+  pattern = np.zeros(n, np.float32)
+  pattern[: n // 3], pattern[n // 3: 2 * (n // 3)] = 1.0, -1.0
+  pattern = np.random.default_rng(0).permutation(pattern).reshape(k.shape[:-1])
+  conv.kernel[...] = k.at[..., 0].set(pattern)
+
+
+@nnx.jit
+def _train_forward(model, x):
+  return model(x)
+
+
+def _randomize_bn(model, x, seed=0):
+  """Non-trivial eval-mode BN: random gamma (either sign) and beta, running stats from
+  a train-mode pass (so activations stay O(1)), then perturbed. Channels 0 and 1 get
+  gamma = beta = 0: exact-zero activations, i.e. sign(0) = 0 inputs downstream."""
+  rng = np.random.default_rng(seed)
+  bns = [m for _, m in nnx.iter_graph(model) if isinstance(m, layers.BatchNorm)]
+  for bn in bns:
+    c = bn.scale.shape[0]
+    gamma = rng.uniform(0.5, 1.5, c) * rng.choice([-1.0, 1.0], c)
+    beta = rng.normal(0.0, 0.3, c)
+    gamma[:2] = beta[:2] = 0.0
+    bn.scale[...] = jnp.asarray(gamma, jnp.float32)
+    bn.bias[...] = jnp.asarray(beta, jnp.float32)
+    bn.momentum = 1.0  # the running stats become the batch stats
+  model.train()
+  _train_forward(model, x)
+  model.eval()
+  for bn in bns:
+    c = bn.scale.shape[0]
+    sd = np.sqrt(np.asarray(bn.var[...]))
+    bn.mean[...] = bn.mean[...] + jnp.asarray(0.2 * sd * rng.normal(size=c), jnp.float32)
+    bn.var[...] = bn.var[...] * jnp.asarray(rng.uniform(0.7, 1.4, c), jnp.float32)
+    bn.momentum = 0.1
+
+
+def _create(name, kw, seed=0, num_classes=10):
+  """``models.create(name, **kw)`` with numpy-drawn He-normal kernels: skips compiling
+  a jax.random initializer per parameter shape, which dominated this file's runtime."""
+  abstract = nnx.eval_shape(lambda: models.create(name, num_classes=num_classes, **kw))
+  graphdef, state = nnx.split(abstract)
+  rng = np.random.default_rng(seed)
+
+  def init(path, v):
+    # The variable's name: the last dict key (paths may end in ".value").
+    leaf = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+    if leaf == "kernel":
+      std = np.sqrt(2.0 / np.prod(v.shape[:-1]))
+      return jnp.asarray(rng.normal(0.0, std, v.shape), v.dtype)
+    return (jnp.ones if leaf in ("scale", "var") else jnp.zeros)(v.shape, v.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+
+
+def _model(name, kw, x):
+  model = _create(name, kw)
+  _zero_weights(model)
+  _randomize_bn(model, jnp.concatenate([x, _images(6, x.shape[1], seed=2)]))
+  return model
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+  x = _images()
+  return _model("resnet20", {}, x), x
+
+
+def _binary_convs(model):
+  return {".".join(map(str, path)): m for path, m in nnx.iter_graph(model)
+          if isinstance(m, layers.BinaryConv)}
+
+
+# --- bits and the dot product ------------------------------------------------------
+
+
+def _np_pack(bits):
+  """Reference packing: numpy's little-endian bit order, bytes viewed as little-endian
+  uint32 -- the documented layout (element k: word k // 32, bit k % 32)."""
+  bits = np.asarray(bits, bool)
+  k = bits.shape[-1]
+  pad = np.zeros(bits.shape[:-1] + (-k % 32,), bool)
+  b = np.packbits(np.concatenate([bits, pad], -1), axis=-1, bitorder="little")
+  return np.ascontiguousarray(b).view("<u4")
+
+
+def test_pack_bits_layout_and_round_trip():
+  rng = np.random.default_rng(0)
+  for k in (1, 31, 32, 33, 144, 577):
+    bits = rng.random((3, k)) < 0.5
+    words = np.asarray(export.pack_bits(bits))
+    assert words.shape == (3, -(-k // 32)) and words.dtype == np.uint32
+    np.testing.assert_array_equal(words, _np_pack(bits))
+    np.testing.assert_array_equal(export.unpack_bits(words, k), bits)
+
+
+_dot = jax.jit(export.popcount_dot)
+
+
+@pytest.mark.parametrize("n", [1, 7, 32, 45, 100, 300])
+def test_popcount_dot_equals_float_dot(n):
+  rng = np.random.default_rng(n)
+  a = rng.choice([-1.0, 0.0, 1.0], size=(5, n), p=[0.45, 0.1, 0.45])
+  w = rng.choice([-1.0, 1.0], size=(3, n))
+  # +-1 vectors: a.w = n - 2 popcount(a XOR w).
+  pm = np.where(a < 0, -1.0, 1.0)
+  ones = _np_pack(np.ones_like(pm, bool))
+  np.testing.assert_array_equal(_dot(_np_pack(pm < 0), ones, _np_pack(w < 0)), pm @ w.T)
+  # Zero activations (mask plane), then zero weights as well (weight mask).
+  np.testing.assert_array_equal(_dot(_np_pack(a < 0), _np_pack(a != 0), _np_pack(w < 0)),
+                                a @ w.T)
+  w[:, ::3] = 0.0
+  dot = _dot(_np_pack(a < 0), _np_pack(a != 0), _np_pack(w < 0), _np_pack(w != 0))
+  assert dot.dtype == jnp.int32
+  np.testing.assert_array_equal(dot, a @ w.T)
+
+
+def test_bn_is_bitwise_the_models_eager_bn():
+  # Guards the FMA-contraction workaround in infer._bn (see the comment there).
+  bn = layers.BatchNorm(16, use_running_average=True)
+  rng = np.random.default_rng(0)
+  for field, v in [("mean", rng.normal(size=16)), ("var", rng.uniform(0.1, 3, 16)),
+                   ("scale", rng.normal(size=16)), ("bias", rng.normal(size=16))]:
+    getattr(bn, field)[...] = jnp.asarray(v, jnp.float32)
+  x = jnp.asarray(rng.normal(size=(4, 6, 6, 16)), jnp.float32)
+  ins, p = pack_layer(bn, "bn")
+  fused = jax.jit(
+      lambda p, x: jnp.clip(apply_instruction(ins, p, x) + x, -1, 1))(p, x)
+  np.testing.assert_array_equal(fused, jnp.clip(bn(x) + x, -1, 1))
+
+
+# --- pack / unpack -----------------------------------------------------------------
+
+
+def test_pack_unpack_round_trip(resnet20):
+  model, _ = resnet20
+  packed = export.pack(model, name="resnet20", kwargs={})
+  kernels = export.unpack(packed)
+  convs = _binary_convs(model)
+  assert set(kernels) == set(convs)
+  for path, conv in convs.items():
+    np.testing.assert_array_equal(kernels[path], np.asarray(conv.quantized_kernel()),
+                                  err_msg=path)
+  binary = packed.binary_layers()
+  assert len(binary) == 18
+  first = next(i for i in packed.program if i["op"] == "conv" and i["binary_weights"])
+  assert first["has_zeros"] and f"{first['name']}/nonzero" in packed.arrays
+  # Bits of the standardized kernel, exponents of the Libra-PB scale.
+  conv = convs["layer2.0.conv2"]
+  w_std = np.asarray(conv.kernel[...]).reshape(-1, conv.out_features)
+  w_std = (w_std - w_std.mean(0)) / w_std.std(0, ddof=1)
+  np.testing.assert_array_equal(
+      export.unpack_bits(packed.arrays["layer2.0.conv2/sign"], w_std.shape[0]), w_std.T < 0)
+  e = np.round(np.log2(np.abs(w_std).mean(0)))
+  np.testing.assert_array_equal(packed.arrays["layer2.0.conv2/exp"], e.astype(np.int8))
+
+
+def test_pack_rejects_non_finite_kernel():
+  model = _create("resnet20", {})
+  conv = model.layer1[0].conv1
+  conv.kernel[...] = conv.kernel[...].at[..., 3].set(0.5)  # constant channel: std 0
+  with pytest.raises(ValueError, match="not finite"):
+    export.pack(model)
+
+
+# --- inference ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,kw", CASES)
+def test_infer_matches_eval_forward(name, kw):
+  x = _images()
+  model = _model(name, kw, x)
+  ref = model(x)  # eval mode, running statistics
+  packed = export.pack(model, name=name, kwargs=kw)
+  out = export.infer(packed, x, mode="layers")
+  assert out.shape == ref.shape == (2, 10)
+  assert float(jnp.abs(ref).max()) < 100  # logits O(1..10): 1e-4 is a tight bound
+  np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
+  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
+
+
+def test_infer_whole_program_jit_matches(resnet20):
+  # The default mode: the whole network as one XLA computation.
+  model, x = resnet20
+  ref = model(x)
+  packed = export.pack(model)
+  out = export.infer(packed, x)
+  np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
+  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
+  np.testing.assert_array_equal(out, export.infer(packed, x, mode="layers"))
+
+
+@pytest.mark.parametrize("stride,pad,kw", [
+    (1, 1, {}), (2, 1, {}), (2, 0, {}),  # XOR-popcount path
+    (1, 1, {"weight_quantizer": "sign"}),  # binary weights without Libra-PB scale
+    (2, 1, {"weight_bits": 32}),  # float weights, binary activations
+    (1, 1, {"act_bits": 32}),  # 1w32a: float conv with the +-2^e kernel
+])
+def test_single_conv_exact_with_zeros_and_padding(stride, pad, kw):
+  # Inputs with many exact zeros (sign(0) = 0) and zero weights, checked bit for bit
+  # against BinaryConv, including the zero-padded borders.
+  rng = np.random.default_rng(stride)
+  x = rng.normal(size=(2, 9, 9, 40)) * (rng.random((2, 9, 9, 40)) < 0.7)
+  conv = nnx.eval_shape(lambda: layers.BinaryConv(40, 24, 3, strides=stride, padding=pad,
+                                                  rngs=nnx.Rngs(0), **kw))
+  kernel = rng.normal(size=(3, 3, 40, 24))
+  kernel[..., 1:][rng.random((3, 3, 40, 23)) < 0.05] = 0.0  # zeros for "sign"
+  # Channel 0: 120 each of -1, 0, +1, mean exactly 0: Libra-PB zeros as well.
+  kernel[..., 0] = rng.permutation(np.repeat([-1.0, 0.0, 1.0], 120)).reshape(3, 3, 40)
+  conv.kernel = nnx.Param(jnp.asarray(kernel, jnp.float32))
+  x = jnp.asarray(x, jnp.float32)
+  ins, p = pack_layer(conv, "c")
+  assert ins["has_zeros"] == ins["binary_weights"]
+  np.testing.assert_array_equal(jax.jit(lambda p, x: apply_instruction(ins, p, x))(p, x),
+                                conv(x))
+
+
+def test_infer_rejects_bad_images(resnet20):
+  packed = export.pack(resnet20[0])
+  with pytest.raises(ValueError, match="NHWC"):
+    export.infer(packed, jnp.zeros((2, 32, 32)))
+  with pytest.raises(ValueError, match="mode"):
+    export.infer(packed, jnp.zeros((2, 32, 32, 3)), mode="eager")
+
+
+# --- file format -------------------------------------------------------------------
+
+
+def test_save_load_round_trip(resnet20, tmp_path):
+  model, x = resnet20
+  packed = export.pack(model, name="resnet20", kwargs={"num_classes": 10})
+  path = tmp_path / "m.irnet"
+  size = export.save(packed, path)
+  assert size == path.stat().st_size
+  loaded = export.load(path)
+  assert loaded.program == packed.program and loaded.meta == packed.meta
+  assert set(loaded.arrays) == set(packed.arrays)
+  for k, v in packed.arrays.items():
+    assert loaded.arrays[k].dtype == v.dtype
+    np.testing.assert_array_equal(loaded.arrays[k], v)
+  np.testing.assert_array_equal(export.infer(loaded, x, mode="layers"),
+                                export.infer(packed, x, mode="layers"))
+
+
+def test_load_rejects_bad_files(resnet20, tmp_path):
+  data = fmt.to_bytes(export.pack(resnet20[0]))
+  cases = {
+      "corrupt": (data[:5000] + bytes([data[5000] ^ 0x10]) + data[5001:], "checksum"),
+      "truncated": (data[:-100], "truncated"),
+      "header_only": (data[:20], "truncated"),
+      "newer": (data[:8] + (fmt.FORMAT_VERSION + 1).to_bytes(4, "little") + data[12:],
+                "newer"),
+      "magic": (b"PK\x03\x04" + data[4:], "magic"),
+      "trailing": (data + b"\0", "trailing"),
+  }
+  for name, (blob, match) in cases.items():
+    path = tmp_path / name
+    path.write_bytes(blob)
+    with pytest.raises(ValueError, match=match):
+      export.load(path)
+
+
+def test_load_rejects_inconsistent_payload(resnet20, tmp_path):
+  packed = export.pack(resnet20[0])
+  del packed.arrays["layer1.0.conv1/exp"]
+  path = tmp_path / "m.irnet"
+  export.save(packed, path)
+  with pytest.raises(ValueError, match="layer1.0.conv1/exp"):
+    export.load(path)
+
+
+def test_packed_size_binary_layers_32x_smaller():
+  model = _create("resnet18", {}, num_classes=1000)
+  packed = export.pack(model)
+  total_float = float32_param_bytes(model)
+  assert len(fmt.to_bytes(packed)) <= total_float / 10
+  for name in packed.binary_layers():
+    sign = packed.arrays[f"{name}/sign"]
+    ins = next(i for i in packed.program if i.get("name") == name)
+    k = ins["kernel_size"] ** 2 * ins["in_features"] * ins["out_features"]
+    assert sign.nbytes * 32 == 4 * k  # exactly 1 bit per weight (K is a multiple of 32)
+
+
+# --- CLI ---------------------------------------------------------------------------
+
+
+def test_cli_exports_latest_checkpoint(tmp_path, capsys):
+  import json  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from irnet_jax import checkpointing, config as config_lib
+  from irnet_jax.export.__main__ import main  # pylint: disable=import-outside-toplevel
+  c = config_lib.base_config()
+  c.model.num_classes = 10
+  checkpointing.save_config(str(tmp_path), c)
+  model = _create("resnet20", {})
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
+  for step in (1, 2):  # the newest one is exported
+    ckpt.save(step, nnx.state(model), {"count": jnp.zeros((), jnp.int32)}, {"step": step})
+    ckpt.wait()
+  ckpt.close()
+  out = tmp_path / "model.irnet"
+  assert main([f"--workdir={tmp_path}", f"--out={out}"]) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert report["checkpoint_dir"].endswith("2") and report["check_same_argmax"]
+  assert report["check_max_abs_diff"] <= 1e-4
+  assert report["packed_file_bytes"] == out.stat().st_size
+  assert report["float32_params_bytes"] / report["packed_file_bytes"] > 10
+  packed = export.load(out)
+  assert packed.meta["name"] == "resnet20" and packed.meta["config"]["model"]["num_classes"] == 10
