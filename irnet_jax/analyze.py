@@ -104,7 +104,11 @@ def _last(records: Records, split: str, key: str) -> float | None:
 
 def _plt():
   import matplotlib
-  matplotlib.use("Agg")  # Headless: no display on training machines.
+  import sys
+  # Headless (Agg) unless pyplot was already set up, e.g. inline in a notebook,
+  # whose backend we must not switch.
+  if "matplotlib.pyplot" not in sys.modules:
+    matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt
 
