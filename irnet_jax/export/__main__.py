@@ -5,8 +5,9 @@
 Restores ``DIR/checkpoints/<step>/`` with :func:`irnet_jax.checkpointing.load_model`,
 packs it, writes FILE and prints the sizes: float32 parameters, the checkpoint on
 disk (model state only where Orbax stores it separately) and the packed file. With
-the check (default) it also runs the packed model on two random 32x32 images and
-reports the largest logit difference to the float model's eval forward.
+the check (default) it also runs the packed model on two random images at the
+training resolution and reports the largest logit difference to the float model's
+eval forward.
 """
 from __future__ import annotations
 
@@ -94,12 +95,13 @@ def main(argv: list[str] | None = None) -> int:
   print(f"  of which bit-packed binary layers: {_mib(bits_bytes)}")
 
   if args.check:
-    x = jax.random.normal(jax.random.key(0), (2, 32, 32, packed.meta["in_channels"]))
+    size = int(config.dataset.image_size)  # The resolution the model was trained at.
+    x = jax.random.normal(jax.random.key(0), (2, size, size, packed.meta["in_channels"]))
     ref, out = model(x), infer(packed, x)
     diff = float(jnp.max(jnp.abs(ref - out)))
     same = bool(np.all(np.asarray(ref.argmax(-1)) == np.asarray(out.argmax(-1))))
     report.update(check_max_abs_diff=diff, check_same_argmax=same)
-    print(f"  check (2 random 32x32 images): max |logit diff| {diff:.3g}, "
+    print(f"  check (2 random {size}x{size} images): max |logit diff| {diff:.3g}, "
           f"same argmax: {same}")
   print(json.dumps(report))
   return 0
