@@ -174,6 +174,22 @@ class MetricsWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
 
+  def truncate_after(self, step: int) -> None:
+    """Drops records past ``step``: a resumed run re-logs what followed its checkpoint."""
+    if not (self.enabled and os.path.exists(self.path)):
+      return
+    with open(self.path) as f:
+      lines = f.readlines()
+    kept = []
+    for line in lines:
+      try:
+        if json.loads(line).get("step", 0) <= step:
+          kept.append(line)
+      except json.JSONDecodeError:  # A line cut by a kill.
+        continue
+    with open(self.path, "w") as f:
+      f.writelines(kept)
+
   def write(self, record: dict) -> None:
     if self.enabled:
       with open(self.path, "a") as f:
@@ -340,6 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   batches = data.train_iterator(train_ds, start_step, c.dataset.num_threads)
 
   writer = MetricsWriter(workdir, is_main)
+  writer.truncate_after(start_step)
   bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
              disable=not (is_main and c.progress_bar), desc=c.model.name)
   interval, pending, last_good, prev_signs = _Interval(), None, start_step, None

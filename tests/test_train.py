@@ -155,6 +155,11 @@ def test_kill_and_resume_is_bit_identical(npz, tmp_path):
   resumed = train.train_and_evaluate(tiny_config(npz), str(tmp_path / "run"))
   assert resumed["params_fingerprint"] == ref["params_fingerprint"]
   assert resumed["test_loss"] == ref["test_loss"]
+  # The log of the resumed run is that of one run: each step once, same losses.
+  steps = [r["step"] for r in read_metrics(tmp_path / "run", "train")]
+  assert steps == list(range(1, 7))
+  np.testing.assert_allclose([r["loss"] for r in read_metrics(tmp_path / "run", "train")],
+                             [r["loss"] for r in read_metrics(tmp_path / "ref", "train")])
 
 
 def test_corrupt_newest_checkpoint_falls_back(npz, tmp_path, caplog):
