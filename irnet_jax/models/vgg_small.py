@@ -13,7 +13,7 @@ from flax import nnx
 from irnet_jax import layers, ops
 
 _CHANNELS = (128, 128, 256, 256, 512, 512)
-_POOL_AFTER = (1, 3, 5)
+POOL_AFTER = (1, 3, 5)
 
 
 class VGGSmall(nnx.Module):
@@ -40,7 +40,7 @@ class VGGSmall(nnx.Module):
     x = ops.hardtanh(self.bn0(self.conv0(x)))
     for i in range(1, 6):
       x = getattr(self, f"conv{i}")(x, ede)
-      if i in _POOL_AFTER:
+      if i in POOL_AFTER:
         x = layers.max_pool(x, 2, 2)
       x = ops.hardtanh(getattr(self, f"bn{i}")(x))
     # Flatten in torch's (C, H, W) order so that fc.weight loads without permutation.
