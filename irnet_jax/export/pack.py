@@ -67,7 +67,7 @@ from irnet_jax import layers, ops
 from irnet_jax.models.blocks import BasicBlock
 from irnet_jax.models.resnet_cifar import CifarResNet
 from irnet_jax.models.resnet_imagenet import ImageNetResNet
-from irnet_jax.models.vgg_small import POOL_AFTER as VGGPOOL_AFTER
+from irnet_jax.models.vgg_small import POOL_AFTER as VGG_POOL_AFTER
 from irnet_jax.models.vgg_small import VGGSmall
 
 # Register holding the network input in every program.
@@ -279,7 +279,7 @@ def _vgg_small(b: _Builder, m: VGGSmall) -> str:
   x = b.act(b.bn(b.conv(INPUT, m.conv0, "conv0"), m.bn0, "bn0"), ops.hardtanh)
   for i in range(1, 6):
     x = b.conv(x, getattr(m, f"conv{i}"), f"conv{i}")
-    if i in VGGPOOL_AFTER:
+    if i in VGG_POOL_AFTER:
       x = b.emit("max_pool", [x], window=2, stride=2, padding=0)
     x = b.act(b.bn(x, getattr(m, f"bn{i}"), f"bn{i}"), ops.hardtanh)
   return b.linear(b.emit("flatten_chw", [x]), m.fc, "fc")
