@@ -280,7 +280,7 @@ def _open_tfds(ds_cfg: Any) -> tuple[Any, Any]:
     train = _tfds_split(name, cfg_get(ds_cfg, "train_split") or "train",
                         data_dir)
   except Exception as e:  # pylint: disable=broad-except
-    # tfds raises assorted types here (NotImplementedError for a missing or
+    # tfds raises assorted types here (a "not implemented" error for a missing or
     # TFRecord-format dataset, AssertionError, FileNotFoundError, ...).
     # The hint comes first: tfds' own text (e.g. about TFRECORD files) is
     # confusing for a dataset that was simply never built.
