@@ -266,9 +266,10 @@ def sign_input_conv(x_b: jax.Array, kernel: jax.Array, strides: int = 1,
   instead of 32). Besides the memory, this matters for speed on XLA:CPU, whose
   fusion pass otherwise recomputes the whole elementwise chain that produced ``x_b``
   (BN, residual adds, hardtanh, sign of every earlier Bi-Real block) inside the
-  transpose feeding each weight-gradient convolution -- 2.3x slower ResNet-20 steps
-  (measured with experiments/throughput.py). Packing is a reduction, which XLA does
-  not fuse into its consumers, so the chain is computed once.
+  transpose feeding each weight-gradient convolution (ResNet-20 1w1a training steps
+  were 2-4x slower on a 2-core CPU without this; see experiments/README.md). Packing
+  is a reduction, which XLA does not fuse into its consumers, so the chain is
+  computed once.
   """
   return conv2d(x_b, kernel, strides, padding)
 
