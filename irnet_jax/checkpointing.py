@@ -62,8 +62,8 @@ class Checkpointer:
     if opt_state is not None:
       items["opt"] = ocp.args.StandardRestore(_abstract(opt_state))
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["model"], restored.get("opt") if opt_state is not None else None, \
-        dict(restored["meta"])
+    opt = restored["opt"] if opt_state is not None else None
+    return restored["model"], opt, dict(restored["meta"])
 
   def restore_latest(self, model_state: Any, opt_state: Any | None = None
                      ) -> tuple[Any, Any, dict] | None:

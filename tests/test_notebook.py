@@ -8,7 +8,6 @@ system-wide) is never picked, in this venv or a fresh CI one.
 import os
 import pathlib
 import re
-import sys
 import time
 
 import pytest

@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from irnet_jax import checkpointing, config as config_lib, train
 
@@ -176,8 +177,8 @@ def test_corrupt_newest_checkpoint_falls_back(npz, tmp_path, caplog):
   model, config = checkpointing.load_model(str(tmp_path))
   assert "unreadable" in caplog.text and "falling back" in caplog.text
   ref_model, _ = checkpointing.load_model(str(tmp_path), step=2)
-  assert train.params_fingerprint(__import__("flax").nnx.state(model)) == \
-      train.params_fingerprint(__import__("flax").nnx.state(ref_model))
+  assert train.params_fingerprint(nnx.state(model)) == \
+      train.params_fingerprint(nnx.state(ref_model))
   assert config.model.num_classes == 4
 
 
@@ -190,6 +191,6 @@ def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(npz, tmp_path):
   steps = ckpt.all_steps()
   if steps:  # Whatever was kept must be finite.
     model, _ = checkpointing.load_model(str(tmp_path))
-    leaves = jax.tree.leaves(__import__("flax").nnx.state(model))
+    leaves = jax.tree.leaves(nnx.state(model))
     assert all(np.all(np.isfinite(np.asarray(l))) for l in leaves)
   assert not os.path.exists(tmp_path / "final_metrics.json")
