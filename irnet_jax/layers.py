@@ -80,6 +80,8 @@ class BinaryConv(nnx.Module):
       x = ops.binarize(x, self.estimator, ede)
     dtype = self.dtype or jnp.result_type(x, kernel)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if self.binary_acts and self.binary_weights:  # XNOR/popcount on CPU (see ops).
+      return ops.binary_conv(x, kernel, self.strides, self.padding)
     if self.binary_acts:  # Same values and gradients; packed-bit residual (see ops).
       return ops.sign_input_conv(x, kernel, self.strides, self.padding)
     return ops.conv2d(x, kernel, self.strides, self.padding)

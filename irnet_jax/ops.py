@@ -10,6 +10,8 @@ grad-friendly, dtype-preserving (float64 stays float64 under ``jax_enable_x64``)
 * :func:`ste_sign`, :func:`approx_sign` -- baseline estimators for ablations.
 * :func:`sign_input_conv` -- a convolution of binarized inputs whose backward pass
   keeps them as packed bits.
+* :func:`binary_conv` -- the convolution of a 1w1a layer; on x86 CPUs with AVX-512 it
+  runs hand-written kernels (exact XNOR/popcount forward, see ``cpu_kernels``).
 
 Semantics follow the official PyTorch code (htqin/IR-Net) where it differs from
 the paper:
@@ -29,6 +31,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from irnet_jax import cpu_kernels
 
 ESTIMATORS = ("ede", "ste", "approx_sign")
 WEIGHT_QUANTIZERS = ("libra_pb", "sign", "none")
@@ -286,3 +290,50 @@ def _sic_bwd(strides, padding, res, g):
 
 
 sign_input_conv.defvjp(_sic_fwd, _sic_bwd)
+
+
+# ----------------------------------------------------------------------------------
+# Convolution of binarized inputs with a binarized kernel (1w1a layers).
+
+
+def _use_cpu_kernels(x_b: jax.Array, kernel_b: jax.Array) -> bool:
+  # Decided at trace time: the kernels are registered for the CPU only, so they are
+  # used when the computation runs on the CPU backend (the default device).
+  return (jax.default_backend() == "cpu"
+          and cpu_kernels.supports(x_b.shape, kernel_b.shape, jnp.result_type(x_b, kernel_b)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def binary_conv(x_b: jax.Array, kernel_b: jax.Array, strides: int = 1,
+                padding: int = 0) -> jax.Array:
+  """:func:`conv2d` of ``x_b`` in {-1, 0, +1} with a binary kernel.
+
+  ``kernel_b`` (HWIO) must be {0, +-s_o}: one magnitude per output channel, as
+  :func:`libra_pb` (power-of-two ``s_o``) and plain sign (``s_o = 1``) produce. Values
+  and gradients are those of :func:`conv2d`. On an x86 CPU with AVX-512 (float32,
+  channels multiples of 16) the forward is an exact XNOR/popcount convolution -- an
+  integer times ``s_o``, bit-identical to the float conv -- and the backward uses
+  hand-written gradient kernels (:mod:`irnet_jax.cpu_kernels`; their sums are
+  float32 in another order than XLA's, ~1e-6 relative). Elsewhere it is
+  :func:`sign_input_conv`.
+  """
+  if _use_cpu_kernels(x_b, kernel_b):
+    return cpu_kernels.binary_conv(x_b, kernel_b, strides, padding)
+  return sign_input_conv(x_b, kernel_b, strides, padding)
+
+
+def _bc_fwd(x_b, kernel_b, strides, padding):
+  if _use_cpu_kernels(x_b, kernel_b):
+    return cpu_kernels.binary_conv(x_b, kernel_b, strides, padding), (x_b, kernel_b)
+  return _sic_fwd(x_b, kernel_b, strides, padding)
+
+
+def _bc_bwd(strides, padding, res, g):
+  if len(res) == 3:  # sign_input_conv's packed residual
+    return _sic_bwd(strides, padding, res, g)
+  x_b, kernel_b = res
+  return (cpu_kernels.conv_input_grad(g, kernel_b, x_b.shape[1:3], strides, padding),
+          cpu_kernels.conv_kernel_grad(x_b, g, kernel_b.shape[:2], strides, padding))
+
+
+binary_conv.defvjp(_bc_fwd, _bc_bwd)

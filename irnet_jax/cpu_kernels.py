@@ -1,0 +1,131 @@
+"""Hand-written CPU kernels for binary convolutions, compiled on first use.
+
+``csrc/binary_conv.cc`` holds three XLA FFI handlers (see its header for why they are
+hand-written): an exact XNOR/popcount forward of a conv whose input is in {-1, 0, +1}
+and whose kernel is {0, +-s_o}, and the input / kernel gradients of a float conv.
+This module compiles that file with the system C++ compiler into a per-user cache
+(``$IRNET_JAX_CACHE`` or ``~/.cache/irnet_jax``; keyed by source, jaxlib version and
+host), registers the handlers with XLA, and wraps them as ``jax.ffi`` calls.
+
+Everything here is optional: :func:`available` is False -- and callers use XLA's own
+convolutions -- when the compiler or the CPU features (AVX-512 F/DQ/BW/VPOPCNTDQ) are
+missing, or when ``IRNET_JAX_CPU_KERNELS=0`` is set. The wrappers take NHWC float32
+activations and HWIO float32 kernels with channel counts that are multiples of 16
+(:func:`supports` checks a call's shapes).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+_SOURCE = pathlib.Path(__file__).parent / "csrc" / "binary_conv.cc"
+_TARGETS = ("irnet_binary_conv_fwd", "irnet_conv_dx", "irnet_conv_dw")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+
+def _cache_dir() -> pathlib.Path:
+  root = os.environ.get("IRNET_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "irnet_jax")
+  return pathlib.Path(root)
+
+
+def _compile() -> pathlib.Path:
+  """Builds the shared library once per (source, jaxlib, host); returns its path."""
+  source = _SOURCE.read_bytes()
+  key = hashlib.sha256(source + repr((_FLAGS, jaxlib.__version__, platform.node(),
+                                      platform.machine())).encode()).hexdigest()[:16]
+  target = _cache_dir() / f"binary_conv_{key}.so"
+  if target.exists():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  compiler = os.environ.get("CXX", "c++")
+  # Build into a temporary name and rename: concurrent processes never load a
+  # half-written library.
+  with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+    tmp_path = pathlib.Path(tmp.name)
+  try:
+    subprocess.run([compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o",
+                    str(tmp_path)], check=True, capture_output=True, text=True)
+    os.replace(tmp_path, target)
+  finally:
+    tmp_path.unlink(missing_ok=True)
+  return target
+
+
+@functools.cache
+def available() -> bool:
+  """True when the kernels are compiled, supported by this CPU and registered."""
+  if os.environ.get("IRNET_JAX_CPU_KERNELS", "1") == "0":
+    return False
+  if platform.machine().lower() not in ("x86_64", "amd64"):
+    return False
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(_compile()))
+  except (OSError, subprocess.CalledProcessError) as e:
+    detail = getattr(e, "stderr", "") or str(e)
+    logging.warning("irnet_jax: CPU binary-conv kernels unavailable, using XLA's "
+                    "convolutions (%s)", detail.strip().splitlines()[-1:] or e)
+    return False
+  if not lib.irnet_kernels_available():
+    return False  # compiled without AVX-512 VPOPCNTDQ: the handlers are not built
+  for name in _TARGETS:
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
+                                platform="cpu")
+  return True
+
+
+def supports(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+             dtype: jnp.dtype) -> bool:
+  """Whether a conv of NHWC ``x_shape`` with HWIO ``kernel_shape`` can use the kernels."""
+  return (dtype == jnp.float32 and len(x_shape) == 4 and len(kernel_shape) == 4
+          and x_shape[-1] % 16 == 0 and kernel_shape[-1] % 16 == 0
+          and kernel_shape[2] == x_shape[-1] and available())
+
+
+def _out_size(size: int, kernel: int, strides: int, padding: int) -> int:
+  return (size + 2 * padding - kernel) // strides + 1
+
+
+def _call(name: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array, strides: int,
+          padding: int) -> jax.Array:
+  return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, jnp.float32))(
+      a, b, stride=np.int64(strides), padding=np.int64(padding))
+
+
+def binary_conv(x_b: jax.Array, kernel: jax.Array, strides: int,
+                padding: int) -> jax.Array:
+  """Exact conv of ``x_b`` (N, H, W, C) in {-1, 0, 1} with kernel (KH, KW, C, K).
+
+  Every nonzero kernel entry of output channel ``o`` must have the same magnitude
+  (Libra-PB's power-of-two scale, or 1). Returns (N, Ho, Wo, K).
+  """
+  n, h, w, _ = x_b.shape
+  kh, kw, _, k = kernel.shape
+  shape = (n, _out_size(h, kh, strides, padding), _out_size(w, kw, strides, padding), k)
+  return _call("irnet_binary_conv_fwd", shape, x_b, kernel, strides, padding)
+
+
+def conv_input_grad(g: jax.Array, kernel: jax.Array, input_hw: tuple[int, int],
+                    strides: int, padding: int) -> jax.Array:
+  """Gradient w.r.t. the input of a conv: (N, Ho, Wo, K) -> (N, H, W, C)."""
+  shape = (g.shape[0], *input_hw, kernel.shape[2])
+  return _call("irnet_conv_dx", shape, g, kernel, strides, padding)
+
+
+def conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int],
+                     strides: int, padding: int) -> jax.Array:
+  """Gradient w.r.t. the kernel of a conv: input (N, H, W, C), g (N, Ho, Wo, K) -> HWIO."""
+  shape = (*kernel_hw, x.shape[-1], g.shape[-1])
+  return _call("irnet_conv_dw", shape, x, g, strides, padding)

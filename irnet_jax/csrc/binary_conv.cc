@@ -1,0 +1,340 @@
+// CPU kernels for the convolutions of a 1w1a binary layer, called from JAX through
+// the XLA FFI (see irnet_jax/cpu_kernels.py, which compiles this file on first use).
+//
+// Why hand-written: XLA:CPU has no convolution that knows its operands are +-1, and
+// its float convolutions for the thin layers of CIFAR networks (16-64 channels) run
+// at well under half of the machine's GEMM throughput; the weight-gradient one also
+// makes XLA insert layout transposes. Three kernels:
+//
+//   irnet_binary_conv_fwd: y = conv(x, w) for x in {-1, 0, +1} and w in {0, +-s_o}
+//     (one magnitude s_o per output channel, as Libra-PB produces). Computed exactly
+//     with XNOR/popcount on bit-packed operands: y = s_o * (#agree - #disagree),
+//     an integer times a power of two, so it equals the float convolution bit for bit.
+//   irnet_conv_dx: the input gradient of a float convolution (transposed conv).
+//   irnet_conv_dw: the kernel gradient of a float convolution.
+//
+// Layouts: activations NHWC, kernels HWIO, all float32, symmetric zero padding.
+// Requirements (checked in Python before calling): C and K multiples of 16, an
+// x86-64 CPU with AVX-512 F/DQ/BW and VPOPCNTDQ (irnet_kernels_available() says).
+// Work is split over images and run on XLA's intra-op thread pool.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && \
+    defined(__AVX512VPOPCNTDQ__)
+#define IRNET_HAVE_KERNELS 1
+#include <immintrin.h>
+#else
+#define IRNET_HAVE_KERNELS 0
+#endif
+
+extern "C" int irnet_kernels_available() { return IRNET_HAVE_KERNELS; }
+
+#if IRNET_HAVE_KERNELS
+
+namespace {
+
+struct Geometry {
+  int64_t n, h, w, c;      // input NHWC
+  int64_t kh, kw, k;       // kernel HWIO (I == c)
+  int64_t ho, wo;          // output spatial size
+  int64_t stride, pad;
+};
+
+// Runs body(worker, item) for every item in [0, count) on the caller and up to
+// pool.num_threads() - 1 pool threads. Items are claimed from a shared counter, so
+// the call completes even if no pool thread ever picks up its task; late tasks find
+// no items left and return without touching the caller's (then gone) stack.
+template <typename F>
+int64_t ParallelFor(ffi::ThreadPool& pool, int64_t count, int64_t max_workers, F&& body) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0}, workers{0};
+  };
+  auto state = std::make_shared<State>();
+  F* fn = &body;
+  auto work = [state, fn, count]() {
+    int64_t worker = state->workers.fetch_add(1);
+    for (int64_t i; (i = state->next.fetch_add(1)) < count;) {
+      (*fn)(worker, i);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  int64_t helpers = std::min<int64_t>({pool.num_threads(), count, max_workers}) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  while (state->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+  return helpers + 1;
+}
+
+int64_t MaxWorkers(ffi::ThreadPool& pool) {
+  return std::max<int64_t>(1, pool.num_threads());
+}
+
+// ------------------------------------------------------------------ forward
+
+// One bit per channel, in 16-bit chunks: chunk q of a pixel holds channels
+// 16q..16q+15. Plane "pos" marks +1, plane "neg" marks -1; 0 is in neither. The
+// planes are zero-padded by `pad` pixels on every side, like the convolution.
+void PackImage(const Geometry& g, const float* x, int64_t hp, int64_t wp, uint16_t* pos,
+               uint16_t* neg) {
+  const __m512 zero = _mm512_setzero_ps();
+  const int64_t c16 = g.c / 16;
+  for (int64_t h = 0; h < g.h; ++h)
+    for (int64_t w = 0; w < g.w; ++w)
+      for (int64_t q = 0; q < c16; ++q) {
+        __m512 v = _mm512_loadu_ps(x + (h * g.w + w) * g.c + 16 * q);
+        int64_t dst = ((h + g.pad) * wp + w + g.pad) * c16 + q;
+        pos[dst] = _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
+        neg[dst] = _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ);
+      }
+}
+
+// Appends `count` 16-bit chunks from src to the bit row, starting at chunk `at`.
+inline void AppendChunks(const uint16_t* src, int64_t count, int64_t at, uint64_t* row) {
+  for (int64_t done = 0; done < count; done += 4) {
+    uint64_t v;
+    std::memcpy(&v, src + done, 8);  // the planes carry 4 chunks of slack at the end
+    int64_t take = std::min<int64_t>(4, count - done);
+    if (take < 4) v &= (uint64_t{1} << (16 * take)) - 1;
+    int64_t bit = 16 * (at + done);
+    row[bit / 64] |= v << (bit % 64);
+    if (bit % 64) row[bit / 64 + 1] |= v >> (64 - bit % 64);
+  }
+}
+
+ffi::Error BinaryConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
+                             int64_t stride, int64_t pad) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], yd[1], yd[2], stride, pad};
+  const int64_t c16 = g.c / 16;
+  const int64_t taps = g.kh * g.kw;
+  const int64_t words = (taps * c16 + 3) / 4;  // 64-bit words of one im2col row
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+
+  // Weights as im2col-ordered bit rows (bit (i * KW + j) * C + c), transposed to
+  // [word][o] so that 8 output channels are one vector; s_o = max |w[..., o]|
+  // (every nonzero entry of the channel has that magnitude).
+  std::vector<uint64_t> wpos(words * g.k, 0), wneg(words * g.k, 0);
+  std::vector<float> scale(g.k, 0.f);
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t ci = 0; ci < g.c; ++ci)
+      for (int64_t o = 0; o < g.k; ++o) {
+        float v = wp[(t * g.c + ci) * g.k + o];
+        int64_t bit = t * g.c + ci;
+        uint64_t m = uint64_t{1} << (bit % 64);
+        if (v > 0) wpos[(bit / 64) * g.k + o] |= m;
+        if (v < 0) wneg[(bit / 64) * g.k + o] |= m;
+        scale[o] = std::max(scale[o], std::abs(v));
+      }
+
+  const int64_t hp = g.h + 2 * g.pad, wpd = g.w + 2 * g.pad;
+  const int64_t plane = hp * wpd * c16;
+  ParallelFor(pool, g.n, MaxWorkers(pool), [&](int64_t, int64_t n) {
+    std::vector<uint16_t> pos(plane + 4, 0), neg(plane + 4, 0);
+    PackImage(g, xp + n * g.h * g.w * g.c, hp, wpd, pos.data(), neg.data());
+    std::vector<uint64_t> rp(words + 1), rn(words + 1);
+    for (int64_t oh = 0; oh < g.ho; ++oh)
+      for (int64_t ow = 0; ow < g.wo; ++ow) {
+        std::fill(rp.begin(), rp.end(), 0);
+        std::fill(rn.begin(), rn.end(), 0);
+        for (int64_t i = 0; i < g.kh; ++i) {
+          // Kernel row i reads KW consecutive padded pixels: one contiguous run.
+          int64_t src = ((oh * g.stride + i) * wpd + ow * g.stride) * c16;
+          AppendChunks(&pos[src], g.kw * c16, i * g.kw * c16, rp.data());
+          AppendChunks(&neg[src], g.kw * c16, i * g.kw * c16, rn.data());
+        }
+        float* out = yp + ((n * g.ho + oh) * g.wo + ow) * g.k;
+        for (int64_t o = 0; o < g.k; o += 8) {
+          __m512i acc = _mm512_setzero_si512();
+          for (int64_t q = 0; q < words; ++q) {
+            __m512i ap = _mm512_set1_epi64(rp[q]), an = _mm512_set1_epi64(rn[q]);
+            __m512i bp = _mm512_loadu_si512(&wpos[q * g.k + o]);
+            __m512i bn = _mm512_loadu_si512(&wneg[q * g.k + o]);
+            __m512i agree = _mm512_or_si512(_mm512_and_si512(ap, bp), _mm512_and_si512(an, bn));
+            __m512i differ = _mm512_or_si512(_mm512_and_si512(ap, bn), _mm512_and_si512(an, bp));
+            acc = _mm512_add_epi64(acc, _mm512_sub_epi64(_mm512_popcnt_epi64(agree),
+                                                         _mm512_popcnt_epi64(differ)));
+          }
+          __m256 counts = _mm512_cvtepi64_ps(acc);
+          _mm256_storeu_ps(out + o, _mm256_mul_ps(counts, _mm256_loadu_ps(&scale[o])));
+        }
+      }
+  });
+  return ffi::Error::Success();
+}
+
+// --------------------------------------------------------- input gradient
+
+// Output pixels (oh, ow) whose input pixel oh * stride - pad + i (resp. j) lies
+// inside the image, for kernel tap (i, j): [lo, hi).
+inline int64_t FirstValid(int64_t pad, int64_t tap, int64_t stride) {
+  return std::max<int64_t>(0, (pad - tap + stride - 1) / stride);
+}
+inline int64_t EndValid(int64_t size, int64_t out, int64_t pad, int64_t tap,
+                        int64_t stride) {
+  if (size - 1 + pad - tap < 0) return 0;
+  return std::min<int64_t>(out, (size - 1 + pad - tap) / stride + 1);
+}
+
+// dx[n, oh*s-p+i, ow*s-p+j, c] += sum_o dy[n, oh, ow, o] * w[i, j, c, o], tap by tap:
+// a block of OB output channels x NV vectors of 16 input channels of the kernel
+// stays in registers while the image streams through (it stays in cache across
+// taps). wt is the kernel as [i, j, o, c]. Two FMA chains per vector.
+template <int NV, int OB>
+void DxImage(const Geometry& g, const float* dy, const float* wt, int64_t n, float* dx) {
+  for (int64_t i = 0; i < g.kh; ++i) {
+    int64_t oh_lo = FirstValid(g.pad, i, g.stride), oh_hi = EndValid(g.h, g.ho, g.pad, i, g.stride);
+    for (int64_t j = 0; j < g.kw; ++j) {
+      int64_t ow_lo = FirstValid(g.pad, j, g.stride), ow_hi = EndValid(g.w, g.wo, g.pad, j, g.stride);
+      for (int64_t c0 = 0; c0 < g.c; c0 += 16 * NV)
+        for (int64_t o0 = 0; o0 < g.k; o0 += OB) {
+          __m512 wr[OB][NV];
+          for (int b = 0; b < OB; ++b)
+            for (int v = 0; v < NV; ++v)
+              wr[b][v] = _mm512_loadu_ps(wt + ((i * g.kw + j) * g.k + o0 + b) * g.c + c0 + 16 * v);
+          for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
+            int64_t ih = oh * g.stride - g.pad + i;
+            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) {
+              int64_t iw = ow * g.stride - g.pad + j;
+              float* out = dx + ((n * g.h + ih) * g.w + iw) * g.c + c0;
+              const float* d = dy + ((n * g.ho + oh) * g.wo + ow) * g.k + o0;
+              __m512 a0[NV], a1[NV];
+              for (int v = 0; v < NV; ++v) {
+                a0[v] = _mm512_loadu_ps(out + 16 * v);
+                a1[v] = _mm512_setzero_ps();
+              }
+              for (int b = 0; b < OB; b += 2) {
+                __m512 d0 = _mm512_set1_ps(d[b]), d1 = _mm512_set1_ps(d[b + 1]);
+                for (int v = 0; v < NV; ++v) {
+                  a0[v] = _mm512_fmadd_ps(d0, wr[b][v], a0[v]);
+                  a1[v] = _mm512_fmadd_ps(d1, wr[b + 1][v], a1[v]);
+                }
+              }
+              for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + 16 * v, _mm512_add_ps(a0[v], a1[v]));
+            }
+          }
+        }
+    }
+  }
+}
+
+ffi::Error ConvDxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                      ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
+                      int64_t stride, int64_t pad) {
+  auto dd = dy.dimensions(), wd = w.dimensions(), xd = dx->dimensions();
+  Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], dd[1], dd[2], stride, pad};
+  // w[i, j, c, o] -> wt[i, j, o, c]: the loop broadcasts dy[o] against c vectors.
+  std::vector<float> wt(g.kh * g.kw * g.k * g.c);
+  const float* wp = w.typed_data();
+  for (int64_t t = 0; t < g.kh * g.kw; ++t)
+    for (int64_t c = 0; c < g.c; ++c)
+      for (int64_t o = 0; o < g.k; ++o) wt[(t * g.k + o) * g.c + c] = wp[(t * g.c + c) * g.k + o];
+  const float* dyp = dy.typed_data();
+  float* dxp = dx->typed_data();
+  const int64_t c16 = g.c / 16;
+  ParallelFor(pool, g.n, MaxWorkers(pool), [&](int64_t, int64_t n) {
+    std::fill(dxp + n * g.h * g.w * g.c, dxp + (n + 1) * g.h * g.w * g.c, 0.f);
+    if (c16 % 4 == 0) DxImage<4, 4>(g, dyp, wt.data(), n, dxp);
+    else if (c16 % 3 == 0) DxImage<3, 4>(g, dyp, wt.data(), n, dxp);
+    else if (c16 % 2 == 0) DxImage<2, 8>(g, dyp, wt.data(), n, dxp);
+    else DxImage<1, 16>(g, dyp, wt.data(), n, dxp);
+  });
+  return ffi::Error::Success();
+}
+
+// --------------------------------------------------------- kernel gradient
+
+// Adds image n's contribution to dw (HWIO): for each tap and each block of 8 input
+// channels x KV vectors of 16 output channels, the 8*KV partial sums stay in
+// registers over all output pixels; the image (x and dy) stays in cache across taps.
+template <int KV>
+void DwImage(const Geometry& g, const float* x, const float* dy, int64_t n, float* dw) {
+  for (int64_t i = 0; i < g.kh; ++i) {
+    // Output rows whose input row oh * stride - pad + i lies inside the image.
+    int64_t oh_lo = FirstValid(g.pad, i, g.stride), oh_hi = EndValid(g.h, g.ho, g.pad, i, g.stride);
+    for (int64_t j = 0; j < g.kw; ++j) {
+      int64_t ow_lo = FirstValid(g.pad, j, g.stride), ow_hi = EndValid(g.w, g.wo, g.pad, j, g.stride);
+      for (int64_t c0 = 0; c0 < g.c; c0 += 8)
+        for (int64_t o0 = 0; o0 < g.k; o0 += 16 * KV) {
+          __m512 acc[8][KV];
+          for (auto& a : acc)
+            for (auto& v : a) v = _mm512_setzero_ps();
+          for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
+            int64_t ih = oh * g.stride - g.pad + i;
+            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) {
+              int64_t iw = ow * g.stride - g.pad + j;
+              const float* xr = x + ((n * g.h + ih) * g.w + iw) * g.c + c0;
+              const float* dr = dy + ((n * g.ho + oh) * g.wo + ow) * g.k + o0;
+              __m512 d[KV];
+              for (int v = 0; v < KV; ++v) d[v] = _mm512_loadu_ps(dr + 16 * v);
+              for (int u = 0; u < 8; ++u) {
+                __m512 b = _mm512_set1_ps(xr[u]);
+                for (int v = 0; v < KV; ++v) acc[u][v] = _mm512_fmadd_ps(b, d[v], acc[u][v]);
+              }
+            }
+          }
+          for (int u = 0; u < 8; ++u)
+            for (int v = 0; v < KV; ++v) {
+              float* out = dw + ((i * g.kw + j) * g.c + c0 + u) * g.k + o0 + 16 * v;
+              _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), acc[u][v]));
+            }
+        }
+    }
+  }
+}
+
+ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                      ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
+                      int64_t stride, int64_t pad) {
+  auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
+  Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], dd[1], dd[2], stride, pad};
+  const int64_t size = g.kh * g.kw * g.c * g.k;
+  // Images are split into fixed contiguous chunks, one partial sum each, added in
+  // chunk order: the result does not depend on which thread ran which chunk.
+  const int64_t chunks = std::min<int64_t>(g.n, MaxWorkers(pool));
+  std::vector<float> partial(chunks * size, 0.f);
+  const float* xp = x.typed_data();
+  const float* dyp = dy.typed_data();
+  ParallelFor(pool, chunks, chunks, [&](int64_t, int64_t chunk) {
+    float* acc = &partial[chunk * size];
+    for (int64_t n = chunk * g.n / chunks; n < (chunk + 1) * g.n / chunks; ++n) {
+      if (g.k % 32 == 0) DwImage<2>(g, xp, dyp, n, acc);
+      else DwImage<1>(g, xp, dyp, n, acc);
+    }
+  });
+  float* out = dw->typed_data();
+  std::copy(partial.begin(), partial.begin() + size, out);
+  for (int64_t r = 1; r < chunks; ++r)
+    for (int64_t e = 0; e < size; ++e) out[e] += partial[r * size + e];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define IRNET_BIND(first, second)                                       \
+  ffi::Ffi::Bind()                                                      \
+      .Ctx<ffi::ThreadPool>()                                           \
+      .Arg<ffi::Buffer<ffi::F32>>()                                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                                     \
+      .Ret<ffi::Buffer<ffi::F32>>()                                     \
+      .Attr<int64_t>("stride")                                          \
+      .Attr<int64_t>("padding")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_binary_conv_fwd, BinaryConvFwdImpl, IRNET_BIND(x, w));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_conv_dx, ConvDxImpl, IRNET_BIND(dy, w));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_conv_dw, ConvDwImpl, IRNET_BIND(x, dy));
+
+#endif  // IRNET_HAVE_KERNELS
