@@ -31,7 +31,7 @@ import jaxlib
 import numpy as np
 
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "binary_conv.cc"
-_TARGETS = ("irnet_binary_conv_fwd", "irnet_conv_dx", "irnet_conv_dw")
+_TARGETS = ("irnet_binary_conv_fwd", "irnet_conv_dx", "irnet_conv_dw", "irnet_materialize")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -99,22 +99,24 @@ def _out_size(size: int, kernel: int, strides: int, padding: int) -> int:
 
 
 def _call(name: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array, strides: int,
-          padding: int) -> jax.Array:
-  return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, jnp.float32))(
-      a, b, stride=np.int64(strides), padding=np.int64(padding))
+          padding: int, **attrs: int) -> jax.Array:
+  attrs = {k: np.int64(v) for k, v in attrs.items()}
+  return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method="sequential")(
+      a, b, stride=np.int64(strides), padding=np.int64(padding), **attrs)
 
 
-def binary_conv(x_b: jax.Array, kernel: jax.Array, strides: int,
+def binary_conv(x: jax.Array, kernel: jax.Array, strides: int,
                 padding: int) -> jax.Array:
-  """Exact conv of ``x_b`` (N, H, W, C) in {-1, 0, 1} with kernel (KH, KW, C, K).
+  """Exact conv of ``sign(x)`` (x: N, H, W, C) with a kernel (KH, KW, C, K).
 
-  Every nonzero kernel entry of output channel ``o`` must have the same magnitude
-  (Libra-PB's power-of-two scale, or 1). Returns (N, Ho, Wo, K).
+  ``sign(0) = 0``. Every nonzero kernel entry of output channel ``o`` must have the
+  same magnitude (Libra-PB's power-of-two scale, or 1). Returns (N, Ho, Wo, K).
   """
-  n, h, w, _ = x_b.shape
+  n, h, w, _ = x.shape
   kh, kw, _, k = kernel.shape
   shape = (n, _out_size(h, kh, strides, padding), _out_size(w, kw, strides, padding), k)
-  return _call("irnet_binary_conv_fwd", shape, x_b, kernel, strides, padding)
+  return _call("irnet_binary_conv_fwd", shape, x, kernel, strides, padding)
 
 
 def conv_input_grad(g: jax.Array, kernel: jax.Array, input_hw: tuple[int, int],
@@ -125,7 +127,36 @@ def conv_input_grad(g: jax.Array, kernel: jax.Array, input_hw: tuple[int, int],
 
 
 def conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int],
-                     strides: int, padding: int) -> jax.Array:
-  """Gradient w.r.t. the kernel of a conv: input (N, H, W, C), g (N, Ho, Wo, K) -> HWIO."""
+                     strides: int, padding: int, sign_input: bool = False) -> jax.Array:
+  """Gradient w.r.t. the kernel of a conv: input (N, H, W, C), g (N, Ho, Wo, K) -> HWIO.
+
+  With ``sign_input`` the conv's input is ``sign(x)`` (computed inside the kernel).
+  """
   shape = (*kernel_hw, x.shape[-1], g.shape[-1])
-  return _call("irnet_conv_dw", shape, x, g, strides, padding)
+  return _call("irnet_conv_dw", shape, x, g, strides, padding, sign_input=sign_input)
+
+
+@jax.custom_vjp
+def materialize(x: jax.Array) -> jax.Array:
+  """Identity that makes XLA compute ``x`` once, into a buffer its consumers read.
+
+  XLA:CPU's loop fusion re-computes cheap elementwise producers inside each
+  consumer; along a Bi-Real ResNet's residual stream (``h = hardtanh(bn(conv) + h)``)
+  that re-computes the whole stream of every earlier block in every later one
+  (quadratic in depth). ``jax.lax.optimization_barrier`` does not stop it on the
+  CPU; an opaque custom call (a no-op: its output aliases its input) does. The
+  gradient passes through unchanged (and is materialized the same way).
+  """
+  return jax.ffi.ffi_call("irnet_materialize", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          input_output_aliases={0: 0}, vmap_method="broadcast_all")(x)
+
+
+def _materialize_fwd(x):
+  return materialize(x), None
+
+
+def _materialize_bwd(_, g):
+  return (materialize(g),)
+
+
+materialize.defvjp(_materialize_fwd, _materialize_bwd)

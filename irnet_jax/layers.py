@@ -76,12 +76,13 @@ class BinaryConv(nnx.Module):
 
   def __call__(self, x: jax.Array, ede: ops.EDE | None = None) -> jax.Array:
     kernel = self.quantized_kernel(ede)
+    if (self.binary_acts and self.binary_weights and (self.dtype is None or jnp.dtype(self.dtype) == jnp.float32)
+        and ops.binary_conv_supported(x, kernel)):  # XNOR/popcount CPU kernels
+      return ops.binary_conv(x, kernel, ede, self.strides, self.padding, self.estimator)
     if self.binary_acts:
       x = ops.binarize(x, self.estimator, ede)
     dtype = self.dtype or jnp.result_type(x, kernel)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if self.binary_acts and self.binary_weights:  # XNOR/popcount on CPU (see ops).
-      return ops.binary_conv(x, kernel, self.strides, self.padding)
     if self.binary_acts:  # Same values and gradients; packed-bit residual (see ops).
       return ops.sign_input_conv(x, kernel, self.strides, self.padding)
     return ops.conv2d(x, kernel, self.strides, self.padding)
@@ -118,8 +119,10 @@ class BatchNorm(nnx.Module):
     if self.use_running_average:
       mean, var = self.mean[...].astype(stat_dtype), self.var[...].astype(stat_dtype)
     else:
+      # One pass, E[x^2] - E[x]^2 (Flax's default "fast variance"): XLA:CPU would
+      # otherwise materialize x - mean, a full extra read and write per BN layer.
       mean = jnp.mean(xs, axis=axes)
-      var = jnp.mean(jnp.square(xs - mean), axis=axes)  # biased, for normalization
+      var = jnp.maximum(jnp.mean(jnp.square(xs), axis=axes) - jnp.square(mean), 0)
       n = x.size // x.shape[-1]
       unbiased = var * (n / max(n - 1, 1))
       m = self.momentum
@@ -128,7 +131,8 @@ class BatchNorm(nnx.Module):
       self.var[...] = ((1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
                        ).astype(self.var.dtype)
     scale = self.scale[...].astype(stat_dtype) * jax.lax.rsqrt(var + self.epsilon)
-    y = (xs - mean) * scale + self.bias[...].astype(stat_dtype)
+    # x * a + b rather than (x - mean) * a + bias: no centred copy of x to keep.
+    y = xs * scale + (self.bias[...].astype(stat_dtype) - mean * scale)
     return y.astype(x.dtype)
 
 

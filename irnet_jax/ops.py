@@ -10,8 +10,8 @@ grad-friendly, dtype-preserving (float64 stays float64 under ``jax_enable_x64``)
 * :func:`ste_sign`, :func:`approx_sign` -- baseline estimators for ablations.
 * :func:`sign_input_conv` -- a convolution of binarized inputs whose backward pass
   keeps them as packed bits.
-* :func:`binary_conv` -- the convolution of a 1w1a layer; on x86 CPUs with AVX-512 it
-  runs hand-written kernels (exact XNOR/popcount forward, see ``cpu_kernels``).
+* :func:`binary_conv` -- the convolution of a 1w1a layer on hand-written x86 CPU
+  kernels (exact XNOR/popcount forward, see ``cpu_kernels``).
 
 Semantics follow the official PyTorch code (htqin/IR-Net) where it differs from
 the paper:
@@ -293,47 +293,66 @@ sign_input_conv.defvjp(_sic_fwd, _sic_bwd)
 
 
 # ----------------------------------------------------------------------------------
-# Convolution of binarized inputs with a binarized kernel (1w1a layers).
+# Binary convolution of a 1w1a layer on the CPU kernels.
 
 
-def _use_cpu_kernels(x_b: jax.Array, kernel_b: jax.Array) -> bool:
-  # Decided at trace time: the kernels are registered for the CPU only, so they are
-  # used when the computation runs on the CPU backend (the default device).
-  return (jax.default_backend() == "cpu"
-          and cpu_kernels.supports(x_b.shape, kernel_b.shape, jnp.result_type(x_b, kernel_b)))
+def binary_conv_supported(x: jax.Array, kernel_b: jax.Array) -> bool:
+  """Whether :func:`binary_conv` can run these operands (decided at trace time).
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def binary_conv(x_b: jax.Array, kernel_b: jax.Array, strides: int = 1,
-                padding: int = 0) -> jax.Array:
-  """:func:`conv2d` of ``x_b`` in {-1, 0, +1} with a binary kernel.
-
-  ``kernel_b`` (HWIO) must be {0, +-s_o}: one magnitude per output channel, as
-  :func:`libra_pb` (power-of-two ``s_o``) and plain sign (``s_o = 1``) produce. Values
-  and gradients are those of :func:`conv2d`. On an x86 CPU with AVX-512 (float32,
-  channels multiples of 16) the forward is an exact XNOR/popcount convolution -- an
-  integer times ``s_o``, bit-identical to the float conv -- and the backward uses
-  hand-written gradient kernels (:mod:`irnet_jax.cpu_kernels`; their sums are
-  float32 in another order than XLA's, ~1e-6 relative). Elsewhere it is
-  :func:`sign_input_conv`.
+  The kernels are registered for the CPU only: they are used when the computation
+  runs on the CPU backend (the default device), in float32, with channel counts
+  that are multiples of 16, on an x86 CPU with AVX-512 (:mod:`irnet_jax.cpu_kernels`).
   """
-  if _use_cpu_kernels(x_b, kernel_b):
-    return cpu_kernels.binary_conv(x_b, kernel_b, strides, padding)
-  return sign_input_conv(x_b, kernel_b, strides, padding)
+  return (jax.default_backend() == "cpu" and x.dtype == kernel_b.dtype == jnp.float32
+          and cpu_kernels.supports(x.shape, kernel_b.shape, x.dtype))
 
 
-def _bc_fwd(x_b, kernel_b, strides, padding):
-  if _use_cpu_kernels(x_b, kernel_b):
-    return cpu_kernels.binary_conv(x_b, kernel_b, strides, padding), (x_b, kernel_b)
-  return _sic_fwd(x_b, kernel_b, strides, padding)
+def residual_stream(x: jax.Array) -> jax.Array:
+  """Marks a tensor of a residual stream that later blocks read (identity).
+
+  On the CPU-kernel path this is :func:`cpu_kernels.materialize`, which stops XLA
+  from re-computing the stream inside every later block; elsewhere a no-op.
+  """
+  if jax.default_backend() == "cpu" and x.dtype == jnp.float32 and cpu_kernels.available():
+    return cpu_kernels.materialize(x)
+  return x
 
 
-def _bc_bwd(strides, padding, res, g):
-  if len(res) == 3:  # sign_input_conv's packed residual
-    return _sic_bwd(strides, padding, res, g)
-  x_b, kernel_b = res
-  return (cpu_kernels.conv_input_grad(g, kernel_b, x_b.shape[1:3], strides, padding),
-          cpu_kernels.conv_kernel_grad(x_b, g, kernel_b.shape[:2], strides, padding))
+def binary_conv(x: jax.Array, kernel_b: jax.Array, ede: EDE | None = None,
+                strides: int = 1, padding: int = 0, estimator: str = "ede") -> jax.Array:
+  """``conv2d(binarize(x, estimator, ede), kernel_b)`` on the hand-written CPU kernels.
+
+  ``x``: (N, H, W, C) float32, the input *before* the sign. ``kernel_b``: (KH, KW, C,
+  K), {0, +-s_o} with one magnitude per output channel, as :func:`libra_pb`
+  (power-of-two ``s_o``) and plain sign (``s_o = 1``) produce. The forward is an exact
+  XNOR/popcount convolution (an integer times ``s_o``: bit-identical to the float
+  conv); the backward uses hand-written gradient kernels (float32 sums in another
+  order than XLA's, ~1e-6 relative) and ``estimator``'s gradient of the sign. Only
+  for operands :func:`binary_conv_supported` accepts.
+  """
+  ede = DEFAULT_EDE if ede is None else ede
+  return _binary_conv(x, kernel_b, EDE(*map(jnp.asarray, ede)), strides, padding, estimator)
 
 
-binary_conv.defvjp(_bc_fwd, _bc_bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _binary_conv(x, kernel_b, ede, strides, padding, estimator):
+  del ede, estimator  # backward only
+  return cpu_kernels.binary_conv(x, kernel_b, strides, padding)
+
+
+def _bc_fwd(x, kernel_b, ede, strides, padding, estimator):
+  # The residual is x itself: the forward call already needs it materialized.
+  return _binary_conv(x, kernel_b, ede, strides, padding, estimator), (x, kernel_b, ede)
+
+
+def _bc_bwd(strides, padding, estimator, res, g):
+  x, kernel_b, ede = res
+  g_sign = cpu_kernels.conv_input_grad(g, kernel_b, x.shape[1:3], strides, padding)
+  _, sign_vjp = jax.vjp(lambda a: binarize(a, estimator, ede), x)
+  g_kernel = cpu_kernels.conv_kernel_grad(x, g, kernel_b.shape[:2], strides, padding,
+                                          sign_input=True)
+  # (t, k) only shape the backward; like ede_sign, they get no gradient.
+  return sign_vjp(g_sign)[0], g_kernel, jax.tree.map(jnp.zeros_like, ede)
+
+
+_binary_conv.defvjp(_bc_fwd, _bc_bwd)

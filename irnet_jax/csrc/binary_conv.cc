@@ -6,12 +6,14 @@
 // at well under half of the machine's GEMM throughput; the weight-gradient one also
 // makes XLA insert layout transposes. Three kernels:
 //
-//   irnet_binary_conv_fwd: y = conv(x, w) for x in {-1, 0, +1} and w in {0, +-s_o}
-//     (one magnitude s_o per output channel, as Libra-PB produces). Computed exactly
-//     with XNOR/popcount on bit-packed operands: y = s_o * (#agree - #disagree),
-//     an integer times a power of two, so it equals the float convolution bit for bit.
+//   irnet_binary_conv_fwd: y = conv(sign(x), w) for w in {0, +-s_o} (one magnitude
+//     s_o per output channel, as Libra-PB produces). Computed exactly with
+//     XNOR/popcount on bit-packed operands: y = s_o * (#agree - #disagree), an
+//     integer times a power of two, so it equals the float convolution bit for bit.
+//     Taking x rather than sign(x) makes XLA materialize x once (its elementwise
+//     producers would otherwise be re-fused, i.e. recomputed, into every consumer).
 //   irnet_conv_dx: the input gradient of a float convolution (transposed conv).
-//   irnet_conv_dw: the kernel gradient of a float convolution.
+//   irnet_conv_dw: the kernel gradient of a float convolution, of sign(x) or x.
 //
 // Layouts: activations NHWC, kernels HWIO, all float32, symmetric zero padding.
 // Requirements (checked in Python before calling): C and K multiples of 16, an
@@ -99,75 +101,63 @@ void PackImage(const Geometry& g, const float* x, int64_t hp, int64_t wp, uint16
       }
 }
 
-// Appends `count` 16-bit chunks from src to the bit row, starting at chunk `at`.
-inline void AppendChunks(const uint16_t* src, int64_t count, int64_t at, uint64_t* row) {
-  for (int64_t done = 0; done < count; done += 4) {
-    uint64_t v;
-    std::memcpy(&v, src + done, 8);  // the planes carry 4 chunks of slack at the end
-    int64_t take = std::min<int64_t>(4, count - done);
-    if (take < 4) v &= (uint64_t{1} << (16 * take)) - 1;
-    int64_t bit = 16 * (at + done);
-    row[bit / 64] |= v << (bit % 64);
-    if (bit % 64) row[bit / 64 + 1] |= v >> (64 - bit % 64);
-  }
-}
-
 ffi::Error BinaryConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
                              int64_t stride, int64_t pad) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], yd[1], yd[2], stride, pad};
   const int64_t c16 = g.c / 16;
-  const int64_t taps = g.kh * g.kw;
-  const int64_t words = (taps * c16 + 3) / 4;  // 64-bit words of one im2col row
+  // Kernel row i of an output pixel reads KW consecutive (padded) input pixels: one
+  // contiguous run of KW * C bits in the packed planes, read as row_words unaligned
+  // 64-bit words. Bits past the run belong to the next pixel; the weight bits there
+  // are 0, which masks them out.
+  const int64_t row_words = (g.kw * c16 + 3) / 4;
+  const int64_t words = g.kh * row_words;
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
 
-  // Weights as im2col-ordered bit rows (bit (i * KW + j) * C + c), transposed to
-  // [word][o] so that 8 output channels are one vector; s_o = max |w[..., o]|
-  // (every nonzero entry of the channel has that magnitude).
+  // Weights in the same layout, transposed to [word][o] so that 8 output channels
+  // are one vector; s_o = max |w[..., o]| (every nonzero entry has that magnitude).
   std::vector<uint64_t> wpos(words * g.k, 0), wneg(words * g.k, 0);
   std::vector<float> scale(g.k, 0.f);
-  for (int64_t t = 0; t < taps; ++t)
-    for (int64_t ci = 0; ci < g.c; ++ci)
-      for (int64_t o = 0; o < g.k; ++o) {
-        float v = wp[(t * g.c + ci) * g.k + o];
-        int64_t bit = t * g.c + ci;
-        uint64_t m = uint64_t{1} << (bit % 64);
-        if (v > 0) wpos[(bit / 64) * g.k + o] |= m;
-        if (v < 0) wneg[(bit / 64) * g.k + o] |= m;
-        scale[o] = std::max(scale[o], std::abs(v));
-      }
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j)
+      for (int64_t ci = 0; ci < g.c; ++ci)
+        for (int64_t o = 0; o < g.k; ++o) {
+          float v = wp[((i * g.kw + j) * g.c + ci) * g.k + o];
+          int64_t bit = j * g.c + ci, word = i * row_words + bit / 64;
+          uint64_t m = uint64_t{1} << (bit % 64);
+          if (v > 0) wpos[word * g.k + o] |= m;
+          if (v < 0) wneg[word * g.k + o] |= m;
+          scale[o] = std::max(scale[o], std::abs(v));
+        }
 
   const int64_t hp = g.h + 2 * g.pad, wpd = g.w + 2 * g.pad;
   const int64_t plane = hp * wpd * c16;
   ParallelFor(pool, g.n, MaxWorkers(pool), [&](int64_t, int64_t n) {
-    std::vector<uint16_t> pos(plane + 4, 0), neg(plane + 4, 0);
+    std::vector<uint16_t> pos(plane + 4, 0), neg(plane + 4, 0);  // + slack for reads
     PackImage(g, xp + n * g.h * g.w * g.c, hp, wpd, pos.data(), neg.data());
-    std::vector<uint64_t> rp(words + 1), rn(words + 1);
     for (int64_t oh = 0; oh < g.ho; ++oh)
       for (int64_t ow = 0; ow < g.wo; ++ow) {
-        std::fill(rp.begin(), rp.end(), 0);
-        std::fill(rn.begin(), rn.end(), 0);
-        for (int64_t i = 0; i < g.kh; ++i) {
-          // Kernel row i reads KW consecutive padded pixels: one contiguous run.
-          int64_t src = ((oh * g.stride + i) * wpd + ow * g.stride) * c16;
-          AppendChunks(&pos[src], g.kw * c16, i * g.kw * c16, rp.data());
-          AppendChunks(&neg[src], g.kw * c16, i * g.kw * c16, rn.data());
-        }
+        const int64_t src = (oh * g.stride * wpd + ow * g.stride) * c16;
         float* out = yp + ((n * g.ho + oh) * g.wo + ow) * g.k;
         for (int64_t o = 0; o < g.k; o += 8) {
           __m512i acc = _mm512_setzero_si512();
-          for (int64_t q = 0; q < words; ++q) {
-            __m512i ap = _mm512_set1_epi64(rp[q]), an = _mm512_set1_epi64(rn[q]);
-            __m512i bp = _mm512_loadu_si512(&wpos[q * g.k + o]);
-            __m512i bn = _mm512_loadu_si512(&wneg[q * g.k + o]);
-            __m512i agree = _mm512_or_si512(_mm512_and_si512(ap, bp), _mm512_and_si512(an, bn));
-            __m512i differ = _mm512_or_si512(_mm512_and_si512(ap, bn), _mm512_and_si512(an, bp));
-            acc = _mm512_add_epi64(acc, _mm512_sub_epi64(_mm512_popcnt_epi64(agree),
-                                                         _mm512_popcnt_epi64(differ)));
-          }
+          for (int64_t i = 0; i < g.kh; ++i)
+            for (int64_t r = 0; r < row_words; ++r) {
+              int64_t at = src + i * wpd * c16 + 4 * r, q = i * row_words + r;
+              uint64_t vp, vn;
+              std::memcpy(&vp, &pos[at], 8);
+              std::memcpy(&vn, &neg[at], 8);
+              __m512i ap = _mm512_set1_epi64(vp), an = _mm512_set1_epi64(vn);
+              __m512i bp = _mm512_loadu_si512(&wpos[q * g.k + o]);
+              __m512i bn = _mm512_loadu_si512(&wneg[q * g.k + o]);
+              __m512i agree = _mm512_or_si512(_mm512_and_si512(ap, bp), _mm512_and_si512(an, bn));
+              __m512i differ = _mm512_or_si512(_mm512_and_si512(ap, bn), _mm512_and_si512(an, bp));
+              acc = _mm512_add_epi64(acc, _mm512_sub_epi64(_mm512_popcnt_epi64(agree),
+                                                           _mm512_popcnt_epi64(differ)));
+            }
           __m256 counts = _mm512_cvtepi64_ps(acc);
           _mm256_storeu_ps(out + o, _mm256_mul_ps(counts, _mm256_loadu_ps(&scale[o])));
         }
@@ -261,7 +251,7 @@ ffi::Error ConvDxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
 // channels x KV vectors of 16 output channels, the 8*KV partial sums stay in
 // registers over all output pixels; the image (x and dy) stays in cache across taps.
 template <int KV>
-void DwImage(const Geometry& g, const float* x, const float* dy, int64_t n, float* dw) {
+void DwImage(const Geometry& g, const float* x, const float* dy, float* dw) {
   for (int64_t i = 0; i < g.kh; ++i) {
     // Output rows whose input row oh * stride - pad + i lies inside the image.
     int64_t oh_lo = FirstValid(g.pad, i, g.stride), oh_hi = EndValid(g.h, g.ho, g.pad, i, g.stride);
@@ -276,8 +266,8 @@ void DwImage(const Geometry& g, const float* x, const float* dy, int64_t n, floa
             int64_t ih = oh * g.stride - g.pad + i;
             for (int64_t ow = ow_lo; ow < ow_hi; ++ow) {
               int64_t iw = ow * g.stride - g.pad + j;
-              const float* xr = x + ((n * g.h + ih) * g.w + iw) * g.c + c0;
-              const float* dr = dy + ((n * g.ho + oh) * g.wo + ow) * g.k + o0;
+              const float* xr = x + (ih * g.w + iw) * g.c + c0;
+              const float* dr = dy + (oh * g.wo + ow) * g.k + o0;
               __m512 d[KV];
               for (int v = 0; v < KV; ++v) d[v] = _mm512_loadu_ps(dr + 16 * v);
               for (int u = 0; u < 8; ++u) {
@@ -298,10 +288,11 @@ void DwImage(const Geometry& g, const float* x, const float* dy, int64_t n, floa
 
 ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                       ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
-                      int64_t stride, int64_t pad) {
+                      int64_t stride, int64_t pad, int64_t sign_input) {
   auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
   Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], dd[1], dd[2], stride, pad};
   const int64_t size = g.kh * g.kw * g.c * g.k;
+  const int64_t image = g.h * g.w * g.c, out_image = g.ho * g.wo * g.k;
   // Images are split into fixed contiguous chunks, one partial sum each, added in
   // chunk order: the result does not depend on which thread ran which chunk.
   const int64_t chunks = std::min<int64_t>(g.n, MaxWorkers(pool));
@@ -310,15 +301,36 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* dyp = dy.typed_data();
   ParallelFor(pool, chunks, chunks, [&](int64_t, int64_t chunk) {
     float* acc = &partial[chunk * size];
+    std::vector<float> signs(sign_input ? image : 0);
     for (int64_t n = chunk * g.n / chunks; n < (chunk + 1) * g.n / chunks; ++n) {
-      if (g.k % 32 == 0) DwImage<2>(g, xp, dyp, n, acc);
-      else DwImage<1>(g, xp, dyp, n, acc);
+      const float* xi = xp + n * image;
+      if (sign_input) {  // the conv's input is sign(x): one pass over the cached image
+        const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
+        for (int64_t e = 0; e < image; e += 16) {
+          __m512 v = _mm512_loadu_ps(xi + e);
+          __m512 pos = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), one);
+          __m512 neg = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), one);
+          _mm512_storeu_ps(&signs[e], _mm512_sub_ps(pos, neg));
+        }
+        xi = signs.data();
+      }
+      if (g.k % 32 == 0) DwImage<2>(g, xi, dyp + n * out_image, acc);
+      else DwImage<1>(g, xi, dyp + n * out_image, acc);
     }
   });
   float* out = dw->typed_data();
   std::copy(partial.begin(), partial.begin() + size, out);
   for (int64_t r = 1; r < chunks; ++r)
     for (int64_t e = 0; e < size; ++e) out[e] += partial[r * size + e];
+  return ffi::Error::Success();
+}
+
+// The output aliases the input (input_output_aliases in Python), so this does
+// nothing but force XLA to materialize its operand as a buffer; see
+// cpu_kernels.materialize.
+ffi::Error IdentityImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  if (x.untyped_data() != y->untyped_data())
+    std::memcpy(y->untyped_data(), x.untyped_data(), x.size_bytes());
   return ffi::Error::Success();
 }
 
@@ -333,8 +345,11 @@ ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       .Attr<int64_t>("stride")                                          \
       .Attr<int64_t>("padding")
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_materialize, IdentityImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_binary_conv_fwd, BinaryConvFwdImpl, IRNET_BIND(x, w));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_conv_dx, ConvDxImpl, IRNET_BIND(dy, w));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_conv_dw, ConvDwImpl, IRNET_BIND(x, dy));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_conv_dw, ConvDwImpl,
+                              IRNET_BIND(x, dy).Attr<int64_t>("sign_input"));
 
 #endif  // IRNET_HAVE_KERNELS

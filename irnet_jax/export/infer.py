@@ -197,17 +197,20 @@ def _conv(ins, p, x):
 
 
 def _bn(ins, p, x):
-  """BatchNorm.__call__ in eval mode, rounded like the model's eager forward."""
+  """BatchNorm.__call__ in eval mode (x * mul + (bias - mean * mul)), rounded like
+  the model's eager forward."""
   del ins
   x = x.astype(jnp.float32)
-  y = (x - p["mean"]) * p["mul"]
   # XLA CPU contracts a multiply feeding an add inside a fusion into one FMA (one
   # rounding instead of two), which moves the result by an ulp from the model's
   # unfused BN; near 0 that flips the next sign(). A select between the two ops
-  # blocks the contraction (an optimization_barrier does not). x == x is false only
-  # for NaN x, where y is NaN as well.
+  # blocks the contraction (an optimization_barrier does not). v == v is false only
+  # for NaN v, where the product is NaN as well.
+  mean_mul = p["mean"] * p["mul"]
+  mean_mul = jnp.where(p["mean"] == p["mean"], mean_mul, p["mean"])
+  y = x * p["mul"]
   y = jnp.where(x == x, y, x)
-  return y + p["bias"]
+  return y + (p["bias"] - mean_mul)
 
 
 def _linear(ins, p, x):

@@ -74,8 +74,8 @@ class BasicBlock(nnx.Module):
   def __call__(self, x: jax.Array, ede: ops.EDE | None = None) -> jax.Array:
     act = self.act
     if self.structure == "bireal":
-      out = act(self.bn1(self.conv1(x, ede)) + self.residual(x))
-      return act(self.bn2(self.conv2(out, ede)) + out)
+      out = ops.residual_stream(act(self.bn1(self.conv1(x, ede)) + self.residual(x)))
+      return ops.residual_stream(act(self.bn2(self.conv2(out, ede)) + out))
     out = act(self.bn1(self.conv1(x, ede)))
     return act(self.bn2(self.conv2(out, ede)) + self.residual(x))
 
