@@ -100,6 +100,10 @@ def _out_size(size: int, kernel: int, strides: int, padding: int) -> int:
 
 def _call(name: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array, strides: int,
           padding: int, **attrs: int) -> jax.Array:
+  if not available():
+    raise RuntimeError("irnet_jax CPU kernels are unavailable here (no C++ compiler, no "
+                       "AVX-512 VPOPCNTDQ, or IRNET_JAX_CPU_KERNELS=0); check "
+                       "cpu_kernels.available() and use XLA's convolutions instead")
   attrs = {k: np.int64(v) for k, v in attrs.items()}
   return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, jnp.float32),
                           vmap_method="sequential")(
@@ -147,6 +151,8 @@ def materialize(x: jax.Array) -> jax.Array:
   CPU; an opaque custom call (a no-op: its output aliases its input) does. The
   gradient passes through unchanged (and is materialized the same way).
   """
+  if not available():
+    return x
   return jax.ffi.ffi_call("irnet_materialize", jax.ShapeDtypeStruct(x.shape, x.dtype),
                           input_output_aliases={0: 0}, vmap_method="broadcast_all")(x)
 
