@@ -15,6 +15,7 @@ activations and HWIO float32 kernels with channel counts that are multiples of 1
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -65,18 +66,16 @@ def _compile() -> pathlib.Path:
 
 
 @functools.cache
-def available() -> bool:
-  """True when the kernels are compiled, supported by this CPU and registered."""
-  if os.environ.get("IRNET_JAX_CPU_KERNELS", "1") == "0":
-    return False
+def _load() -> bool:
+  """Compiles, loads and registers the kernels once per process; False if impossible."""
   if platform.machine().lower() not in ("x86_64", "amd64"):
     return False
   try:
     lib = ctypes.cdll.LoadLibrary(str(_compile()))
   except (OSError, subprocess.CalledProcessError) as e:
-    detail = getattr(e, "stderr", "") or str(e)
+    detail = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
     logging.warning("irnet_jax: CPU binary-conv kernels unavailable, using XLA's "
-                    "convolutions (%s)", detail.strip().splitlines()[-1:] or e)
+                    "convolutions (%s)", detail[-1] if detail else e)
     return False
   if not lib.irnet_kernels_available():
     return False  # compiled without AVX-512 VPOPCNTDQ: the handlers are not built
@@ -86,12 +85,43 @@ def available() -> bool:
   return True
 
 
+def available() -> bool:
+  """True when the kernels are compiled, supported by this CPU and registered.
+
+  ``IRNET_JAX_CPU_KERNELS=0`` in the environment turns them off.
+  """
+  return os.environ.get("IRNET_JAX_CPU_KERNELS", "1") != "0" and _load()
+
+
+_disabled = 0
+
+
+@contextlib.contextmanager
+def disabled():
+  """Inside this block, code traced from then on uses XLA's convolutions instead.
+
+  For comparisons and debugging; the choice is made at trace time, so a function
+  jitted inside the block keeps XLA's convolutions.
+  """
+  global _disabled
+  _disabled += 1
+  try:
+    yield
+  finally:
+    _disabled -= 1
+
+
+def enabled() -> bool:
+  """:func:`available` and not inside :func:`disabled`."""
+  return not _disabled and available()
+
+
 def supports(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
              dtype: jnp.dtype) -> bool:
   """Whether a conv of NHWC ``x_shape`` with HWIO ``kernel_shape`` can use the kernels."""
   return (dtype == jnp.float32 and len(x_shape) == 4 and len(kernel_shape) == 4
           and x_shape[-1] % 16 == 0 and kernel_shape[-1] % 16 == 0
-          and kernel_shape[2] == x_shape[-1] and available())
+          and kernel_shape[2] == x_shape[-1] and enabled())
 
 
 def _out_size(size: int, kernel: int, strides: int, padding: int) -> int:

@@ -313,7 +313,7 @@ def residual_stream(x: jax.Array) -> jax.Array:
   On the CPU-kernel path this is :func:`cpu_kernels.materialize`, which stops XLA
   from re-computing the stream inside every later block; elsewhere a no-op.
   """
-  if jax.default_backend() == "cpu" and x.dtype == jnp.float32 and cpu_kernels.available():
+  if jax.default_backend() == "cpu" and x.dtype == jnp.float32 and cpu_kernels.enabled():
     return cpu_kernels.materialize(x)
   return x
 
