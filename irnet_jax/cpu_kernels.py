@@ -32,7 +32,8 @@ import jaxlib
 import numpy as np
 
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "binary_conv.cc"
-_TARGETS = ("irnet_binary_conv_fwd", "irnet_conv_dx", "irnet_conv_dw", "irnet_materialize")
+_TARGETS = ("irnet_binary_conv_fwd", "irnet_binary_conv_bwd", "irnet_conv_dx", "irnet_conv_dw",
+            "irnet_materialize")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -128,12 +129,16 @@ def _out_size(size: int, kernel: int, strides: int, padding: int) -> int:
   return (size + 2 * padding - kernel) // strides + 1
 
 
-def _call(name: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array, strides: int,
-          padding: int, **attrs: int) -> jax.Array:
+def _check() -> None:
   if not available():
     raise RuntimeError("irnet_jax CPU kernels are unavailable here (no C++ compiler, no "
                        "AVX-512 VPOPCNTDQ, or IRNET_JAX_CPU_KERNELS=0); check "
                        "cpu_kernels.available() and use XLA's convolutions instead")
+
+
+def _call(name: str, shape: tuple[int, ...], a: jax.Array, b: jax.Array, strides: int,
+          padding: int, **attrs: int) -> jax.Array:
+  _check()
   attrs = {k: np.int64(v) for k, v in attrs.items()}
   return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(shape, jnp.float32),
                           vmap_method="sequential")(
@@ -168,6 +173,21 @@ def conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int],
   """
   shape = (*kernel_hw, x.shape[-1], g.shape[-1])
   return _call("irnet_conv_dw", shape, x, g, strides, padding, sign_input=sign_input)
+
+
+def binary_conv_grads(x: jax.Array, kernel: jax.Array, g: jax.Array, strides: int,
+                      padding: int) -> tuple[jax.Array, jax.Array]:
+  """Both gradients of ``conv(sign(x), kernel)`` for the output cotangent ``g``.
+
+  x: (N, H, W, C); kernel: (KH, KW, C, K); g: (N, Ho, Wo, K), all float32. Returns
+  the gradient w.r.t. ``sign(x)`` (N, H, W, C) -- the caller applies the sign's
+  estimator -- and w.r.t. the kernel (HWIO), from one pass over the images.
+  """
+  _check()
+  shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+            jax.ShapeDtypeStruct(kernel.shape, jnp.float32))
+  return jax.ffi.ffi_call("irnet_binary_conv_bwd", shapes, vmap_method="sequential")(
+      x, kernel, g, stride=np.int64(strides), padding=np.int64(padding))
 
 
 @jax.custom_vjp

@@ -347,10 +347,8 @@ def _bc_fwd(x, kernel_b, ede, strides, padding, estimator):
 
 def _bc_bwd(strides, padding, estimator, res, g):
   x, kernel_b, ede = res
-  g_sign = cpu_kernels.conv_input_grad(g, kernel_b, x.shape[1:3], strides, padding)
+  g_sign, g_kernel = cpu_kernels.binary_conv_grads(x, kernel_b, g, strides, padding)
   _, sign_vjp = jax.vjp(lambda a: binarize(a, estimator, ede), x)
-  g_kernel = cpu_kernels.conv_kernel_grad(x, g, kernel_b.shape[:2], strides, padding,
-                                          sign_input=True)
   # (t, k) only shape the backward; like ede_sign, they get no gradient.
   return sign_vjp(g_sign)[0], g_kernel, jax.tree.map(jnp.zeros_like, ede)
 

@@ -79,6 +79,9 @@ def test_gradient_kernels_match_xla(n, h, w, c, k, kh, s, p):
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(dx_ref).max()))
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(dw_ref).max()))
   np.testing.assert_array_equal(dw_sign, dw)  # sign taken inside == sign taken before
+  fused_dx, fused_dw = cpu_kernels.binary_conv_grads(x, kernel, g, s, p)  # one pass
+  np.testing.assert_array_equal(fused_dx, dx)
+  np.testing.assert_array_equal(fused_dw, dw)
   # Deterministic: the kernel-gradient sums run in a fixed order.
   np.testing.assert_array_equal(cpu_kernels.conv_kernel_grad(x_b, g, (kh, kh), s, p), dw)
 

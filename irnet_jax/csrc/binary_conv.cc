@@ -14,6 +14,7 @@
 //     producers would otherwise be re-fused, i.e. recomputed, into every consumer).
 //   irnet_conv_dx: the input gradient of a float convolution (transposed conv).
 //   irnet_conv_dw: the kernel gradient of a float convolution, of sign(x) or x.
+//   irnet_binary_conv_bwd: both gradients of conv(sign(x), w) in one pass.
 //
 // Layouts: activations NHWC, kernels HWIO, all float32, symmetric zero padding.
 // Requirements (checked in Python before calling): C and K multiples of 16, an
@@ -221,26 +222,33 @@ void DxImage(const Geometry& g, const float* dy, const float* wt, int64_t n, flo
   }
 }
 
+// w[i, j, c, o] -> wt[i, j, o, c]: the dx loop broadcasts dy[o] against c vectors.
+std::vector<float> TransposeKernel(const Geometry& g, const float* wp) {
+  std::vector<float> wt(g.kh * g.kw * g.k * g.c);
+  for (int64_t t = 0; t < g.kh * g.kw; ++t)
+    for (int64_t c = 0; c < g.c; ++c)
+      for (int64_t o = 0; o < g.k; ++o) wt[(t * g.k + o) * g.c + c] = wp[(t * g.c + c) * g.k + o];
+  return wt;
+}
+
+// dx of image n (overwritten).
+void DxOfImage(const Geometry& g, const float* dy, const float* wt, int64_t n, float* dx) {
+  std::fill(dx + n * g.h * g.w * g.c, dx + (n + 1) * g.h * g.w * g.c, 0.f);
+  const int64_t c16 = g.c / 16;
+  if (c16 % 4 == 0) DxImage<4, 4>(g, dy, wt, n, dx);
+  else if (c16 % 3 == 0) DxImage<3, 4>(g, dy, wt, n, dx);
+  else if (c16 % 2 == 0) DxImage<2, 8>(g, dy, wt, n, dx);
+  else DxImage<1, 16>(g, dy, wt, n, dx);
+}
+
 ffi::Error ConvDxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                       ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
                       int64_t stride, int64_t pad) {
   auto dd = dy.dimensions(), wd = w.dimensions(), xd = dx->dimensions();
   Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], dd[1], dd[2], stride, pad};
-  // w[i, j, c, o] -> wt[i, j, o, c]: the loop broadcasts dy[o] against c vectors.
-  std::vector<float> wt(g.kh * g.kw * g.k * g.c);
-  const float* wp = w.typed_data();
-  for (int64_t t = 0; t < g.kh * g.kw; ++t)
-    for (int64_t c = 0; c < g.c; ++c)
-      for (int64_t o = 0; o < g.k; ++o) wt[(t * g.k + o) * g.c + c] = wp[(t * g.c + c) * g.k + o];
-  const float* dyp = dy.typed_data();
-  float* dxp = dx->typed_data();
-  const int64_t c16 = g.c / 16;
+  std::vector<float> wt = TransposeKernel(g, w.typed_data());
   ParallelFor(pool, g.n, MaxWorkers(pool), [&](int64_t, int64_t n) {
-    std::fill(dxp + n * g.h * g.w * g.c, dxp + (n + 1) * g.h * g.w * g.c, 0.f);
-    if (c16 % 4 == 0) DxImage<4, 4>(g, dyp, wt.data(), n, dxp);
-    else if (c16 % 3 == 0) DxImage<3, 4>(g, dyp, wt.data(), n, dxp);
-    else if (c16 % 2 == 0) DxImage<2, 8>(g, dyp, wt.data(), n, dxp);
-    else DxImage<1, 16>(g, dyp, wt.data(), n, dxp);
+    DxOfImage(g, dy.typed_data(), wt.data(), n, dx->typed_data());
   });
   return ffi::Error::Success();
 }
@@ -286,42 +294,72 @@ void DwImage(const Geometry& g, const float* x, const float* dy, float* dw) {
   }
 }
 
+// Adds image n's contribution to the kernel gradient acc (HWIO); `signs` is scratch
+// of one image, used when the conv's input is sign(x).
+void DwOfImage(const Geometry& g, const float* x, const float* dy, int64_t n,
+               bool sign_input, std::vector<float>& signs, float* acc) {
+  const int64_t image = g.h * g.w * g.c;
+  const float* xi = x + n * image;
+  if (sign_input) {  // one pass over the (cached) image
+    signs.resize(image);
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
+    for (int64_t e = 0; e < image; e += 16) {
+      __m512 v = _mm512_loadu_ps(xi + e);
+      __m512 pos = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), one);
+      __m512 neg = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), one);
+      _mm512_storeu_ps(&signs[e], _mm512_sub_ps(pos, neg));
+    }
+    xi = signs.data();
+  }
+  const float* dyi = dy + n * g.ho * g.wo * g.k;
+  if (g.k % 32 == 0) DwImage<2>(g, xi, dyi, acc);
+  else DwImage<1>(g, xi, dyi, acc);
+}
+
+// Images are split into fixed contiguous chunks, one partial kernel gradient each,
+// added in chunk order: the result does not depend on which thread ran which chunk.
+// per_image(n, signs, partial) runs for every image of a chunk.
+template <typename F>
+void KernelGradChunks(ffi::ThreadPool& pool, const Geometry& g, float* dw, F&& per_image) {
+  const int64_t size = g.kh * g.kw * g.c * g.k;
+  const int64_t chunks = std::min<int64_t>(g.n, MaxWorkers(pool));
+  std::vector<float> partial(chunks * size, 0.f);
+  ParallelFor(pool, chunks, chunks, [&](int64_t, int64_t chunk) {
+    std::vector<float> signs;
+    for (int64_t n = chunk * g.n / chunks; n < (chunk + 1) * g.n / chunks; ++n)
+      per_image(n, signs, &partial[chunk * size]);
+  });
+  std::copy(partial.begin(), partial.begin() + size, dw);
+  for (int64_t r = 1; r < chunks; ++r)
+    for (int64_t e = 0; e < size; ++e) dw[e] += partial[r * size + e];
+}
+
 ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                       ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
                       int64_t stride, int64_t pad, int64_t sign_input) {
   auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
   Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], dd[1], dd[2], stride, pad};
-  const int64_t size = g.kh * g.kw * g.c * g.k;
-  const int64_t image = g.h * g.w * g.c, out_image = g.ho * g.wo * g.k;
-  // Images are split into fixed contiguous chunks, one partial sum each, added in
-  // chunk order: the result does not depend on which thread ran which chunk.
-  const int64_t chunks = std::min<int64_t>(g.n, MaxWorkers(pool));
-  std::vector<float> partial(chunks * size, 0.f);
-  const float* xp = x.typed_data();
-  const float* dyp = dy.typed_data();
-  ParallelFor(pool, chunks, chunks, [&](int64_t, int64_t chunk) {
-    float* acc = &partial[chunk * size];
-    std::vector<float> signs(sign_input ? image : 0);
-    for (int64_t n = chunk * g.n / chunks; n < (chunk + 1) * g.n / chunks; ++n) {
-      const float* xi = xp + n * image;
-      if (sign_input) {  // the conv's input is sign(x): one pass over the cached image
-        const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
-        for (int64_t e = 0; e < image; e += 16) {
-          __m512 v = _mm512_loadu_ps(xi + e);
-          __m512 pos = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), one);
-          __m512 neg = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), one);
-          _mm512_storeu_ps(&signs[e], _mm512_sub_ps(pos, neg));
-        }
-        xi = signs.data();
-      }
-      if (g.k % 32 == 0) DwImage<2>(g, xi, dyp + n * out_image, acc);
-      else DwImage<1>(g, xi, dyp + n * out_image, acc);
-    }
+  KernelGradChunks(pool, g, dw->typed_data(), [&](int64_t n, std::vector<float>& signs,
+                                                  float* acc) {
+    DwOfImage(g, x.typed_data(), dy.typed_data(), n, sign_input, signs, acc);
   });
-  float* out = dw->typed_data();
-  std::copy(partial.begin(), partial.begin() + size, out);
-  for (int64_t r = 1; r < chunks; ++r)
-    for (int64_t e = 0; e < size; ++e) out[e] += partial[r * size + e];
+  return ffi::Error::Success();
+}
+
+// Both gradients of conv(sign(x), w) in one pass over the images: each image's dy
+// is read from memory once and used from cache by both.
+ffi::Error BinaryConvBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> dy,
+                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
+                             int64_t stride, int64_t pad) {
+  auto xd = x.dimensions(), wd = w.dimensions(), dd = dy.dimensions();
+  Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], dd[1], dd[2], stride, pad};
+  std::vector<float> wt = TransposeKernel(g, w.typed_data());
+  KernelGradChunks(pool, g, dw->typed_data(), [&](int64_t n, std::vector<float>& signs,
+                                                  float* acc) {
+    DxOfImage(g, dy.typed_data(), wt.data(), n, dx->typed_data());
+    DwOfImage(g, x.typed_data(), dy.typed_data(), n, true, signs, acc);
+  });
   return ffi::Error::Success();
 }
 
@@ -349,6 +387,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_materialize, IdentityImpl,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_binary_conv_fwd, BinaryConvFwdImpl, IRNET_BIND(x, w));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_conv_dx, ConvDxImpl, IRNET_BIND(dy, w));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_binary_conv_bwd, BinaryConvBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_conv_dw, ConvDwImpl,
                               IRNET_BIND(x, dy).Attr<int64_t>("sign_input"));
 
