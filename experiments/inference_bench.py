@@ -5,8 +5,10 @@
 
 For ResNet-20 (32x32) and ImageNet ResNet-18 (224x224), random weights: images/s
 of ``irnet_jax.export.infer`` (the whole packed network jitted as one computation)
-and of the jitted ``model.eval()`` forward (float convolutions on +-1 values),
-at each batch size, on the host CPU. Each measurement is repeated and the best
+and of the jitted ``model.eval()`` forward with XLA's float convolutions on +-1
+values ("float"), at each batch size, on the host CPU. Where ``irnet_jax.cpu_kernels``
+is available, also of the same forward on those kernels ("cpu_kernels": the
+XNOR/popcount forward the training step uses; asserted equal to "float"). Each measurement is repeated and the best
 repetition kept (the CPU may be shared). Also reports compile times, agreement of
 the two (max |logit diff|, argmax) and the sizes: float32 parameters, the packed
 file, and the binary layers alone. The last stdout line is a JSON object.
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from irnet_jax import export, models
+from irnet_jax import cpu_kernels, export, models
 from irnet_jax.export import format as export_format
 from irnet_jax.export.pack import float32_param_bytes
 
@@ -96,7 +98,13 @@ def main() -> None:
     _randomize_bn(model, 0)
     model.eval()
     graphdef, state = nnx.split(model)
-    float_fwd = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
+
+    def xla_forward(s, x, g=graphdef):
+      with cpu_kernels.disabled():  # traced with XLA's float convolutions
+        return nnx.merge(g, s)(x)
+
+    float_fwd = jax.jit(xla_forward)
+    kernel_fwd = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
     t = time.perf_counter()
     packed = export.pack(model, name=name)
     pack_s = time.perf_counter() - t
@@ -108,6 +116,8 @@ def main() -> None:
       iters = _iters(name, batch)
       variants = {"float": lambda x: float_fwd(state, x),
                   "packed": lambda x: export.infer(packed, x)}
+      if cpu_kernels.available():
+        variants["cpu_kernels"] = lambda x: kernel_fwd(state, x)
       if args.layers_mode:
         variants["packed_layers"] = lambda x: export.infer(packed, x, mode="layers")
       row = {"model": name, "input": size, "batch": batch, "iters": iters}
@@ -123,14 +133,16 @@ def main() -> None:
         row[f"max_abs_diff_{key}"] = float(jnp.max(jnp.abs(ref - out)))
         row[f"same_argmax_{key}"] = bool(jnp.all(ref.argmax(-1) == out.argmax(-1)))
       row["speedup"] = round(row["packed_img_s"] / row["float_img_s"], 2)
+      if "cpu_kernels_img_s" in row:
+        np.testing.assert_array_equal(kernel_fwd(state, x), float_fwd(state, x))
       rows.append(row)
       print(json.dumps(row), flush=True)
 
   print(f"\n{'model':<10}{'input':>6}{'batch':>6}{'float img/s':>13}{'packed img/s':>14}"
-        f"{'speedup':>9}")
+        f"{'speedup':>9}{'cpu_kernels img/s':>19}")
   for r in rows:
     print(f"{r['model']:<10}{r['input']:>6}{r['batch']:>6}{r['float_img_s']:>13}"
-          f"{r['packed_img_s']:>14}{r['speedup']:>9}")
+          f"{r['packed_img_s']:>14}{r['speedup']:>9}{r.get('cpu_kernels_img_s', '-'):>19}")
   env = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
          "load_avg_1m": round(os.getloadavg()[0], 2), "jax": jax.__version__,
          "backend": jax.default_backend()}

@@ -6,15 +6,23 @@ Builds exactly what ``python -m irnet_jax.main`` builds (``irnet_jax.train.build
 feeds random batches of the config's shape (batch_size x image_size^2 x 3), times
 ``--steps`` train steps after ``--warmup`` untimed ones (compile included there), then
 the eval step. The last stdout line is a JSON object with ``train_images_per_sec`` and
-``eval_images_per_sec``.
+``eval_images_per_sec`` (and the ``GLIBC_TUNABLES`` it ran with).
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
+import sys
 import time
 
-import jax
+if __name__ == "__main__":
+  # Measure what the launcher runs: it re-executes with huge pages where they help
+  # (irnet_jax/hugepages.py); IRNET_JAX_HUGEPAGES=0 measures without.
+  from irnet_jax import hugepages
+  hugepages.reexec([sys.argv[0], *sys.argv[1:]])
+
+import jax  # pylint: disable=wrong-import-position
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -72,6 +80,7 @@ def main(argv) -> None:
   result = dict(config=c.model.name, batch=c.batch_size, image_size=c.dataset.image_size,
                 devices=jax.device_count(), backend=jax.default_backend(),
                 jax_version=jax.__version__, cpu=platform.processor() or platform.machine(),
+                glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                 steps=FLAGS.steps, train_ms_per_step=1000 * train_s / FLAGS.steps,
                 train_images_per_sec=c.batch_size * FLAGS.steps / train_s,
                 eval_images_per_sec=c.batch_size * FLAGS.steps / eval_s)

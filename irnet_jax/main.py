@@ -8,12 +8,18 @@ on every process (``jax.distributed.initialize``; on CPU, gloo collectives).
 from __future__ import annotations
 
 import logging
+import sys
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+if __name__ == "__main__":
+  # Before the heavy imports: maybe re-execute with huge pages (see hugepages.py).
+  from irnet_jax import hugepages
+  hugepages.reexec(["-m", "irnet_jax.main", *sys.argv[1:]])
 
-from irnet_jax import train
+import jax  # pylint: disable=wrong-import-position
+from absl import app, flags  # pylint: disable=wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+from irnet_jax import train  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
