@@ -13,6 +13,7 @@ is a function of (seed, step), so a resumed run is the same run.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from irnet_jax import analysis, checkpointing, data, ops
+from irnet_jax import analysis, checkpointing, cpu_kernels, data, ops
 from irnet_jax import config as config_lib
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,24 @@ class Setup(NamedTuple):
   diagnose: Callable               # jitted (model_state, step, prev_signs, x) -> (metrics, signs).
 
 
+def _for_mesh(fn: Callable, mesh: Mesh) -> Callable:
+  """``fn``, traced without the CPU kernels when the mesh has several devices.
+
+  The kernels are opaque custom calls to XLA's SPMD partitioner, which would gather
+  the whole batch and run them on it on every device; XLA's own convolutions are
+  partitioned over the batch.
+  """
+  if mesh.size == 1:
+    return fn
+
+  @functools.wraps(fn)
+  def traced_with_xla_convs(*args):
+    with cpu_kernels.disabled():
+      return fn(*args)
+
+  return traced_with_xla_convs
+
+
 def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
           total_steps: int) -> Setup:
   """Model, optimizer, mesh and the jitted steps of config ``c`` (num_classes resolved)."""
@@ -246,12 +265,13 @@ def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
   model.train()
   graphdef, state = nnx.split((model, optimizer))
   state = jax.device_put(state, replicated)
-  train_step = jax.jit(make_train_step(graphdef, c, schedule, steps_per_epoch, total_steps),
-                       in_shardings=(replicated, batch_sharding),
+  step = make_train_step(graphdef, c, schedule, steps_per_epoch, total_steps)
+  train_step = jax.jit(_for_mesh(step, mesh), in_shardings=(replicated, batch_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(eval_graphdef), in_shardings=(replicated, batch_sharding),
-                      out_shardings=replicated)
-  diagnose = jax.jit(make_diagnose(eval_graphdef, c, steps_per_epoch, total_steps))
+  eval_step = jax.jit(_for_mesh(make_eval_step(eval_graphdef), mesh),
+                      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
+  diagnose = jax.jit(_for_mesh(make_diagnose(eval_graphdef, c, steps_per_epoch, total_steps),
+                               mesh))
   return Setup(state, train_step, eval_step, batch_sharding, mesh, diagnose)
 
 

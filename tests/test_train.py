@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from irnet_jax import checkpointing, config as config_lib, train
+from irnet_jax import checkpointing, config as config_lib, cpu_kernels, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,6 +121,18 @@ def test_one_and_four_devices_same_loss(npz, tmp_path):
           "params_fingerprint"} <= final.keys()
   rec = read_metrics(tmp_path / "four", "train")[-1]
   assert {"step", "loss", "accuracy", "lr", "ede_t", "ede_k", "images_per_sec"} <= rec.keys()
+
+
+def test_cpu_kernels_only_on_a_single_device_mesh(npz):
+  # On a multi-device mesh the opaque kernels would run on the gathered batch on every
+  # device: the step must use XLA's (partitioned) convolutions there.
+  c = tiny_config(npz)
+  c.model.num_classes = 4
+  batch = {"image": np.zeros((16, 8, 8, 3), np.float32), "label": np.zeros(16, np.int32)}
+  for n, expect in ((1, cpu_kernels.available()), (4, False)):
+    setup = train.build(c, jax.devices()[:n], 10, 60)
+    hlo = setup.train_step.lower(setup.state, batch).as_text()
+    assert ("irnet_binary_conv_fwd" in hlo) == expect, n
 
 
 def test_loss_decreases_on_learnable_set(npz, tmp_path):
