@@ -8,7 +8,7 @@ This module compiles that file with the system C++ compiler into a per-user cach
 host), registers the handlers with XLA, and wraps them as ``jax.ffi`` calls.
 
 Everything here is optional: :func:`available` is False -- and callers use XLA's own
-convolutions -- when the compiler or the CPU features (AVX-512 F/DQ/BW/VPOPCNTDQ) are
+convolutions -- when the compiler or the CPU features (AVX-512 F/DQ/BW/VL/VPOPCNTDQ) are
 missing, or when ``IRNET_JAX_CPU_KERNELS=0`` is set. The wrappers take NHWC float32
 activations and HWIO float32 kernels with channel counts that are multiples of 16
 (:func:`supports` checks a call's shapes).

@@ -12,7 +12,7 @@ from flax import nnx
 
 from irnet_jax import cpu_kernels, models, ops
 
-_NEEDED = ("avx512f", "avx512dq", "avx512bw", "avx512_vpopcntdq")
+_NEEDED = ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vpopcntdq")
 
 
 def _host_supports_kernels() -> bool:

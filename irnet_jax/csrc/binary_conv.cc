@@ -18,7 +18,7 @@
 //
 // Layouts: activations NHWC, kernels HWIO, all float32, symmetric zero padding.
 // Requirements (checked in Python before calling): C and K multiples of 16, an
-// x86-64 CPU with AVX-512 F/DQ/BW and VPOPCNTDQ (irnet_kernels_available() says).
+// x86-64 CPU with AVX-512 F/DQ/BW/VL and VPOPCNTDQ (irnet_kernels_available() says).
 // Work is split over images and run on XLA's intra-op thread pool.
 
 #include <algorithm>
@@ -33,7 +33,7 @@
 
 namespace ffi = xla::ffi;
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && \
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(__AVX512VPOPCNTDQ__)
 #define IRNET_HAVE_KERNELS 1
 #include <immintrin.h>
@@ -124,45 +124,58 @@ ffi::Error BinaryConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   std::vector<float> scale(g.k, 0.f);
   for (int64_t i = 0; i < g.kh; ++i)
     for (int64_t j = 0; j < g.kw; ++j)
-      for (int64_t ci = 0; ci < g.c; ++ci)
-        for (int64_t o = 0; o < g.k; ++o) {
-          float v = wp[((i * g.kw + j) * g.c + ci) * g.k + o];
-          int64_t bit = j * g.c + ci, word = i * row_words + bit / 64;
-          uint64_t m = uint64_t{1} << (bit % 64);
-          if (v > 0) wpos[word * g.k + o] |= m;
-          if (v < 0) wneg[word * g.k + o] |= m;
-          scale[o] = std::max(scale[o], std::abs(v));
-        }
-
-  const int64_t hp = g.h + 2 * g.pad, wpd = g.w + 2 * g.pad;
-  const int64_t plane = hp * wpd * c16;
-  ParallelFor(pool, g.n, MaxWorkers(pool), [&](int64_t, int64_t n) {
-    std::vector<uint16_t> pos(plane + 4, 0), neg(plane + 4, 0);  // + slack for reads
-    PackImage(g, xp + n * g.h * g.w * g.c, hp, wpd, pos.data(), neg.data());
-    for (int64_t oh = 0; oh < g.ho; ++oh)
-      for (int64_t ow = 0; ow < g.wo; ++ow) {
-        const int64_t src = (oh * g.stride * wpd + ow * g.stride) * c16;
-        float* out = yp + ((n * g.ho + oh) * g.wo + ow) * g.k;
-        for (int64_t o = 0; o < g.k; o += 8) {
-          __m512i acc = _mm512_setzero_si512();
-          for (int64_t i = 0; i < g.kh; ++i)
-            for (int64_t r = 0; r < row_words; ++r) {
-              int64_t at = src + i * wpd * c16 + 4 * r, q = i * row_words + r;
-              uint64_t vp, vn;
-              std::memcpy(&vp, &pos[at], 8);
-              std::memcpy(&vn, &neg[at], 8);
-              __m512i ap = _mm512_set1_epi64(vp), an = _mm512_set1_epi64(vn);
-              __m512i bp = _mm512_loadu_si512(&wpos[q * g.k + o]);
-              __m512i bn = _mm512_loadu_si512(&wneg[q * g.k + o]);
-              __m512i agree = _mm512_or_si512(_mm512_and_si512(ap, bp), _mm512_and_si512(an, bn));
-              __m512i differ = _mm512_or_si512(_mm512_and_si512(ap, bn), _mm512_and_si512(an, bp));
-              acc = _mm512_add_epi64(acc, _mm512_sub_epi64(_mm512_popcnt_epi64(agree),
-                                                           _mm512_popcnt_epi64(differ)));
-            }
-          __m256 counts = _mm512_cvtepi64_ps(acc);
-          _mm256_storeu_ps(out + o, _mm256_mul_ps(counts, _mm256_loadu_ps(&scale[o])));
+      for (int64_t ci = 0; ci < g.c; ++ci) {
+        const float* row = wp + ((i * g.kw + j) * g.c + ci) * g.k;
+        const int64_t bit = j * g.c + ci, word = i * row_words + bit / 64;
+        const __m512i m = _mm512_set1_epi64(int64_t(uint64_t{1} << (bit % 64)));
+        for (int64_t o = 0; o < g.k; o += 8) {  // 8 output channels (one bit each) at once
+          __m256 v = _mm256_loadu_ps(row + o);
+          __mmask8 p = _mm256_cmp_ps_mask(v, _mm256_setzero_ps(), _CMP_GT_OQ);
+          __mmask8 n = _mm256_cmp_ps_mask(v, _mm256_setzero_ps(), _CMP_LT_OQ);
+          uint64_t* dp = &wpos[word * g.k + o];
+          uint64_t* dn = &wneg[word * g.k + o];
+          _mm512_storeu_si512(dp, _mm512_mask_or_epi64(_mm512_loadu_si512(dp), p, _mm512_loadu_si512(dp), m));
+          _mm512_storeu_si512(dn, _mm512_mask_or_epi64(_mm512_loadu_si512(dn), n, _mm512_loadu_si512(dn), m));
+          __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), v);  // |v|
+          _mm256_storeu_ps(&scale[o], _mm256_max_ps(_mm256_loadu_ps(&scale[o]), a));
         }
       }
+
+  // Pack every image, then convolve output rows: rows, not images, are the unit of
+  // work, so that a batch of one still uses every thread.
+  const int64_t hp = g.h + 2 * g.pad, wpd = g.w + 2 * g.pad;
+  const int64_t plane = hp * wpd * c16;
+  std::vector<uint16_t> pos(g.n * plane + 4, 0), neg(g.n * plane + 4, 0);  // + read slack
+  ParallelFor(pool, g.n, MaxWorkers(pool), [&](int64_t, int64_t n) {
+    PackImage(g, xp + n * g.h * g.w * g.c, hp, wpd, &pos[n * plane], &neg[n * plane]);
+  });
+  ParallelFor(pool, g.n * g.ho, MaxWorkers(pool), [&](int64_t, int64_t item) {
+    const int64_t n = item / g.ho, oh = item % g.ho;
+    const uint16_t* ip = &pos[n * plane];
+    const uint16_t* in = &neg[n * plane];
+    for (int64_t ow = 0; ow < g.wo; ++ow) {
+      const int64_t src = (oh * g.stride * wpd + ow * g.stride) * c16;
+      float* out = yp + ((n * g.ho + oh) * g.wo + ow) * g.k;
+      for (int64_t o = 0; o < g.k; o += 8) {
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t i = 0; i < g.kh; ++i)
+          for (int64_t r = 0; r < row_words; ++r) {
+            int64_t at = src + i * wpd * c16 + 4 * r, q = i * row_words + r;
+            uint64_t vp, vn;
+            std::memcpy(&vp, ip + at, 8);
+            std::memcpy(&vn, in + at, 8);
+            __m512i ap = _mm512_set1_epi64(vp), an = _mm512_set1_epi64(vn);
+            __m512i bp = _mm512_loadu_si512(&wpos[q * g.k + o]);
+            __m512i bn = _mm512_loadu_si512(&wneg[q * g.k + o]);
+            __m512i agree = _mm512_or_si512(_mm512_and_si512(ap, bp), _mm512_and_si512(an, bn));
+            __m512i differ = _mm512_or_si512(_mm512_and_si512(ap, bn), _mm512_and_si512(an, bp));
+            acc = _mm512_add_epi64(acc, _mm512_sub_epi64(_mm512_popcnt_epi64(agree),
+                                                         _mm512_popcnt_epi64(differ)));
+          }
+        __m256 counts = _mm512_cvtepi64_ps(acc);
+        _mm256_storeu_ps(out + o, _mm256_mul_ps(counts, _mm256_loadu_ps(&scale[o])));
+      }
+    }
   });
   return ffi::Error::Success();
 }
