@@ -8,10 +8,10 @@ of ``irnet_jax.export.infer`` (the whole packed network jitted as one computatio
 and of the jitted ``model.eval()`` forward with XLA's float convolutions on +-1
 values ("float"), at each batch size, on the host CPU. Where ``irnet_jax.cpu_kernels``
 is available, also of the same forward on those kernels ("cpu_kernels": the
-XNOR/popcount forward the training step uses; asserted equal to "float"). Each measurement is repeated and the best
-repetition kept (the CPU may be shared). Also reports compile times, agreement of
-the two (max |logit diff|, argmax) and the sizes: float32 parameters, the packed
-file, and the binary layers alone. The last stdout line is a JSON object.
+XNOR/popcount forward the training step uses; asserted equal to "float"). Each
+measurement is repeated and the best repetition kept (the CPU may be shared). Also
+reports compile times, agreement of float and packed (max |logit diff|, argmax) and
+the sizes: float32 parameters, the packed file, and the binary layers alone. The last stdout line is a JSON object.
 """
 from __future__ import annotations
 

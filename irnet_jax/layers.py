@@ -76,7 +76,8 @@ class BinaryConv(nnx.Module):
 
   def __call__(self, x: jax.Array, ede: ops.EDE | None = None) -> jax.Array:
     kernel = self.quantized_kernel(ede)
-    if (self.binary_acts and self.binary_weights and (self.dtype is None or jnp.dtype(self.dtype) == jnp.float32)
+    float32 = self.dtype is None or jnp.dtype(self.dtype) == jnp.float32
+    if (self.binary_acts and self.binary_weights and float32
         and ops.binary_conv_supported(x, kernel)):  # XNOR/popcount CPU kernels
       return ops.binary_conv(x, kernel, ede, self.strides, self.padding, self.estimator)
     if self.binary_acts:

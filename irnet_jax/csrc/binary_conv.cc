@@ -33,8 +33,8 @@
 
 namespace ffi = xla::ffi;
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    defined(__AVX512VPOPCNTDQ__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512BW__) && \
+    defined(__AVX512VL__) && defined(__AVX512VPOPCNTDQ__)
 #define IRNET_HAVE_KERNELS 1
 #include <immintrin.h>
 #else
@@ -134,8 +134,9 @@ ffi::Error BinaryConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
           __mmask8 n = _mm256_cmp_ps_mask(v, _mm256_setzero_ps(), _CMP_LT_OQ);
           uint64_t* dp = &wpos[word * g.k + o];
           uint64_t* dn = &wneg[word * g.k + o];
-          _mm512_storeu_si512(dp, _mm512_mask_or_epi64(_mm512_loadu_si512(dp), p, _mm512_loadu_si512(dp), m));
-          _mm512_storeu_si512(dn, _mm512_mask_or_epi64(_mm512_loadu_si512(dn), n, _mm512_loadu_si512(dn), m));
+          __m512i old_p = _mm512_loadu_si512(dp), old_n = _mm512_loadu_si512(dn);
+          _mm512_storeu_si512(dp, _mm512_mask_or_epi64(old_p, p, old_p, m));
+          _mm512_storeu_si512(dn, _mm512_mask_or_epi64(old_n, n, old_n, m));
           __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), v);  // |v|
           _mm256_storeu_ps(&scale[o], _mm256_max_ps(_mm256_loadu_ps(&scale[o]), a));
         }
@@ -200,9 +201,11 @@ inline int64_t EndValid(int64_t size, int64_t out, int64_t pad, int64_t tap,
 template <int NV, int OB>
 void DxImage(const Geometry& g, const float* dy, const float* wt, int64_t n, float* dx) {
   for (int64_t i = 0; i < g.kh; ++i) {
-    int64_t oh_lo = FirstValid(g.pad, i, g.stride), oh_hi = EndValid(g.h, g.ho, g.pad, i, g.stride);
+    int64_t oh_lo = FirstValid(g.pad, i, g.stride);
+    int64_t oh_hi = EndValid(g.h, g.ho, g.pad, i, g.stride);
     for (int64_t j = 0; j < g.kw; ++j) {
-      int64_t ow_lo = FirstValid(g.pad, j, g.stride), ow_hi = EndValid(g.w, g.wo, g.pad, j, g.stride);
+      int64_t ow_lo = FirstValid(g.pad, j, g.stride);
+      int64_t ow_hi = EndValid(g.w, g.wo, g.pad, j, g.stride);
       for (int64_t c0 = 0; c0 < g.c; c0 += 16 * NV)
         for (int64_t o0 = 0; o0 < g.k; o0 += OB) {
           __m512 wr[OB][NV];
@@ -227,7 +230,8 @@ void DxImage(const Geometry& g, const float* dy, const float* wt, int64_t n, flo
                   a1[v] = _mm512_fmadd_ps(d1, wr[b + 1][v], a1[v]);
                 }
               }
-              for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + 16 * v, _mm512_add_ps(a0[v], a1[v]));
+              for (int v = 0; v < NV; ++v)
+                _mm512_storeu_ps(out + 16 * v, _mm512_add_ps(a0[v], a1[v]));
             }
           }
         }
@@ -275,9 +279,11 @@ template <int KV>
 void DwImage(const Geometry& g, const float* x, const float* dy, float* dw) {
   for (int64_t i = 0; i < g.kh; ++i) {
     // Output rows whose input row oh * stride - pad + i lies inside the image.
-    int64_t oh_lo = FirstValid(g.pad, i, g.stride), oh_hi = EndValid(g.h, g.ho, g.pad, i, g.stride);
+    int64_t oh_lo = FirstValid(g.pad, i, g.stride);
+    int64_t oh_hi = EndValid(g.h, g.ho, g.pad, i, g.stride);
     for (int64_t j = 0; j < g.kw; ++j) {
-      int64_t ow_lo = FirstValid(g.pad, j, g.stride), ow_hi = EndValid(g.w, g.wo, g.pad, j, g.stride);
+      int64_t ow_lo = FirstValid(g.pad, j, g.stride);
+      int64_t ow_hi = EndValid(g.w, g.wo, g.pad, j, g.stride);
       for (int64_t c0 = 0; c0 < g.c; c0 += 8)
         for (int64_t o0 = 0; o0 < g.k; o0 += 16 * KV) {
           __m512 acc[8][KV];
