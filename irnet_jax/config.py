@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.mean = IMAGENET_MEAN  # The official CIFAR code normalizes with these too.
   c.dataset.std = IMAGENET_STD
   c.dataset.num_threads = 2
+  c.dataset.skip_bad_files = False  # True: replace undecodable image files (counted in logs).
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet20"

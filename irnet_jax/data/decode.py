@@ -1,0 +1,94 @@
+"""Image file decoding: encoded bytes -> uint8 ``(H, W, 3)`` RGB numpy arrays.
+
+Decoding follows torchvision's ``pil_loader`` (``Image.open(f).convert("RGB")``),
+so greyscale, CMYK (ImageNet has a few of each), palette and RGBA images come
+out as RGB exactly as the official PyTorch pipeline sees them. Anything that
+cannot be decoded raises :class:`BadImageError`, which names the file and the
+fix; the pipeline turns it into a deterministic replacement when
+``dataset.skip_bad_files=True``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image
+
+SKIP_BAD_FILES_FIX = ("Replace or delete the file, or pass "
+                      "--config.dataset.skip_bad_files=True to replace "
+                      "undecodable images deterministically (they are counted "
+                      "in the logs).")
+
+
+class BadImageError(ValueError):
+  """An image file that cannot be read or decoded.
+
+  Attributes:
+    path: the file (as given to the reader).
+    reason: what went wrong (the decoder's message).
+  """
+
+  def __init__(self, path: str, reason: str):
+    self.path = str(path)
+    self.reason = str(reason)
+    super().__init__(f"Cannot decode image {self.path!r}: {self.reason}. "
+                     + SKIP_BAD_FILES_FIX)
+
+  def __reduce__(self):
+    # Worker processes send exceptions back pickled; the default reduce would
+    # call __init__ with the formatted message only.
+    return (BadImageError, (self.path, self.reason))
+
+
+def read_file(path: str) -> bytes:
+  """The bytes of ``path``; an unreadable file raises :class:`BadImageError`."""
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise BadImageError(path, f"{type(e).__name__}: {e.strerror or e}") from e
+
+
+def decode_image(data: bytes, path: str = "<bytes>",
+                 draft_to: tuple[int, int] | None = None) -> np.ndarray:
+  """Decodes an encoded image (JPEG, PNG, BMP, ...) to uint8 ``(H, W, 3)`` RGB.
+
+  Args:
+    data: the encoded file contents.
+    path: names the file in errors only.
+    draft_to: ``(width, height)`` in pixels, or ``None`` for a full decode. For
+      JPEGs, lets libjpeg decode at a reduced DCT scale (1/2, 1/4 or 1/8) as
+      long as both sides stay ``>=`` these (PIL's ``Image.draft``); the result
+      is then smaller than the stored image. Ignored for other formats.
+
+  Returns:
+    uint8 ``(H, W, 3)`` array (a fresh, writable copy).
+
+  Raises:
+    BadImageError: the bytes are not a decodable image (truncated, corrupt,
+      unknown format, empty file, decompression bomb).
+  """
+  try:
+    with warnings.catch_warnings():
+      # A decompression-bomb warning is an error here: it names the file.
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      with Image.open(io.BytesIO(data)) as img:
+        if draft_to is not None and img.format == "JPEG":
+          # draft keeps the colour space; convert() below does CMYK/L -> RGB.
+          img.draft(img.mode, tuple(int(s) for s in draft_to))
+        rgb = img.convert("RGB")  # Forces the full decode (truncation errors).
+      return np.array(rgb, dtype=np.uint8)  # One writable copy.
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+          Image.DecompressionBombWarning) as e:
+    # PIL signals bad data with all of these (UnidentifiedImageError and
+    # "image file is truncated" are OSErrors).
+    raise BadImageError(path, f"{type(e).__name__}: {e}") from e
+
+
+def load_image(path: str | os.PathLike,
+               draft_to: tuple[int, int] | None = None) -> np.ndarray:
+  """:func:`read_file` then :func:`decode_image`; uint8 ``(H, W, 3)`` RGB."""
+  path = os.fspath(path)
+  return decode_image(read_file(path), path, draft_to)
