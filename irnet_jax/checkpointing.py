@@ -98,7 +98,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f"{workdir} has no {CONFIG_FILE}; is it the --workdir of a training "
                      "run made with `python -m irnet_jax.main`?")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return config_lib.migrate(ml_collections.ConfigDict(json.load(f)))
 
 
 def load_model(workdir: str, step: int | None = None

@@ -16,7 +16,9 @@ from irnet_jax import models, ops
 
 OPTIMIZERS = ("sgd", "nesterov", "adam")
 SCHEDULES = ("cosine_epoch", "cosine", "warmup_multistep", "constant")
-EDE_UPDATES = ("epoch", "step")
+EDE_SCHEDULE_BY = ("epoch", "step")
+# Fields renamed since earlier releases: old name -> new name (same values).
+RENAMED_FIELDS = {"ede.update": "ede.schedule_by"}
 COMPUTE_DTYPES = ("float32", "bfloat16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,8 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.ede = ml_collections.ConfigDict()
   c.ede.t_min = 1e-3              # Official ResNet-20 1w1a trainer; the paper says 0.1.
   c.ede.t_max = 10.0
-  c.ede["update"] = "epoch"          # "epoch" (official CIFAR code) or "step".
-  c.ede.every_steps = 1           # With update="step": refresh t, k every N steps.
+  c.ede.schedule_by = "epoch"     # "epoch" (official CIFAR code) or "step".
+  c.ede.every_steps = 1           # With schedule_by="step": refresh t, k every N steps.
   return c
 
 
@@ -105,7 +107,7 @@ def imagenet_config(model: str, act_bits: int = 1) -> ml_collections.ConfigDict:
   c.optimizer.learning_rate = 0.8
   c.optimizer.warmup_steps = 2500
   c.optimizer.weight_decay = 1e-4
-  c.ede["update"] = "step"
+  c.ede.schedule_by = "step"
   c.ede.every_steps = 10
   c.ede.t_min = 0.1
   return c
@@ -114,6 +116,49 @@ def imagenet_config(model: str, act_bits: int = 1) -> ml_collections.ConfigDict:
 def _choice(value, allowed, field):
   if value not in allowed:
     raise ValueError(f"config.{field}={value!r} is not valid; choose one of {list(allowed)}.")
+
+
+def _renamed_message(old: str, new: str, value=None) -> str:
+  shown = "" if value is None else f"={value!r}"
+  return (f"config.{old}{shown} was renamed to config.{new} (same values); set "
+          f"--config.{new}=... (or c.{new} in the config file) instead. Workdirs written "
+          f"before the rename are read with {old} mapped to {new}.")
+
+
+def _check_renamed(c: ml_collections.ConfigDict) -> None:
+  for old, new in RENAMED_FIELDS.items():
+    parent, leaf = old.rsplit(".", 1)
+    # `in`, not getattr: ConfigDict.update is a method, so `c.ede.update` is always set.
+    if parent in c and leaf in c[parent]:
+      raise ValueError(_renamed_message(old, new, c[parent][leaf]))
+
+
+def migrate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``c`` with fields of :data:`RENAMED_FIELDS` moved to their new names (in place).
+
+  For configs saved by earlier runs (``WORKDIR/config.json``); configs written now
+  are rejected by :func:`validate` instead, so a stale override does not go unseen.
+  """
+  for old, new in RENAMED_FIELDS.items():
+    parent, leaf = old.rsplit(".", 1)
+    if parent in c and leaf in c[parent]:
+      node = c[parent]
+      value = node[leaf]
+      del node[leaf]
+      node[new.rsplit(".", 1)[1]] = value
+  return c
+
+
+def reject_renamed_flags(argv: list[str]) -> None:
+  """Exits with the rename message when ``argv`` overrides a renamed field.
+
+  absl's config flags cannot report it clearly themselves: ``--config.ede.update``
+  resolves to the ConfigDict method ``update`` and fails with an unrelated message.
+  """
+  for arg in argv:
+    for old, new in RENAMED_FIELDS.items():
+      if arg.split("=", 1)[0].lstrip("-") == f"config.{old}":
+        raise SystemExit(f"error: {_renamed_message(old, new)}")
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
@@ -128,7 +173,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(c.model.act_bits, (1, 32), "model.act_bits")
   _choice(c.optimizer.name, OPTIMIZERS, "optimizer.name")
   _choice(c.optimizer.schedule, SCHEDULES, "optimizer.schedule")
-  _choice(c.ede["update"], EDE_UPDATES, "ede.update")
+  _check_renamed(c)
+  _choice(c.ede.schedule_by, EDE_SCHEDULE_BY, "ede.schedule_by")
   _choice(c.compute_dtype, COMPUTE_DTYPES, "compute_dtype")
   if not c.optimizer.learning_rate > 0:
     raise ValueError(f"config.optimizer.learning_rate={c.optimizer.learning_rate} must be "

@@ -19,6 +19,7 @@ import jax  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
+from irnet_jax import config as config_lib  # pylint: disable=wrong-import-position
 from irnet_jax import train  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -60,4 +61,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  config_lib.reject_renamed_flags(sys.argv[1:])
   app.run(main)

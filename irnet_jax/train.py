@@ -82,7 +82,7 @@ def ede_at(c: ml_collections.ConfigDict, step: jax.Array, steps_per_epoch: int,
   """EDE (t, k) for a (traced) step: per epoch like the official CIFAR code, or every
   ``ede.every_steps`` steps by progress like the official ImageNet code."""
   step = step.astype(jnp.float32)
-  if c.ede["update"] == "epoch":
+  if c.ede.schedule_by == "epoch":
     num_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
     progress = jnp.floor(step / steps_per_epoch) / num_epochs
   else:

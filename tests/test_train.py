@@ -41,7 +41,7 @@ def tiny_config(npz, **overrides):
   c.num_train_steps, c.checkpoint_every_steps, c.log_every_steps = 6, 2, 1
   c.eval_every_steps = 6
   c.progress_bar = False
-  c.ede["update"] = "step"
+  c.ede.schedule_by = "step"
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
