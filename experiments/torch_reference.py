@@ -1,13 +1,18 @@
-"""PyTorch reference of IR-Net's CIFAR ResNet-20 (Qin et al., CVPR 2020), torch only.
+"""PyTorch reference of IR-Net's networks (Qin et al., CVPR 2020), torch only.
 
-An independent re-implementation of the official ``CIFAR-10/ResNet20/1w1a`` model
-(Bi-Real structure, option-A shortcuts) whose ``state_dict`` keys are exactly the
-official ones (``conv1.weight``, ``bn1.*``, ``layer1.0.conv1.weight``,
-``layer1.0.bn1.*``, ..., ``bn2.*``, ``linear.weight``, ``linear.bias``). It is used to
-produce golden data for the JAX port and a PyTorch CPU throughput baseline. It
-imports no JAX: data crosses over as ``.npz`` files.
-
-Run it with the separate torch venv (``/work/torchvenv``)::
+Independent re-implementations of every network of the official code
+(github.com/htqin/IR-Net), one per name of ``irnet_jax.models.REGISTRY`` in
+:data:`MODELS`: CIFAR ResNet-20 1w1a (Bi-Real, option-A shortcuts) and 1w32a, CIFAR
+ResNet-18, VGG-Small, ImageNet ResNet-18/34 1w1a (Bi-Real, FP downsample) and 1w32a.
+Their ``state_dict`` keys are exactly the official ones (``conv1.weight``, ``bn1.*``,
+``layer1.0.conv1.weight``, ``layer2.0.shortcut.0.weight`` / ``downsample.1.*``, ``bn2.*``,
+``linear.*`` / ``fc.*``, ImageNet's unused ``bn3.*``). Differences from the official
+modules, none of which changes a value: EDE's ``t``, ``k`` are set with :func:`set_ede`
+on any device and dtype (upstream hard-codes ``.cuda()`` float32 tensors), and ImageNet's
+``AvgPool2d(7)`` is the global average (the same at 224x224; see
+:class:`ImageNetResNet`). The golden files of the JAX test suite are made from these
+models (``experiments/make_golden.py``); ``dump`` and ``bench`` below use ResNet-20.
+It imports no JAX: data crosses over as ``.npz`` files.
 
   python experiments/torch_reference.py dump --out ref.npz [--seed 0] [--batch 16]
       [--plain] [--act-bits 32] [--t 0.3] [--k 3.3]
@@ -127,22 +132,28 @@ class OptionAShortcut(nn.Module):
     return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad), "constant", 0.0)
 
 
-class BasicBlock1w1a(nn.Module):
-  """Two IRConv2d 3x3 + BN + hardtanh.
+class BasicBlock(nn.Module):
+  """Two IRConv2d 3x3 + BN, of every official IR-Net ResNet.
 
-  Bi-Real (default, official ResNet-20)::
+  Bi-Real (official ResNet-20 1w1a and ImageNet 1w1a; ``act`` = hardtanh)::
 
-    out = hardtanh(bn1(conv1(x)) + shortcut(x))
-    out = hardtanh(bn2(conv2(out)) + out)
+    out = act(bn1(conv1(x)) + shortcut(x))
+    out = act(bn2(conv2(out)) + out)
 
-  plain (one shortcut per block)::
+  plain (official CIFAR ResNet-18 and every 1w32a network, one shortcut per block)::
 
-    out = hardtanh(bn1(conv1(x)))
-    out = hardtanh(bn2(conv2(out)) + shortcut(x))
+    out = act(bn1(conv1(x)))
+    out = act(bn2(conv2(out)) + shortcut(x))
+
+  A shortcut that changes shape is option "A" (:class:`OptionAShortcut`, no state) or
+  "B" (FP 1x1 conv + BN, stored as ``shortcut_name``: "shortcut" in the CIFAR code,
+  "downsample" in the ImageNet code, so that the state_dict keys are the official ones).
+  An identity shortcut is an empty ``nn.Sequential`` (no state), like the official code.
   """
 
   def __init__(self, in_planes: int, planes: int, stride: int = 1, *,
-               plain: bool = False, binary_act: bool = True):
+               plain: bool = False, binary_act: bool = True, relu: bool = False,
+               option: str = "A", shortcut_name: str = "shortcut"):
     super().__init__()
     self.conv1 = IRConv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False,
                           binary_act=binary_act)
@@ -150,62 +161,195 @@ class BasicBlock1w1a(nn.Module):
     self.conv2 = IRConv2d(planes, planes, 3, stride=1, padding=1, bias=False,
                           binary_act=binary_act)
     self.bn2 = nn.BatchNorm2d(planes)
-    self.plain = plain
-    # An empty Sequential (identity) has no state, like the official code.
-    self.shortcut: nn.Module = nn.Sequential()
+    self.plain, self.shortcut_name = plain, shortcut_name
+    self.act = F.relu if relu else F.hardtanh
+    shortcut: nn.Module = nn.Sequential()
     if stride != 1 or in_planes != planes:
-      self.shortcut = OptionAShortcut(planes)
+      if option == "A":
+        shortcut = OptionAShortcut(planes)
+      else:
+        shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                                 nn.BatchNorm2d(planes))
+    setattr(self, shortcut_name, shortcut)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
+    residual = getattr(self, self.shortcut_name)(x)
     if self.plain:
-      out = F.hardtanh(self.bn1(self.conv1(x)))
-      return F.hardtanh(self.bn2(self.conv2(out)) + self.shortcut(x))
-    out = F.hardtanh(self.bn1(self.conv1(x)) + self.shortcut(x))
-    return F.hardtanh(self.bn2(self.conv2(out)) + out)
+      out = self.act(self.bn1(self.conv1(x)))
+      return self.act(self.bn2(self.conv2(out)) + residual)
+    out = self.act(self.bn1(self.conv1(x)) + residual)
+    return self.act(self.bn2(self.conv2(out)) + out)
+
+
+def _stage(in_planes: int, planes: int, n: int, stride: int, **block_kw: Any) -> nn.Sequential:
+  blocks = []
+  for s in [stride] + [1] * (n - 1):
+    blocks.append(BasicBlock(in_planes, planes, s, **block_kw))
+    in_planes = planes
+  return nn.Sequential(*blocks)
 
 
 class ResNet(nn.Module):
-  """CIFAR ResNet: FP conv1 3->16, bn1, hardtanh, 3 stages, avg pool, BN1d, FP linear."""
+  """CIFAR ResNet: FP conv1 3x3, bn1 [, act], stages, global avg pool, BN1d [, act], FP linear.
+
+  ResNet-20 (official CIFAR-10/ResNet20): widths 16/32/64, option-A shortcuts; 1w1a
+  has hardtanh after the stem; 1w32a has ReLU blocks, no stem activation and a ReLU
+  after bn2. ResNet-18 (official CIFAR-10/ResNet18): widths 64..512, option B, no stem
+  activation, and a LogSoftmax output (``log_softmax=True``). ``F.avg_pool2d(out, 4)``
+  of the official ResNet-18 is the global average at 32x32 inputs.
+  """
 
   def __init__(self, num_blocks: tuple[int, ...] = (3, 3, 3), num_classes: int = 10, *,
-               plain: bool = False, binary_act: bool = True):
+               widths: tuple[int, ...] = (16, 32, 64), option: str = "A",
+               plain: bool = False, binary_act: bool = True, relu: bool = False,
+               stem_act: bool = True, head_act: bool = False, log_softmax: bool = False):
     super().__init__()
-    self.in_planes = 16
-    self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
-    self.bn1 = nn.BatchNorm2d(16)
-    block_kw = dict(plain=plain, binary_act=binary_act)
-    self.layer1 = self._make_layer(16, num_blocks[0], 1, block_kw)
-    self.layer2 = self._make_layer(32, num_blocks[1], 2, block_kw)
-    self.layer3 = self._make_layer(64, num_blocks[2], 2, block_kw)
-    self.bn2 = nn.BatchNorm1d(64)
-    self.linear = nn.Linear(64, num_classes)
+    self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(widths[0])
+    block_kw = dict(plain=plain, binary_act=binary_act, relu=relu, option=option)
+    in_planes = widths[0]
+    for i, (planes, n) in enumerate(zip(widths, num_blocks)):
+      setattr(self, f"layer{i + 1}", _stage(in_planes, planes, n, 1 if i == 0 else 2,
+                                            **block_kw))
+      in_planes = planes
+    self.num_stages = len(widths)
+    self.bn2 = nn.BatchNorm1d(in_planes)
+    self.linear = nn.Linear(in_planes, num_classes)
+    self.act = F.relu if relu else F.hardtanh
+    self.stem_act, self.head_act, self.log_softmax = stem_act, head_act, log_softmax
     for m in self.modules():
       if isinstance(m, (nn.Conv2d, nn.Linear)):
-        # Official `_weights_init`: kaiming normal (fan_in, gain sqrt(2)) on weights
-        # only; the linear bias keeps PyTorch's default uniform init.
+        # Official ResNet-20 `_weights_init`: kaiming normal (fan_in, gain sqrt(2)) on
+        # weights only; the linear bias keeps PyTorch's default uniform init.
         nn.init.kaiming_normal_(m.weight)
 
-  def _make_layer(self, planes: int, n: int, stride: int,
-                  block_kw: dict[str, Any]) -> nn.Sequential:
-    blocks = []
-    for s in [stride] + [1] * (n - 1):
-      blocks.append(BasicBlock1w1a(self.in_planes, planes, s, **block_kw))
-      self.in_planes = planes
-    return nn.Sequential(*blocks)
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    out = self.bn1(self.conv1(x))
+    if self.stem_act:
+      out = self.act(out)
+    for i in range(self.num_stages):
+      out = getattr(self, f"layer{i + 1}")(out)
+    out = self.bn2(F.avg_pool2d(out, out.shape[3]).flatten(1))
+    if self.head_act:
+      out = self.act(out)
+    out = self.linear(out)
+    return F.log_softmax(out, dim=1) if self.log_softmax else out
+
+
+class ImageNetResNet(nn.Module):
+  """Official ImageNet ResNet-18/34 (ImageNet/ResNet{18,34}/{1w1a,1w32a}/models/resnet.py).
+
+  FP conv1 7x7/2, bn1, act, max pool 3x3/2; stages of :class:`BasicBlock` with
+  ``downsample`` = FP 1x1 conv + BN; average pool, BN1d ``bn2``, FP ``fc``, LogSoftmax.
+  1w1a: Bi-Real blocks, hardtanh; 1w32a: plain blocks, ReLU, weight-only binary.
+  ``bn3`` exists in the official model (and its state_dict) but is never called.
+  The official ``AvgPool2d(7)`` is written as the global average: the same at 224x224
+  inputs, and defined for the small inputs of the golden files.
+  """
+
+  def __init__(self, num_blocks: tuple[int, ...], num_classes: int = 1000, *,
+               plain: bool = False, binary_act: bool = True, relu: bool = False):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    self.bn1 = nn.BatchNorm2d(64)
+    self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    block_kw = dict(plain=plain, binary_act=binary_act, relu=relu, option="B",
+                    shortcut_name="downsample")
+    in_planes = 64
+    for i, (planes, n) in enumerate(zip((64, 128, 256, 512), num_blocks)):
+      setattr(self, f"layer{i + 1}", _stage(in_planes, planes, n, 1 if i == 0 else 2,
+                                            **block_kw))
+      in_planes = planes
+    self.bn2 = nn.BatchNorm1d(512)
+    self.fc = nn.Linear(512, num_classes)
+    self.bn3 = nn.BatchNorm1d(num_classes)  # Unused in forward, as upstream.
+    self.act = F.relu if relu else F.hardtanh
+    for m in self.modules():
+      if isinstance(m, nn.Conv2d):  # IRConv2d too: normal_(0, sqrt(2 / (k*k*out))).
+        n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
-    out = F.hardtanh(self.bn1(self.conv1(x)))
-    out = self.layer3(self.layer2(self.layer1(out)))
-    out = F.avg_pool2d(out, out.shape[3]).flatten(1)
-    return self.linear(self.bn2(out))
+    x = self.maxpool(self.act(self.bn1(self.conv1(x))))
+    for i in range(4):
+      x = getattr(self, f"layer{i + 1}")(x)
+    x = self.bn2(F.adaptive_avg_pool2d(x, 1).flatten(1))
+    return F.log_softmax(self.fc(x), dim=1)
+
+
+class VGGSmall(nn.Module):
+  """Official VGG-Small 1w1a (CIFAR-10/VGG-Small/vgg.py, VGG_SMALL_1W1A), 32x32 inputs.
+
+  FP conv0 3->128 + bn0 + hardtanh; IRConv2d conv1..conv5 (128, 256, 256, 512, 512),
+  each ``conv -> [max pool 2x2 after conv1, conv3, conv5] -> bn -> hardtanh``; flatten
+  (C, H, W) and FP ``fc`` 8192 -> classes. No LogSoftmax.
+  """
+
+  def __init__(self, num_classes: int = 10):
+    super().__init__()
+    channels = (128, 128, 256, 256, 512, 512)
+    self.conv0 = nn.Conv2d(3, 128, kernel_size=3, padding=1, bias=False)
+    self.bn0 = nn.BatchNorm2d(128)
+    for i in range(1, 6):
+      setattr(self, f"conv{i}", IRConv2d(channels[i - 1], channels[i], 3, padding=1,
+                                         bias=False))
+      setattr(self, f"bn{i}", nn.BatchNorm2d(channels[i]))
+    self.fc = nn.Linear(512 * 4 * 4, num_classes)
+    for m in self.modules():
+      if isinstance(m, nn.Conv2d):
+        n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
+      elif isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, 0.0, 0.01)
+        nn.init.zeros_(m.bias)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    x = F.hardtanh(self.bn0(self.conv0(x)))
+    for i in range(1, 6):
+      x = getattr(self, f"conv{i}")(x)
+      if i in (1, 3, 5):
+        x = F.max_pool2d(x, 2, 2)
+      x = F.hardtanh(getattr(self, f"bn{i}")(x))
+    return self.fc(x.flatten(1))
 
 
 def resnet20_1w1a(num_classes: int = 10, *, plain: bool = False,
                   act_bits: int = 1) -> ResNet:
-  """ResNet-20 1w1a (``act_bits=1``) or 1w32a (``act_bits=32``: only weights binary)."""
+  """ResNet-20 1w1a structure; ``act_bits=32`` keeps it and only stops binarizing inputs
+  (the *official* 1w32a network differs, see :func:`resnet20_1w32a`)."""
   if act_bits not in (1, 32):
     raise ValueError(f"act_bits must be 1 or 32, got {act_bits}")
   return ResNet((3, 3, 3), num_classes, plain=plain, binary_act=act_bits == 1)
+
+
+def resnet20_1w32a(num_classes: int = 10) -> ResNet:
+  """Official CIFAR-10/ResNet20/1w32a: plain ReLU blocks, no stem act, ReLU after bn2."""
+  return ResNet((3, 3, 3), num_classes, plain=True, binary_act=False, relu=True,
+                stem_act=False, head_act=True)
+
+
+def resnet18_cifar(num_classes: int = 10) -> ResNet:
+  """Official CIFAR-10/ResNet18 (1w1a): plain hardtanh blocks, option-B shortcuts."""
+  return ResNet((2, 2, 2, 2), num_classes, widths=(64, 128, 256, 512), option="B",
+                plain=True, stem_act=False, log_softmax=True)
+
+
+# Every network of irnet_jax.models.REGISTRY, by its name there: num_classes -> module.
+MODELS: dict[str, Any] = {
+    "resnet20": resnet20_1w1a,
+    "resnet20_1w32a": resnet20_1w32a,
+    "resnet18_cifar": resnet18_cifar,
+    "vgg_small": VGGSmall,
+    "resnet18": lambda num_classes=1000: ImageNetResNet((2, 2, 2, 2), num_classes),
+    "resnet34": lambda num_classes=1000: ImageNetResNet((3, 4, 6, 3), num_classes),
+    "resnet18_1w32a": lambda num_classes=1000: ImageNetResNet(
+        (2, 2, 2, 2), num_classes, plain=True, binary_act=False, relu=True),
+    "resnet34_1w32a": lambda num_classes=1000: ImageNetResNet(
+        (3, 4, 6, 3), num_classes, plain=True, binary_act=False, relu=True),
+}
+# Networks whose official forward ends in LogSoftmax (irnet_jax returns the logits).
+LOG_SOFTMAX_OUTPUT = ("resnet18_cifar", "resnet18", "resnet34", "resnet18_1w32a",
+                      "resnet34_1w32a")
 
 
 # ------------------------------------------------------------------------- dump
