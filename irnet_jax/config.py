@@ -42,9 +42,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = -1              # -1: every device of every process; N: the first N (1 host).
 
   c.dataset = ml_collections.ConfigDict()
+  # Sources (irnet_jax/data/sources.py): cifar10 | cifar100 (python archives, downloaded
+  # once), imagefolder, filelist, npz, digits, tfds:NAME (e.g. tfds:imagenet2012).
   c.dataset.name = "cifar10"
-  c.dataset.data_dir = ""         # tfds data dir; "" = tfds default (~/tensorflow_datasets).
-  c.dataset.path = ""             # For name="npz".
+  c.dataset.data_dir = ""         # cifar archives ("" = $IRNET_JAX_DATA_DIR or
+                                  # ~/.cache/irnet_jax/data); tfds data dir for tfds:NAME.
+  c.dataset.path = ""             # npz file; imagefolder root; filelist default image root.
+  c.dataset.train_split = "train"  # imagefolder: folder under path; tfds: split name.
+  c.dataset.test_split = ""       # "": "val" (imagefolder), "validation" (tfds
+                                  # imagenet2012), else "test".
+  c.dataset.train_list = ""       # filelist: "relative/path label" lines (train_source).
+  c.dataset.test_list = ""        # filelist: the same for evaluation (val_source).
+  c.dataset.train_root = ""       # filelist: root of train_list's paths; "" = path.
+  c.dataset.test_root = ""        # filelist: root of test_list's paths; "" = path.
   c.dataset.augment = "cifar"
   c.dataset.image_size = 32
   c.dataset.mean = IMAGENET_MEAN  # The official CIFAR code normalizes with these too.
@@ -86,9 +96,13 @@ def imagenet_config(model: str, act_bits: int = 1) -> ml_collections.ConfigDict:
   SGD Nesterov momentum 0.9; linear warm-up 0.2 -> 0.8 over 2,500 iterations, then
   x0.1 at 30/60/90% of 62,500 iterations (~100 epochs); EDE by progress every 10
   iterations; random-resized-crop 224 + flip + colour jitter; eval resize 256, crop 224.
+
+  Data: an ImageFolder tree by default (``--config.dataset.path=/data/imagenet`` with
+  ``train/`` and ``val/`` inside); or ``dataset.name="filelist"`` with list files, or
+  ``dataset.name="tfds:imagenet2012"`` (see the README, "ImageNet").
   """
   c = base_config()
-  c.dataset.name = "imagenet2012"
+  c.dataset.name = "imagefolder"
   c.dataset.augment = "imagenet"
   c.dataset.image_size = 224
   c.dataset.num_threads = 16

@@ -140,8 +140,9 @@ class BatchNorm(nnx.Module):
 def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
   """``nn.MaxPool2d(window, stride, padding)`` on NHWC: pads with -inf."""
   p = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-  init = jnp.array(-jnp.inf, x.dtype)
-  return jax.lax.reduce_window(x, init, jax.lax.max, (1, window, window, 1),
+  # A Python scalar init lets JAX recognise the max monoid (reduce_window_max, which
+  # has a gradient); an array init falls back to the generic, non-differentiable op.
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
                                (1, stride, stride, 1), p)
 
 

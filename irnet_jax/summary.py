@@ -259,7 +259,8 @@ def format_summary(s: Summary) -> str:
 # Classes of the datasets the configs name, for configs whose model.num_classes is
 # -1 ("from the dataset"): the summary must not need the data itself.
 _DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000, "imagenet": 1000,
-                    "digits": 10, "mnist": 10}
+                    "digits": 10, "mnist": 10, "tfds:cifar10": 10, "tfds:cifar100": 100,
+                    "tfds:imagenet2012": 1000}
 _MODEL_KEYS = ("num_classes", "weight_bits", "act_bits", "estimator", "weight_quantizer",
                "structure")
 

@@ -343,6 +343,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   info = data.dataset_info(c.dataset)
   if c.model.num_classes <= 0:
     c.model.num_classes = info.num_classes
+  elif c.model.num_classes < info.num_classes:
+    raise ValueError(f"The data has labels up to {info.num_classes - 1} but "
+                     f"config.model.num_classes={c.model.num_classes}; set "
+                     f"--config.model.num_classes={info.num_classes} (or -1: from the data).")
   total_steps, steps_per_epoch = config_lib.num_train_steps(c, info.num_train)
   eval_every = c.eval_every_steps if c.eval_every_steps > 0 else steps_per_epoch
   is_main = jax.process_index() == 0

@@ -149,7 +149,7 @@ def test_image_size_mismatch(npz_path):
 
 
 def test_tfds_not_prepared(tmp_path):
-  cfg = _cfg(name="cifar10", data_dir=str(tmp_path), image_size=32)
+  cfg = _cfg(name="tfds:cifar10", data_dir=str(tmp_path), image_size=32)
   with pytest.raises(ValueError) as e:
     data.dataset_info(cfg)
   msg = str(e.value)
@@ -160,7 +160,7 @@ def test_tfds_not_prepared(tmp_path):
 
 def test_tfds_mock_cifar10(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
-  cfg = _cfg(name="cifar10", data_dir=str(tmp_path), image_size=32,
+  cfg = _cfg(name="tfds:cifar10", data_dir=str(tmp_path), image_size=32,
              augment="cifar")
   with tfds.testing.mock_data(num_examples=10):
     info = data.dataset_info(cfg)
@@ -197,7 +197,7 @@ def test_tfds_plain_sequence_source(monkeypatch):
             for split, n in (("train", 6), ("test", 5))}
   monkeypatch.setattr(sources, "_tfds_split",
                       lambda name, split, data_dir: splits[split])
-  cfg = _cfg(name="cifar100", image_size=32, augment="cifar")
+  cfg = _cfg(name="tfds:cifar100", image_size=32, augment="cifar")
   assert data.dataset_info(cfg) == data.DatasetInfo(6, 5, 3, (32, 32, 3))
   batch = data.train_dataset(cfg, 4, 0, 2)[1]
   assert batch.keys() == {"image", "label"}

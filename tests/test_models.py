@@ -84,6 +84,25 @@ def test_binary_conv_zero_pads_after_sign():
   assert float(y[0, 0, 0, 0]) == -4.0 and float(y[0, 1, 1, 0]) == -9.0
 
 
+def test_max_pool_gradient_under_jit():
+  """MaxPool2d(3, 2, padding=1) and its gradient (routed to each window's maximum)
+  under jit, as the training step runs it; checked against a numpy loop."""
+  x = np.asarray(jax.random.normal(jax.random.key(1), (2, 7, 6, 3)), np.float32)
+  y, g = jax.jit(jax.value_and_grad(lambda x: (layers.max_pool(x, 3, 2, 1) * 1.5).sum()))(x)
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+  ref_y, ref_g = 0.0, np.zeros_like(padded)
+  for n in range(2):
+    for i in range(4):
+      for j in range(3):
+        for c in range(3):
+          win = padded[n, 2 * i:2 * i + 3, 2 * j:2 * j + 3, c]
+          a, b = np.unravel_index(np.argmax(win), win.shape)
+          ref_y += 1.5 * win[a, b]
+          ref_g[n, 2 * i + a, 2 * j + b, c] += 1.5
+  np.testing.assert_allclose(float(y), ref_y, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(g), ref_g[:, 1:-1, 1:-1])
+
+
 def test_unknown_model_name():
   with pytest.raises(ValueError, match="unknown model"):
     models.create("resnet50")

@@ -62,10 +62,7 @@ class DatasetInfo(NamedTuple):
 
 def _check_cfg(ds_cfg: Any) -> tuple[sources.SourceInfo, str, int]:
   """Cheap checks first, then the source inspection; returns what it learnt."""
-  name = sources.cfg_get(ds_cfg, "name")
-  if name not in sources.DATASETS:
-    raise ValueError(f"Unknown dataset ds_cfg.name={name!r}. Set it to one of "
-                     f"{list(sources.DATASETS)}.")
+  name = sources.check_name(ds_cfg)
   augment = sources.cfg_get(ds_cfg, "augment", "none")
   if augment not in augment_lib.AUGMENTS:
     raise ValueError(f"Unknown ds_cfg.augment={augment!r}. Set it to one of "

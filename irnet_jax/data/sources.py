@@ -2,11 +2,25 @@
 
 A *source* is any object with ``__len__`` and ``__getitem__(i) -> dict(image=uint8
 (H, W, 3) NHWC-style HWC array in [0, 255], label=int)``; grain reads it directly
-with ``grain.MapDataset.source``. Supported datasets:
+with ``grain.MapDataset.source``. Supported ``ds_cfg.name`` values:
 
-* ``cifar10`` / ``cifar100`` / ``imagenet2012``: ``tfds.data_source`` over a
-  TFDS directory prepared once in the ``array_record`` format. Reading needs no
-  TensorFlow; only the one-off ``tfds build`` does.
+* ``cifar10`` / ``cifar100``: the official python-version archives, downloaded
+  once into ``ds_cfg.data_dir`` (default ``$IRNET_JAX_DATA_DIR`` or
+  ``~/.cache/irnet_jax/data``), see :mod:`irnet_jax.data.cifar`.
+* ``imagefolder``: JPEG/PNG files in ``ds_cfg.path/<train_split>/<class>/`` and
+  ``ds_cfg.path/<test_split>/<class>/`` (default ``train`` / ``val``), class
+  ids as torchvision's ImageFolder (sorted folder names), see
+  :mod:`irnet_jax.data.folders`.
+* ``filelist``: list files ``ds_cfg.train_list`` / ``ds_cfg.test_list`` of
+  ``relative/path label`` lines, paths relative to ``ds_cfg.train_root`` /
+  ``ds_cfg.test_root`` (default ``ds_cfg.path``), as the official IR-Net
+  ImageNet config (``train_root``/``train_source``, ``val_root``/``val_source``).
+* ``tfds:NAME`` (``tfds:cifar10``, ``tfds:imagenet2012``, ...; plain
+  ``imagenet2012`` is the same as ``tfds:imagenet2012``): ``tfds.data_source``
+  over a TFDS directory prepared once in the ``array_record`` format. Reading
+  needs no TensorFlow; only the one-off ``tfds build`` does. The labels of
+  ``imagenet2012`` are the sorted WordNet ids, i.e. the same class ids as an
+  ImageFolder tree of ``n01440764/``-style folders.
 * ``npz``: a local ``.npz`` with ``x_train, y_train, x_test, y_test``; ``x`` is
   uint8 ``(N, H, W, 3)``, ``(N, H, W, 1)`` or ``(N, H, W)`` (grey is repeated to
   3 channels), ``y`` integer class ids ``(N,)``.
@@ -26,14 +40,18 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-TFDS_DATASETS = ("cifar10", "cifar100", "imagenet2012")
-DATASETS = TFDS_DATASETS + ("npz", "digits")
+from irnet_jax.data import cifar
+from irnet_jax.data import folders
+
+TFDS_PREFIX = "tfds:"
+FILE_DATASETS = ("imagefolder", "filelist")
+DATASETS = ("cifar10", "cifar100") + FILE_DATASETS + (
+    "npz", "digits", "tfds:cifar10", "tfds:cifar100", "tfds:imagenet2012")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
-# Split used for evaluation when ds_cfg.test_split is missing: ImageNet has no
-# labelled "test" split in TFDS.
-_DEFAULT_TEST_SPLIT = {"cifar10": "test", "cifar100": "test",
-                       "imagenet2012": "validation"}
+# Split used for evaluation when ds_cfg.test_split is empty: ImageNet has no
+# labelled "test" split in TFDS; ImageFolder trees call it "val".
+_DEFAULT_TEST_SPLIT = {"imagenet2012": "validation", "imagefolder": "val"}
 
 DIGITS_NUM_TEST = 360  # 20% of the 1797 scikit-learn digits.
 DIGITS_SIDE = 16  # 8x8 upsampled x2 by pixel repetition.
@@ -46,10 +64,24 @@ def cfg_get(ds_cfg: Any, name: str, default: Any = None) -> Any:
   return getattr(ds_cfg, name, default)
 
 
+def tfds_name(name: str) -> str | None:
+  """The TFDS dataset behind ``ds_cfg.name``, or None for the other sources."""
+  if name == "imagenet2012":
+    return name
+  if isinstance(name, str) and name.startswith(TFDS_PREFIX):
+    return name[len(TFDS_PREFIX):]
+  return None
+
+
 def eval_split_name(ds_cfg: Any) -> str:
-  """The TFDS split used for evaluation (``ds_cfg.test_split`` or a default)."""
+  """The split used for evaluation (``ds_cfg.test_split`` or a default)."""
   split = cfg_get(ds_cfg, "test_split")
-  return split or _DEFAULT_TEST_SPLIT.get(cfg_get(ds_cfg, "name"), "test")
+  name = cfg_get(ds_cfg, "name")
+  return split or _DEFAULT_TEST_SPLIT.get(tfds_name(name) or name, "test")
+
+
+def train_split_name(ds_cfg: Any) -> str:
+  return cfg_get(ds_cfg, "train_split") or "train"
 
 
 def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -274,11 +306,11 @@ def _tfds_split(name: str, split: str, data_dir: str | None) -> Any:
 
 def _open_tfds(ds_cfg: Any) -> tuple[Any, Any]:
   """Opens the train and eval splits, translating tfds errors."""
-  name, data_dir = cfg_get(ds_cfg, "name"), cfg_get(ds_cfg, "data_dir")
+  name = tfds_name(cfg_get(ds_cfg, "name"))
+  data_dir = cfg_get(ds_cfg, "data_dir") or None
   shown = data_dir or f"the default TFDS data_dir ({_default_data_dir()})"
   try:
-    train = _tfds_split(name, cfg_get(ds_cfg, "train_split") or "train",
-                        data_dir)
+    train = _tfds_split(name, train_split_name(ds_cfg), data_dir)
   except Exception as e:  # pylint: disable=broad-except
     # tfds raises assorted types here (a "not implemented" error for a missing or
     # TFRecord-format dataset, AssertionError, FileNotFoundError, ...).
@@ -315,24 +347,109 @@ def _tfds_info(train: Any, test: Any) -> tuple[int, tuple[Any, ...]]:
 
 
 # ----------------------------------------------------------------------------
+# image files (ImageFolder trees, list files)
+
+
+def _listing(folder: str, limit: int = 8) -> str:
+  try:
+    names = sorted(os.listdir(folder))
+  except OSError:
+    return "?"
+  more = ", ..." if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more
+
+
+def _image_folder_indexes(ds_cfg: Any) -> tuple[folders.FileIndex,
+                                                folders.FileIndex]:
+  root = cfg_get(ds_cfg, "path")
+  if not root:
+    raise ValueError("ds_cfg.name='imagefolder' needs ds_cfg.path, the folder "
+                     "holding train/<class>/*.JPEG and val/<class>/*.JPEG; pass "
+                     "--config.dataset.path=/data/imagenet.")
+  if not os.path.isdir(root):
+    raise ValueError(f"dataset.path={root!r} does not exist or is not a "
+                     f"directory; set --config.dataset.path to the folder "
+                     f"holding the train/ and val/ image folders.")
+  if not os.access(root, os.R_OK | os.X_OK):
+    raise ValueError(f"dataset.path={root!r} is not readable by this user; fix "
+                     f"its permissions.")
+  indexes = []
+  for field, split in (("train_split", train_split_name(ds_cfg)),
+                       ("test_split", eval_split_name(ds_cfg))):
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+      raise ValueError(f"{root!r} has no {split!r} folder (it holds: "
+                       f"{_listing(root)}). Set --config.dataset.{field} to "
+                       f"the name of the folder with one sub-folder per class.")
+    indexes.append(folders.index_image_folder(split_dir))
+  train, test = indexes
+  if train.classes != test.classes:
+    only_train = sorted(set(train.classes) - set(test.classes))[:5]
+    only_test = sorted(set(test.classes) - set(train.classes))[:5]
+    raise ValueError(f"The class folders of {train.root!r} and {test.root!r} "
+                     f"differ ({len(train.classes)} vs {len(test.classes)}; "
+                     f"only in train: {only_train}, only in eval: {only_test}),"
+                     f" so their class ids would not agree. Give both splits "
+                     f"the same class folders.")
+  return train, test
+
+
+def _file_list_indexes(ds_cfg: Any) -> tuple[folders.FileIndex,
+                                             folders.FileIndex]:
+  path = cfg_get(ds_cfg, "path") or ""
+  indexes = []
+  for split in ("train", "test"):
+    list_path = cfg_get(ds_cfg, f"{split}_list")
+    root = cfg_get(ds_cfg, f"{split}_root") or path
+    if not list_path or not root:
+      raise ValueError(f"ds_cfg.name='filelist' needs dataset.{split}_list (a "
+                       f"file of 'relative/path label' lines) and an image "
+                       f"root for its paths (dataset.{split}_root, or "
+                       f"dataset.path for both splits); got {split}_list="
+                       f"{list_path!r}, root={root!r}.")
+    indexes.append(folders.index_file_list(root, list_path))
+  train, test = indexes
+  top_train, top_test = int(train.labels.max()), int(test.labels.max())
+  if top_test > top_train:
+    raise ValueError(f"{cfg_get(ds_cfg, 'test_list')!r} has label {top_test} "
+                     f"but the labels of {cfg_get(ds_cfg, 'train_list')!r} "
+                     f"stop at {top_train}: the model would never train that "
+                     f"class. Check that both lists number the classes the "
+                     f"same way (0..C-1).")
+  return train, test
+
+
+def _file_indexes(ds_cfg: Any) -> tuple[folders.FileIndex, folders.FileIndex]:
+  if cfg_get(ds_cfg, "name") == "imagefolder":
+    return _image_folder_indexes(ds_cfg)
+  return _file_list_indexes(ds_cfg)
+
+
+# ----------------------------------------------------------------------------
 # public entry points
 
 
-def _check_name(ds_cfg: Any) -> str:
+def check_name(ds_cfg: Any) -> str:
+  """``ds_cfg.name`` if it names a supported source; ``ValueError`` otherwise."""
   name = cfg_get(ds_cfg, "name")
-  if name not in DATASETS:
+  if name not in DATASETS and not tfds_name(name):
     raise ValueError(f"Unknown dataset ds_cfg.name={name!r}. Set it to one of "
-                     f"{list(DATASETS)}.")
+                     f"{list(DATASETS)} (or 'tfds:NAME' for another TFDS "
+                     f"dataset with 'image' and 'label' features).")
   return name
 
 
 def inspect_sources(ds_cfg: Any) -> SourceInfo:
   """Validates ``ds_cfg`` and returns sizes/classes/shape without decoding.
 
+  Indexes (and caches) image folders and list files; reads the CIFAR archive
+  (downloading it when missing).
+
   Raises:
-    ValueError: unknown name, bad or missing npz, tfds dataset not prepared.
+    ValueError: unknown name, bad or missing npz, tfds dataset not prepared,
+      bad image tree or list file, missing CIFAR archive without network.
   """
-  name = _check_name(ds_cfg)
+  name = check_name(ds_cfg)
   if name == "digits":
     x_train, _, x_test, _ = load_digits_arrays()
     return SourceInfo(len(x_train), len(x_test), 10, tuple(x_train.shape[1:]))
@@ -340,6 +457,14 @@ def inspect_sources(ds_cfg: Any) -> SourceInfo:
     headers, num_classes = _check_npz(cfg_get(ds_cfg, "path"))
     xs, xt = headers["x_train"][0], headers["x_test"][0]
     return SourceInfo(xs[0], xt[0], num_classes, (xs[1], xs[2], 3))
+  if name in cifar.ARCHIVES:
+    x_train, _, x_test, _ = cifar.load_cifar(name, cfg_get(ds_cfg, "data_dir"))
+    return SourceInfo(len(x_train), len(x_test),
+                      cifar.ARCHIVES[name].num_classes, (32, 32, 3))
+  if name in FILE_DATASETS:
+    train, test = _file_indexes(ds_cfg)
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    return SourceInfo(len(train), len(test), num_classes, (None, None, 3))
   train, test = _open_tfds(ds_cfg)
   num_classes, shape = _tfds_info(train, test)
   return SourceInfo(len(train), len(test), num_classes, shape)
@@ -348,16 +473,25 @@ def inspect_sources(ds_cfg: Any) -> SourceInfo:
 def get_sources(ds_cfg: Any) -> tuple[Any, Any]:
   """``(train_source, test_source)``: random-access, see the module docstring.
 
+  Image files are :class:`folders.FileSource` (decoded at full size by
+  ``source[i]``; ``source.read(i)`` gives the encoded bytes).
+
   Raises:
     ValueError: as :func:`inspect_sources`.
   """
-  name = _check_name(ds_cfg)
+  name = check_name(ds_cfg)
   if name == "digits":
     x_train, y_train, x_test, y_test = load_digits_arrays()
   elif name == "npz":
     path = cfg_get(ds_cfg, "path")
     _check_npz(path)
     x_train, y_train, x_test, y_test = _load_npz_arrays(path)
+  elif name in cifar.ARCHIVES:
+    x_train, y_train, x_test, y_test = cifar.load_cifar(
+        name, cfg_get(ds_cfg, "data_dir"))
+  elif name in FILE_DATASETS:
+    train, test = _file_indexes(ds_cfg)
+    return folders.FileSource(train), folders.FileSource(test)
   else:
     train, test = _open_tfds(ds_cfg)
     return TfdsSource(train), TfdsSource(test)

@@ -1,0 +1,110 @@
+"""On-disk cache of file indexes, invalidated when the indexed folders change.
+
+An entry is an ``.npz`` (read with ``allow_pickle=False``: a cache file shared
+in a dataset tree cannot run code) holding the :class:`~irnet_jax.data.folders.
+FileIndex` arrays and a JSON header with the folders and files it depends on
+and their ``st_mtime_ns`` (and sizes for files). Adding, removing or renaming
+an image changes the mtime of its folder, so a stale entry is detected with one
+``stat`` per folder (about 1,000 for ImageNet) instead of a rescan.
+
+Entries live in ``<anchor>/.irnet_jax_index/`` (the dataset root for
+ImageFolder trees, the list file's folder for list files), shared by every
+user and host of the tree; where that is not writable, in
+``$XDG_CACHE_HOME/irnet_jax/index`` (default ``~/.cache/irnet_jax/index``).
+Writes go to a temporary file renamed into place, so readers never see a
+partial entry and concurrent writers do not corrupt each other.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Sequence
+
+import numpy as np
+
+VERSION = 1
+TREE_DIR = ".irnet_jax_index"
+
+log = logging.getLogger(__name__)
+
+
+def user_cache_dir() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "irnet_jax", "index")
+
+
+def _locations(key: tuple[Any, ...], anchor: str) -> list[str]:
+  digest = hashlib.sha256(repr(key).encode("utf-8", "surrogateescape"))
+  name = f"{key[0]}-{digest.hexdigest()[:20]}.npz"
+  return [os.path.join(anchor, TREE_DIR, name),
+          os.path.join(user_cache_dir(), name)]
+
+
+def _dir_mtimes(dirs: Sequence[str]) -> list[int]:
+  return [os.stat(d).st_mtime_ns for d in dirs]
+
+
+def _file_stats(files: Sequence[str]) -> list[list[int]]:
+  stats = [os.stat(f) for f in files]
+  return [[s.st_size, s.st_mtime_ns] for s in stats]
+
+
+def load(key: tuple[Any, ...], anchor: str, files: Sequence[str] = ()) -> Any:
+  """The cached index for ``key`` if an entry exists and is still valid, else None.
+
+  ``files`` must equal what :func:`store` was given (checked by size + mtime).
+  """
+  from irnet_jax.data import folders  # pylint: disable=g-import-not-at-top
+  for path in _locations(key, anchor):
+    try:
+      with np.load(path, allow_pickle=False) as npz:
+        meta = json.loads(npz["meta"].tobytes().decode("utf-8"))
+        if (meta.get("version") != VERSION or meta.get("key") != repr(key)
+            or meta["files"] != _file_stats(files)
+            or meta["mtimes"] != _dir_mtimes(meta["dirs"])):
+          continue
+        return folders.FileIndex(meta["root"], npz["blob"], npz["offsets"],
+                                 npz["labels"], tuple(meta["classes"]))
+    except (OSError, ValueError, KeyError, TypeError):
+      continue  # Missing, unreadable, from an older version, or a dir vanished.
+  return None
+
+
+def store(key: tuple[Any, ...], anchor: str, index: Any, dirs: Sequence[str],
+          files: Sequence[str] = ()) -> str | None:
+  """Writes ``index`` (a ``FileIndex``) for ``key``; returns the path written.
+
+  ``dirs``: every folder whose listing the index depends on. Failing to write
+  (read-only tree and home) only logs a warning: the cache is an optimization.
+  """
+  for path in _locations(key, anchor):
+    folder = os.path.dirname(path)
+    try:
+      # The folder first: creating it may change the mtime of a folder in
+      # ``dirs`` (a list file next to its images), which is then stat'ed after.
+      os.makedirs(folder, exist_ok=True)
+      meta = {"version": VERSION, "key": repr(key), "root": index.root,
+              "classes": list(index.classes), "dirs": list(dirs),
+              "mtimes": _dir_mtimes(dirs), "files": _file_stats(files)}
+      fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+      try:
+        with os.fdopen(fd, "wb") as f:
+          np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                   blob=index.blob, offsets=index.offsets, labels=index.labels)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600).
+        os.replace(tmp, path)
+      finally:
+        if os.path.exists(tmp):
+          os.unlink(tmp)
+      return path
+    except OSError as e:
+      log.info("cannot write the index cache %s (%s)", path, e)
+  log.warning("could not cache the file index of %s; it will be rebuilt next "
+              "time", key[1])
+  return None
