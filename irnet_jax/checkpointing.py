@@ -1,18 +1,29 @@
-"""Orbax checkpoints of a training run (the only module that imports orbax).
+"""The workdir of a run: Orbax checkpoints, config and run identity (the only module
+that imports orbax).
 
 Layout: ``WORKDIR/checkpoints/<step>/{model,opt,meta}`` written by an Orbax
-``CheckpointManager`` (atomic: a step directory only counts once committed), and
+``CheckpointManager`` (atomic: a step directory only counts once committed),
 ``WORKDIR/config.json``, the run's config (``model.num_classes`` resolved), so
-that :func:`load_model` can rebuild the network without the config file.
+that :func:`load_model` can rebuild the network without the config file, and
+``WORKDIR/run.json``, the run's identity (see :func:`run_spec`): every config field
+that defines the run, so that a restart with another config is refused before
+anything in the workdir changes (:func:`check_run`).
 
 * ``model``: the NNX model state (params and BN statistics).
 * ``opt``: the optimizer state (momentum buffers, step counter).
 * ``meta``: JSON -- ``step``, ``seed``, ``data_position`` (the index of the next
   training batch; the input pipeline is a pure function of seed and position),
-  ``num_classes``, ``steps_per_epoch``.
+  ``num_classes``, ``steps_per_epoch``, ``run_fingerprint`` (of :func:`run_spec`),
+  and ``imported`` (the source file) for checkpoints made by ``irnet_jax.convert``.
+
+A checkpoint that cannot be read (damaged or truncated files) is skipped with a
+warning in favour of the previous one of the same run; one that can be read but
+belongs to another run or does not fit the model (other tree or shapes) raises
+:class:`IncompatibleCheckpointError` instead: it is never "unreadable".
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +37,16 @@ from flax import nnx
 from irnet_jax import config as config_lib
 
 CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"
 log = logging.getLogger(__name__)
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A readable checkpoint of another run, or one that does not fit the model."""
+
+
+class RunMismatchError(ValueError):
+  """A restart whose config differs from the run recorded in its workdir."""
 
 
 def _abstract(tree: Any) -> Any:
@@ -36,13 +56,44 @@ def _abstract(tree: Any) -> Any:
       tree)
 
 
+def _flat_shapes(tree: Any) -> dict[str, tuple]:
+  """``{'layer1.0.conv1.kernel.value': shape}`` of a state or of Orbax tree metadata."""
+  def name(key):
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _tree_mismatch(item: str, saved: Any, template: Any) -> list[str]:
+  """Human-readable differences between a checkpoint item's metadata and a template."""
+  have, want = _flat_shapes(saved), _flat_shapes(template)
+  out = []
+  extra, missing = sorted(have.keys() - want.keys()), sorted(want.keys() - have.keys())
+  if extra:
+    out.append(f"{item}: {len(extra)} entries the model does not have, e.g. {extra[:3]}")
+  if missing:
+    out.append(f"{item}: {len(missing)} entries of the model missing, e.g. {missing[:3]}")
+  shapes = [f"{k} {have[k]} vs {want[k]}" for k in sorted(have.keys() & want.keys())
+            if have[k] != want[k]]
+  if shapes:
+    out.append(f"{item}: {len(shapes)} shapes differ (checkpoint vs model), e.g. {shapes[:3]}")
+  return out
+
+
 class Checkpointer:
   """Saves and restores ``(model_state, opt_state, meta)`` under ``directory``."""
 
   def __init__(self, directory: str, max_to_keep: int = 3):
     self.directory = os.path.abspath(directory)
+    # Handlers named up front so that a fresh manager can read item metadata
+    # (tree structure, shapes) without restoring any array.
+    handlers = dict(model=ocp.StandardCheckpointHandler(), opt=ocp.StandardCheckpointHandler(),
+                    meta=ocp.JsonCheckpointHandler())
     self._manager = ocp.CheckpointManager(
-        self.directory,
+        self.directory, item_handlers=handlers,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
   def all_steps(self) -> list[int]:
@@ -65,19 +116,63 @@ class Checkpointer:
     opt = restored["opt"] if opt_state is not None else None
     return restored["model"], opt, dict(restored["meta"])
 
-  def restore_latest(self, model_state: Any, opt_state: Any | None = None
-                     ) -> tuple[Any, Any, dict] | None:
-    """The newest readable checkpoint, or None if there is none.
+  def incompatibilities(self, step: int, model_state: Any, opt_state: Any | None = None,
+                        fingerprint: str | None = None) -> list[str]:
+    """Why checkpoint ``step`` cannot be restored onto these templates ([] if it can).
 
-    An unreadable newest checkpoint (corrupt or truncated files) is reported with a
-    warning and the previous one is tried, so one bad write never ends a run.
+    Reads only metadata (the meta JSON, tree structure and shapes); raises whatever
+    Orbax raises when even that is unreadable (a damaged checkpoint).
     """
-    for step in reversed(self.all_steps()):
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    meta = dict(meta["meta"])
+    metadata = self._manager.item_metadata(step)
+    items = [("model", model_state)] + ([("opt", opt_state)] if opt_state is not None else [])
+    problems = []
+    saved = meta.get("run_fingerprint")
+    if fingerprint is not None and saved is not None and saved != fingerprint:
+      problems.append(f"it was written by another run (model {meta.get('model')!r}, seed "
+                      f"{meta.get('seed')}; run fingerprint {saved[:12]} vs {fingerprint[:12]})")
+    for item, template in items:
+      if metadata.get(item) is None:
+        raise ValueError(f"no readable {item!r} metadata")
+      problems += _tree_mismatch(item, metadata[item], template)
+    return problems
+
+  def restore_latest(self, model_state: Any, opt_state: Any | None = None,
+                     fingerprint: str | None = None) -> tuple[Any, Any, dict] | None:
+    """The newest readable checkpoint (None if there is no checkpoint at all).
+
+    A damaged newest checkpoint (unreadable or truncated files) is reported with a
+    warning and the previous one is tried, so one bad write never ends a run. A
+    readable checkpoint that does not fit the templates, or whose meta names a
+    ``run_fingerprint`` other than ``fingerprint``, raises
+    :class:`IncompatibleCheckpointError`; so does a directory where no checkpoint
+    can be read (rather than starting over and rotating them away).
+    """
+    steps = self.all_steps()
+    errors = []
+    for step in reversed(steps):
       try:
-        return self.restore(step, model_state, opt_state)
+        problems = self.incompatibilities(step, model_state, opt_state, fingerprint)
       except Exception as e:  # Orbax raises many types for damaged files.
-        log.warning("checkpoint %d in %s is unreadable (%s: %s); falling back to the "
-                        "previous one.", step, self.directory, type(e).__name__, e)
+        problems, error = None, e
+      if problems:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {step} in {self.directory} does not belong to this run: "
+            + "; ".join(problems) + ". Nothing was changed. Use another --workdir for a "
+            "new run, or the config this workdir was trained with (its config.json).")
+      if problems is not None:
+        try:
+          return self.restore(step, model_state, opt_state)
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+      errors.append(f"{step}: {type(error).__name__}: {error}")
+      log.warning("checkpoint %d in %s is unreadable (%s: %s); falling back to the "
+                  "previous one.", step, self.directory, type(error).__name__, error)
+    if steps:
+      raise IncompatibleCheckpointError(
+          f"no checkpoint in {self.directory} can be read ({'; '.join(errors)}). Nothing "
+          "was changed; move the directory away (or use another --workdir) to start over.")
     return None
 
   def wait(self) -> None:
@@ -85,6 +180,128 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+# ------------------------------------------------------------------ run identity
+
+# Config fields that may change when a run is resumed, because they do not change
+# what is computed: cadence of logs/evals/checkpoints/diagnostics, the eval batch
+# (padded and masked), how many readers feed the pipeline, where the same data is
+# read from (data moves between machines), which devices share the global batch
+# (``batch_size`` is global; BN statistics are over the global batch either way), and
+# the convolution backend (a run-time choice; every backend computes the same
+# function). Every other field defines the run: changing it on a restart is refused.
+RESUMABLE_FIELDS = (
+    "progress_bar", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+    "keep_checkpoints", "analysis_every_steps", "eval_batch_size", "num_devices",
+    "model.conv_impl", "dataset.data_dir", "dataset.path", "dataset.train_root",
+    "dataset.test_root", "dataset.train_list", "dataset.test_list", "dataset.num_threads",
+    "dataset.num_workers", "dataset.prefetch_mb", "dataset.skip_bad_files",
+)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def run_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``{'model.name': 'resnet20', ...}``: every field of ``config`` (num_classes
+  resolved) except :data:`RESUMABLE_FIELDS`, with JSON values (tuples as lists)."""
+  flat = _flatten(json.loads(config.to_json()))
+  return {k: v for k, v in sorted(flat.items()) if k not in RESUMABLE_FIELDS}
+
+
+def run_fingerprint(spec: dict[str, Any]) -> str:
+  """sha256 of a :func:`run_spec` (stored in every checkpoint's meta)."""
+  return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(recorded: dict, now: dict, defaults: dict) -> list[tuple[str, Any, Any]]:
+  """(field, recorded, now) for each field that differs. A field only one side has
+  (written by an older or newer version) counts as its default when the current
+  defaults know it, and is ignored otherwise (a removed field)."""
+  missing = object()
+  out = []
+  for key in sorted(recorded.keys() | now.keys()):
+    a, b = recorded.get(key, missing), now.get(key, missing)
+    if a is missing or b is missing:
+      if key not in defaults:
+        continue
+      a, b = (defaults[key] if a is missing else a), (defaults[key] if b is missing else b)
+    if a != b:
+      out.append((key, a, b))
+  return out
+
+
+def read_run(workdir: str) -> dict | None:
+  """The run recorded in ``workdir``: ``run.json``, or for a workdir written before
+  run.json existed, the spec of its ``config.json``; None for a new workdir."""
+  path = os.path.join(workdir, RUN_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    return dict(fields=run_spec(load_config(workdir)), derived={})
+  return None
+
+
+def check_run(workdir: str, config: ml_collections.ConfigDict,
+              derived: dict[str, Any] | None = None) -> None:
+  """Raises :class:`RunMismatchError` if ``workdir`` records another run than ``config``.
+
+  Reads only; compares :func:`run_spec` field by field, and the ``derived``
+  quantities (``num_train_examples``, ``steps_per_epoch``, ``total_steps``) that both
+  sides know. The message names every differing field and both fixes.
+  """
+  recorded = read_run(workdir)
+  if recorded is None:
+    return
+  defaults = run_spec(config_lib.base_config())
+  diffs = _differences(recorded["fields"], run_spec(config), defaults)
+  old_derived, new_derived = recorded.get("derived") or {}, derived or {}
+  diffs += [(k, old_derived[k], new_derived[k]) for k in sorted(old_derived.keys() &
+                                                                new_derived.keys())
+            if old_derived[k] != new_derived[k]]
+  if not diffs:
+    return
+  lines = "\n".join(f"  {k}: {a!r} (recorded) vs {b!r} (now)" for k, a, b in diffs)
+  fixes = " ".join(f"--config.{k}={_flag_value(a)}" for k, a, _ in diffs
+                   if k in recorded["fields"])
+  raise RunMismatchError(
+      f"{workdir} holds another run: its config differs in {len(diffs)} field(s) that "
+      f"define a run:\n{lines}\nNothing in {workdir} was changed. To start a new run, "
+      f"use another --workdir; to resume this one, use its original values"
+      + (f" ({fixes})" if fixes else "") + f" or its config ({workdir}/{CONFIG_FILE}). "
+      f"Fields that may change on resume: {', '.join(RESUMABLE_FIELDS)}.")
+
+
+def _flag_value(v: Any) -> str:
+  if isinstance(v, list):
+    return "(" + ",".join(map(str, v)) + ("," if len(v) == 1 else "") + ")"
+  return str(v)
+
+
+def record_run(workdir: str, config: ml_collections.ConfigDict,
+               derived: dict[str, Any] | None = None) -> str:
+  """Writes ``config.json`` and ``run.json`` (call after :func:`check_run` passed);
+  returns the run fingerprint. ``derived`` already recorded is kept."""
+  spec = run_spec(config)
+  old = read_run(workdir) or {}
+  derived = {**(old.get("derived") or {}), **(derived or {})}
+  fingerprint = run_fingerprint(spec)
+  save_config(workdir, config)
+  record = dict(fingerprint=fingerprint, fields=spec, derived=derived,
+                resumable_fields=list(RESUMABLE_FIELDS))
+  with open(os.path.join(workdir, RUN_FILE), "w") as f:
+    json.dump(record, f, indent=2)
+  return fingerprint
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -101,18 +318,21 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return config_lib.migrate(ml_collections.ConfigDict(json.load(f)))
 
 
-def load_model(workdir: str, step: int | None = None
+def load_model(workdir: str, step: int | None = None,
+               config: ml_collections.ConfigDict | None = None
                ) -> tuple[nnx.Module, ml_collections.ConfigDict]:
   """The model of a training run, restored from ``WORKDIR/checkpoints`` in eval mode.
 
   Args:
-    workdir: the ``--workdir`` of ``python -m irnet_jax.main``.
+    workdir: the ``--workdir`` of ``python -m irnet_jax.main`` (or of
+      ``python -m irnet_jax.convert``).
     step: which checkpoint; None = the newest readable one.
+    config: the config to build the model from; None = ``WORKDIR/config.json``.
 
   Returns:
     ``(model, config)`` with ``model.eval()`` already called.
   """
-  config = load_config(workdir)
+  config = load_config(workdir) if config is None else config
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   steps = ckpt.all_steps()
   if not steps:

@@ -40,6 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.compute_dtype = "float32"     # Or "bfloat16" on GPU/TPU (params stay float32).
   c.progress_bar = True
   c.num_devices = -1              # -1: every device of every process; N: the first N (1 host).
+  c.init_from = ""                # A workdir whose newest model state starts this run
+                                  # (fine-tuning; e.g. one made by irnet_jax.convert).
 
   c.dataset = ml_collections.ConfigDict()
   # Sources (irnet_jax/data/sources.py): cifar10 | cifar100 (python archives, downloaded

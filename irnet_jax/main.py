@@ -20,7 +20,7 @@ from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 from irnet_jax import config as config_lib  # pylint: disable=wrong-import-position
-from irnet_jax import train  # pylint: disable=wrong-import-position
+from irnet_jax import checkpointing, train  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -54,7 +54,10 @@ def main(argv) -> None:
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("irnet_jax").setLevel(logging.INFO)
   init_distributed()
-  final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (checkpointing.RunMismatchError, checkpointing.IncompatibleCheckpointError) as e:
+    sys.exit(f"error: {e}")  # A refused restart: the message is the whole story.
   if jax.process_index() == 0:
     print(f"test_accuracy={final['test_accuracy']:.4f} test_loss={final['test_loss']:.4f} "
           f"train_seconds={final['train_seconds']:.1f} workdir={FLAGS.workdir}")

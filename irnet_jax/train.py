@@ -124,15 +124,19 @@ def make_train_step(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, dict], dict]:
-  """``step(model_state, batch) -> sums`` over the unmasked examples of a padded batch."""
+  """``step(model_state, batch) -> sums`` (loss, correct, correct5 = label in the top 5,
+  count) over the unmasked examples of a padded batch."""
 
   def eval_step(model_state, batch):
     model = nnx.merge(graphdef, model_state)
     logits = model(batch["image"])
     mask = batch["mask"].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    correct5 = jnp.any(top5 == batch["label"][:, None], axis=-1).astype(jnp.float32)
     return dict(loss=jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-                correct=jnp.sum(correct * mask), count=jnp.sum(mask))
+                correct=jnp.sum(correct * mask), correct5=jnp.sum(correct5 * mask),
+                count=jnp.sum(mask))
 
   return eval_step
 
@@ -208,8 +212,9 @@ def _global_batch(local: dict, sharding: NamedSharding) -> dict:
 
 def evaluate(eval_step, model_state, c: ml_collections.ConfigDict,
              sharding: NamedSharding) -> dict:
-  """Loss and accuracy over every test image (padded last batch masked out)."""
-  totals = dict(loss=0.0, correct=0.0, count=0.0)
+  """Loss, top-1 and top-5 accuracy over every test image (padded last batch masked
+  out): ``dict(loss, accuracy, top5_accuracy, count)``."""
+  totals = dict(loss=0.0, correct=0.0, correct5=0.0, count=0.0)
   for local in data.eval_batches(c.dataset, c.eval_batch_size, jax.process_index(),
                                  jax.process_count()):
     out = jax.device_get(eval_step(model_state, _global_batch(local, sharding)))
@@ -217,7 +222,7 @@ def evaluate(eval_step, model_state, c: ml_collections.ConfigDict,
       totals[k] += float(out[k])
   n = max(totals["count"], 1.0)
   return dict(loss=totals["loss"] / n, accuracy=totals["correct"] / n,
-              count=int(totals["count"]))
+              top5_accuracy=totals["correct5"] / n, count=int(totals["count"]))
 
 
 # ------------------------------------------------------------------ the loop
@@ -321,22 +326,19 @@ def _check_finite(step: int, metrics: dict, last_good: int, ckpt_dir: str) -> No
         "command to resume from that checkpoint.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       step_hook: Callable[[int], None] | None = None) -> dict:
-  """Trains and evaluates ``config`` in ``workdir``, resuming from its latest checkpoint.
+class Plan(NamedTuple):
+  """A run checked against its devices, data and workdir, before anything is built."""
+  config: ml_collections.ConfigDict  # A copy, model.num_classes resolved.
+  devices: list
+  steps_per_epoch: int
+  total_steps: int
+  eval_every: int                    # Steps between evaluations.
+  derived: dict                      # Recorded in run.json next to the config's fields.
 
-  Args:
-    config: an experiment config (``configs/*.py``).
-    workdir: output directory: ``checkpoints/``, ``metrics.jsonl``,
-      ``final_metrics.json``, ``config.json``.
-    step_hook: called on the host with the number of completed steps after each step
-      (after any checkpoint of that step was started). An exception raised in it
-      aborts the run like a crash; tests use it to simulate a kill.
 
-  Returns:
-    The final metrics (also written to ``final_metrics.json``).
-  """
-  # ---- validate everything cheap before building or compiling anything.
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Plan:
+  """Validates ``config``, resolves it against the data and checks that ``workdir``
+  holds no other run (:func:`checkpointing.check_run`). Cheap, and writes nothing."""
   c = ml_collections.ConfigDict(config.to_dict())
   devices = select_devices(c.get("num_devices", -1))
   config_lib.validate(c, len(devices))
@@ -349,102 +351,172 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      f"--config.model.num_classes={info.num_classes} (or -1: from the data).")
   total_steps, steps_per_epoch = config_lib.num_train_steps(c, info.num_train)
   eval_every = c.eval_every_steps if c.eval_every_steps > 0 else steps_per_epoch
-  is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    checkpointing.save_config(workdir, c)
+  derived = dict(num_train_examples=info.num_train, steps_per_epoch=steps_per_epoch,
+                 total_steps=total_steps)
+  checkpointing.check_run(workdir, c, derived)
+  return Plan(c, devices, steps_per_epoch, total_steps, eval_every, derived)
 
-  setup = build(c, devices, steps_per_epoch, total_steps)
-  state, batch_sharding = setup.state, setup.batch_sharding
 
-  # ---- resume from the newest readable checkpoint.
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  ckpt = checkpointing.Checkpointer(ckpt_dir, c.keep_checkpoints)
-  start_step, train_seconds = 0, 0.0
-  restored = ckpt.restore_latest(state[0], state[1])
+def restore(c: ml_collections.ConfigDict, state: nnx.State, ckpt: checkpointing.Checkpointer,
+            fingerprint: str) -> tuple[nnx.State, int, float]:
+  """``(state, start_step, train_seconds)`` to start from: the newest checkpoint of this
+  run, else the model of ``c.init_from``'s newest checkpoint with a fresh optimizer,
+  else ``state`` (the fresh build). Raises ``IncompatibleCheckpointError`` for
+  checkpoints of another run or model; damaged ones fall back with a warning."""
+  restored = ckpt.restore_latest(state[0], state[1], fingerprint)
   if restored is not None:
     model_state, opt_state, meta = restored
-    if meta.get("seed") != c.seed or meta.get("model") != c.model.name:
-      raise ValueError(f"{ckpt_dir} holds a run of model {meta.get('model')!r} with seed "
-                       f"{meta.get('seed')}, not {c.model.name!r} with seed {c.seed}; use a "
-                       "new --workdir (or the original config) to avoid mixing runs.")
-    state = nnx.State({0: model_state, 1: opt_state})
-    start_step, train_seconds = int(meta["step"]), float(meta.get("train_seconds", 0.0))
-    log.info("resumed from step %d of %s", start_step, ckpt_dir)
+    log.info("resumed from step %d of %s", meta["step"], ckpt.directory)
+    return (nnx.State({0: model_state, 1: opt_state}), int(meta["step"]),
+            float(meta.get("train_seconds", 0.0)))
+  if c.get("init_from"):
+    source = checkpointing.Checkpointer(os.path.join(c.init_from, "checkpoints"))
+    try:
+      restored = source.restore_latest(state[0])
+    finally:
+      source.close()
+    if restored is None:
+      raise ValueError(f"config.init_from={c.init_from!r} has no checkpoint; give the "
+                       "--workdir of a training run or of `python -m irnet_jax.convert`.")
+    log.info("initialized the model from step %d of %s", restored[2]["step"], c.init_from)
+    return nnx.State({0: restored[0], 1: state[1]}), 0, 0.0
+  return state, 0, 0.0
 
-  train_step, eval_step = setup.train_step, setup.eval_step
 
-  # ---- data: a pure function of (seed, step), so resuming is slicing.
-  train_ds = data.train_dataset(c.dataset, c.batch_size, c.seed, total_steps,
-                                jax.process_index(), jax.process_count())
-  batches = data.train_iterator(train_ds, start_step, c.dataset.num_threads)
+class _Loop:
+  """The host side of the training loop: dispatch steps, log the previous step's
+  metrics (never block on the step just dispatched), checkpoint, evaluate."""
 
-  writer = MetricsWriter(workdir, is_main)
-  writer.truncate_after(start_step)
-  bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-             disable=not (is_main and c.progress_bar), desc=c.model.name)
-  interval, pending, last_good, prev_signs = _Interval(), None, start_step, None
-  loop_start = time.perf_counter()
+  def __init__(self, plan: Plan, setup: Setup, ckpt: checkpointing.Checkpointer,
+               writer: MetricsWriter, fingerprint: str, start_step: int,
+               train_seconds: float):
+    self.plan, self.c, self.setup, self.ckpt, self.writer = (plan, plan.config, setup, ckpt,
+                                                             writer)
+    self.fingerprint, self.start_step = fingerprint, start_step
+    self.train_seconds, self.last_good = train_seconds, start_step
+    self.interval, self.pending, self.prev_signs = _Interval(), None, None
+    self.loop_start = time.perf_counter()
 
-  def meta(step):
+  def seconds(self) -> float:
+    """Training seconds of the run so far, over every restart."""
+    return self.train_seconds + time.perf_counter() - self.loop_start
+
+  def meta(self, step: int) -> dict:
+    c = self.c
     return dict(step=step, seed=c.seed, model=c.model.name, data_position=step,
-                steps_per_epoch=steps_per_epoch, num_classes=c.model.num_classes,
-                train_seconds=train_seconds + time.perf_counter() - loop_start)
+                steps_per_epoch=self.plan.steps_per_epoch, num_classes=c.model.num_classes,
+                train_seconds=self.seconds(), run_fingerprint=self.fingerprint)
 
-  def drain():
+  def drain(self) -> None:
     """Fetch the previous step's metrics (already computed or nearly), check them."""
-    nonlocal pending
-    if pending is not None:
-      done, metrics = pending
+    if self.pending is not None:
+      done, metrics = self.pending
       metrics = jax.device_get(metrics)
-      _check_finite(done, metrics, last_good, ckpt_dir)
-      interval.add(metrics, c.batch_size)
-      pending = None
+      _check_finite(done, metrics, self.last_good, self.ckpt.directory)
+      self.interval.add(metrics, self.c.batch_size)
+      self.pending = None
 
-  try:
-    for step in range(start_step, total_steps):
-      batch = _global_batch(next(batches), batch_sharding)
-      state, metrics = train_step(state, batch)
-      drain()  # Step `step - 1`: the host never blocks on the step just dispatched.
-      pending = (step + 1, metrics)
-      done = step + 1
-      bar.update(1)
-      if done % c.log_every_steps == 0 or done == total_steps:
-        drain()
-        record = interval.summary()
-        writer.write(dict(step=done, split="train", **record))
-        bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_sec']:.0f}")
-        interval.reset()
-      if done % c.checkpoint_every_steps == 0 or done == total_steps:
-        drain()  # Never checkpoint a diverged state.
-        ckpt.save(done, state[0], state[1], meta(done))
-        last_good = done
-      if done % eval_every == 0 or done == total_steps:
-        drain()
-        result = evaluate(eval_step, state[0], c, batch_sharding)
-        writer.write(dict(step=done, split="test", loss=result["loss"],
-                          accuracy=result["accuracy"]))
-        interval.reset()  # Keep eval time out of the training throughput.
-      if c.analysis_every_steps > 0 and done % c.analysis_every_steps == 0:
-        diag, prev_signs = setup.diagnose(state[0], jnp.asarray(done), prev_signs,
-                                          batch["image"])
-        writer.write(dict(step=done, split="analysis", **analysis.to_floats(diag)))
-      if step_hook is not None:
-        step_hook(done)
-    drain()
-  finally:
-    bar.close()
-    ckpt.wait()
-    ckpt.close()
+  def run(self, state: nnx.State, step_hook: Callable[[int], None] | None) -> nnx.State:
+    """Steps ``start_step .. total_steps`` from ``state``; returns the final state."""
+    c, setup, plan = self.c, self.setup, self.plan
+    train_ds = data.train_dataset(c.dataset, c.batch_size, c.seed, plan.total_steps,
+                                  jax.process_index(), jax.process_count())
+    # The data is a pure function of (seed, step), so resuming is slicing.
+    batches = data.train_iterator(train_ds, self.start_step, c.dataset.num_threads)
+    bar = tqdm(total=plan.total_steps, initial=self.start_step, unit="step",
+               dynamic_ncols=True, disable=not (self.writer.enabled and c.progress_bar),
+               desc=c.model.name)
+    try:
+      for step in range(self.start_step, plan.total_steps):
+        batch = _global_batch(next(batches), setup.batch_sharding)
+        state, metrics = setup.train_step(state, batch)
+        self.drain()  # Step `step - 1`.
+        self.pending = (step + 1, metrics)
+        bar.update(1)
+        self.after_step(step + 1, state, batch, bar)
+        if step_hook is not None:
+          step_hook(step + 1)
+      self.drain()
+    finally:
+      bar.close()
+    return state
 
-  # ---- final report.
-  final_eval = evaluate(eval_step, state[0], c, batch_sharding)
-  train_seconds += time.perf_counter() - loop_start
+  def after_step(self, done: int, state: nnx.State, batch: dict, bar: tqdm) -> None:
+    """Logging, checkpoint, evaluation and diagnostics due after step ``done``."""
+    c, plan, last = self.c, self.plan, done == self.plan.total_steps
+    if done % c.log_every_steps == 0 or last:
+      self.drain()
+      record = self.interval.summary()
+      self.writer.write(dict(step=done, split="train", **record))
+      bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_sec']:.0f}")
+      self.interval.reset()
+    if done % c.checkpoint_every_steps == 0 or last:
+      self.drain()  # Never checkpoint a diverged state.
+      self.ckpt.save(done, state[0], state[1], self.meta(done))
+      self.last_good = done
+    if done % plan.eval_every == 0 or last:
+      self.drain()
+      result = evaluate(self.setup.eval_step, state[0], c, self.setup.batch_sharding)
+      self.writer.write(dict(step=done, split="test", loss=result["loss"],
+                             accuracy=result["accuracy"]))
+      self.interval.reset()  # Keep eval time out of the training throughput.
+    if c.analysis_every_steps > 0 and done % c.analysis_every_steps == 0:
+      diag, self.prev_signs = self.setup.diagnose(state[0], jnp.asarray(done),
+                                                  self.prev_signs, batch["image"])
+      self.writer.write(dict(step=done, split="analysis", **analysis.to_floats(diag)))
+
+
+def final_report(plan: Plan, setup: Setup, state: nnx.State, train_seconds: float,
+                 workdir: str) -> dict:
+  """Evaluates the final state; writes and returns ``final_metrics.json``."""
+  c = plan.config
+  final_eval = evaluate(setup.eval_step, state[0], c, setup.batch_sharding)
   final = dict(test_accuracy=final_eval["accuracy"], test_loss=final_eval["loss"],
-               test_examples=final_eval["count"], train_steps=total_steps,
+               test_examples=final_eval["count"], train_steps=plan.total_steps,
                train_seconds=train_seconds, params_fingerprint=params_fingerprint(state[0]),
                model=c.model.name, seed=c.seed)
-  if is_main:
+  if jax.process_index() == 0:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(final, f, indent=2)
   return final
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       step_hook: Callable[[int], None] | None = None) -> dict:
+  """Trains and evaluates ``config`` in ``workdir``, resuming from its latest checkpoint.
+
+  Phases: :func:`prepare` (validate, resolve, check the workdir's run: a restart
+  with another config stops here, the workdir untouched), :func:`build`,
+  :func:`restore`, then ``config.json``/``run.json`` are written, the loop
+  (:class:`_Loop`), and :func:`final_report`.
+
+  Args:
+    config: an experiment config (``configs/*.py``).
+    workdir: output directory: ``checkpoints/``, ``metrics.jsonl``,
+      ``final_metrics.json``, ``config.json``, ``run.json``.
+    step_hook: called on the host with the number of completed steps after each step
+      (after any checkpoint of that step was started). An exception raised in it
+      aborts the run like a crash; tests use it to simulate a kill.
+
+  Returns:
+    The final metrics (also written to ``final_metrics.json``).
+  """
+  plan = prepare(config, workdir)
+  c, is_main = plan.config, jax.process_index() == 0
+  setup = build(c, plan.devices, plan.steps_per_epoch, plan.total_steps)
+  fingerprint = checkpointing.run_fingerprint(checkpointing.run_spec(c))
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), c.keep_checkpoints)
+  try:
+    state, start_step, train_seconds = restore(c, setup.state, ckpt, fingerprint)
+    writer = MetricsWriter(workdir, is_main)
+    if is_main:  # Only now that the workdir is known to hold this run (or none).
+      checkpointing.record_run(workdir, c, plan.derived)
+      writer.truncate_after(start_step)
+    loop = _Loop(plan, setup, ckpt, writer, fingerprint, start_step, train_seconds)
+    state = loop.run(state, step_hook)
+    train_seconds = loop.seconds()
+  finally:
+    ckpt.wait()
+    ckpt.close()
+  return final_report(plan, setup, state, train_seconds, workdir)

@@ -1,6 +1,7 @@
 """Training system: configs, the loop on 1 and 4 devices, resume, fallbacks, NaN."""
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -206,3 +207,85 @@ def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(npz, tmp_path):
     leaves = jax.tree.leaves(nnx.state(model))
     assert all(np.all(np.isfinite(np.asarray(l))) for l in leaves)
   assert not os.path.exists(tmp_path / "final_metrics.json")
+
+
+def _hash_tree(root):
+  """{relative path: sha256} of every file under ``root``."""
+  import hashlib
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def _config_file(tmp_path, c):
+  """A configs/*.py-style file returning ``c`` (for the launcher in a subprocess)."""
+  path = tmp_path / "tiny_config.py"
+  path.write_text("import json\nimport ml_collections\n\n\ndef get_config():\n"
+                  f"  return ml_collections.ConfigDict(json.loads({c.to_json()!r}))\n")
+  return str(path)
+
+
+def test_restart_with_another_config_is_refused_and_leaves_workdir_identical(npz, tmp_path):
+  workdir = tmp_path / "run"
+  c = tiny_config(npz, num_train_steps=4)
+  ref = train.train_and_evaluate(c, str(workdir))
+  before = _hash_tree(workdir)
+  assert {"config.json", "run.json", "metrics.jsonl", "final_metrics.json"} <= before.keys()
+  # The launcher, as a user would run it: non-zero exit, each field named with the fix.
+  cmd = [sys.executable, "-m", "irnet_jax.main", f"--config={_config_file(tmp_path, c)}",
+         f"--workdir={workdir}", "--config.model.name=resnet18_cifar"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "model.name: 'resnet20' (recorded) vs 'resnet18_cifar' (now)" in out.stderr
+  assert "--workdir" in out.stderr and "--config.model.name=resnet20" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert _hash_tree(workdir) == before
+  # In process: every differing field is named; nothing is touched either.
+  other = tiny_config(npz, num_train_steps=4, seed=1, **{"optimizer.learning_rate": 0.2})
+  with pytest.raises(checkpointing.RunMismatchError) as e:
+    train.train_and_evaluate(other, str(workdir))
+  assert "seed: 0 (recorded) vs 1" in str(e.value)
+  assert "optimizer.learning_rate: 0.1 (recorded) vs 0.2" in str(e.value)
+  assert _hash_tree(workdir) == before
+  # Fields on the resumable list may change: the finished run is resumed, not redone.
+  again = train.train_and_evaluate(
+      tiny_config(npz, num_train_steps=4, log_every_steps=3, eval_every_steps=2,
+                  checkpoint_every_steps=1, num_devices=2, eval_batch_size=4), str(workdir))
+  assert again["params_fingerprint"] == ref["params_fingerprint"]
+  assert [r["step"] for r in read_metrics(workdir, "train")] == [1, 2, 3, 4]
+
+
+def test_incompatible_checkpoint_is_an_error_not_unreadable(npz, tmp_path):
+  # A workdir without run.json/config.json (e.g. written by an older version): the
+  # checkpoints themselves refuse another model instead of being skipped as damaged.
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(npz, num_train_steps=2), str(workdir))
+  os.remove(workdir / "run.json")
+  os.remove(workdir / "config.json")
+  before = _hash_tree(workdir)
+  with pytest.raises(checkpointing.IncompatibleCheckpointError,
+                     match=r"checkpoint 2 .*does not belong to this run.*shapes differ"):
+    train.train_and_evaluate(tiny_config(npz, num_train_steps=2,
+                                         **{"model.name": "resnet18_cifar"}), str(workdir))
+  assert _hash_tree(workdir) == before
+
+
+def test_damaged_newest_checkpoint_falls_back_on_resume(npz, tmp_path, caplog):
+  caplog.set_level(logging.INFO, logger="irnet_jax")
+  ref = train.train_and_evaluate(tiny_config(npz), str(tmp_path / "ref"))
+  with pytest.raises(_Kill):
+    train.train_and_evaluate(tiny_config(npz), str(tmp_path / "run"), step_hook=_kill_at(5))
+  ckpt_dir = tmp_path / "run" / "checkpoints"
+  assert checkpointing.Checkpointer(str(ckpt_dir)).all_steps() == [2, 4]
+  for f in glob.glob(str(ckpt_dir / "4" / "model" / "**" / "*"), recursive=True):
+    if os.path.isfile(f):
+      with open(f, "wb") as fh:
+        fh.write(b"garbage")
+  resumed = train.train_and_evaluate(tiny_config(npz), str(tmp_path / "run"))
+  assert "checkpoint 4" in caplog.text and "falling back" in caplog.text
+  assert "resumed from step 2" in caplog.text  # Not from scratch (which would match too).
+  assert resumed["params_fingerprint"] == ref["params_fingerprint"]
