@@ -125,6 +125,7 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
   """Resolves only what numpy arrays need; any other global is refused."""
 
   _ALLOWED = {
+      ("_codecs", "encode"),  # How protocol-2 pickles made by Python 3 hold bytes.
       ("numpy.core.multiarray", "_reconstruct"),
       ("numpy._core.multiarray", "_reconstruct"),
       ("numpy.core.numeric", "_frombuffer"),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -193,9 +194,10 @@ def index_image_folder(split_dir: str, cache: bool = True) -> FileIndex:
     hit = index_cache.load(key, anchor)
     if hit is not None:
       return hit
+  start = time.time_ns()
   index, dirs = _scan_image_folder(split_dir)
   if cache:
-    index_cache.store(key, anchor, index, dirs)
+    index_cache.store(key, anchor, index, dirs, scan_start_ns=start)
   return index
 
 
@@ -287,9 +289,11 @@ def index_file_list(root: str, list_path: str, cache: bool = True) -> FileIndex:
     hit = index_cache.load(key, anchor, files=[list_path])
     if hit is not None:
       return hit
+  start = time.time_ns()
   names, labels, numbers = _parse_list(list_path)
   dirs = _check_listed_files(root, names, numbers, list_path)
   index = FileIndex.from_names(root, names, labels)
   if cache:
-    index_cache.store(key, anchor, index, dirs, files=[list_path])
+    index_cache.store(key, anchor, index, dirs, files=[list_path],
+                      scan_start_ns=start)
   return index

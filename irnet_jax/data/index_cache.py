@@ -13,6 +13,11 @@ user and host of the tree; where that is not writable, in
 ``$XDG_CACHE_HOME/irnet_jax/index`` (default ``~/.cache/irnet_jax/index``).
 Writes go to a temporary file renamed into place, so readers never see a
 partial entry and concurrent writers do not corrupt each other.
+
+Folders (or list files) modified less than :data:`RACY_SECONDS` before the scan
+started are not cached: a change in the same clock tick as the scan (or hidden
+by clock skew on a network file system) would leave the mtime unchanged and a
+stale entry valid. Such a tree is simply rescanned until it has settled.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import numpy as np
 
 VERSION = 1
 TREE_DIR = ".irnet_jax_index"
+RACY_SECONDS = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +81,21 @@ def load(key: tuple[Any, ...], anchor: str, files: Sequence[str] = ()) -> Any:
 
 
 def store(key: tuple[Any, ...], anchor: str, index: Any, dirs: Sequence[str],
-          files: Sequence[str] = ()) -> str | None:
+          files: Sequence[str] = (), scan_start_ns: int | None = None
+          ) -> str | None:
   """Writes ``index`` (a ``FileIndex``) for ``key``; returns the path written.
 
-  ``dirs``: every folder whose listing the index depends on. Failing to write
-  (read-only tree and home) only logs a warning: the cache is an optimization.
+  ``dirs``: every folder whose listing the index depends on. ``scan_start_ns``:
+  ``time.time_ns()`` before the scan began; if a folder or file changed within
+  :data:`RACY_SECONDS` of it, nothing is written (see the module docstring).
+  Failing to write (read-only tree and home) only logs a warning: the cache is
+  an optimization.
   """
+  if scan_start_ns is not None:
+    newest = max(_dir_mtimes(dirs) + [m for _, m in _file_stats(files)])
+    if newest > scan_start_ns - RACY_SECONDS * 1e9:
+      log.info("not caching the index of %s: modified just now", key[1])
+      return None
   for path in _locations(key, anchor):
     folder = os.path.dirname(path)
     try:

@@ -352,7 +352,7 @@ def _tfds_info(train: Any, test: Any) -> tuple[int, tuple[Any, ...]]:
 
 def _listing(folder: str, limit: int = 8) -> str:
   try:
-    names = sorted(os.listdir(folder))
+    names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
   except OSError:
     return "?"
   more = ", ..." if len(names) > limit else ""
