@@ -1,19 +1,28 @@
-"""Input pipelines for IR-Net training: TFDS / npz / digits sources, numpy
-augmentation, deterministic process-sharded grain datasets (no TensorFlow).
+"""Input pipelines for IR-Net training: CIFAR archive / image folder / list file /
+TFDS / npz / digits sources, numpy augmentation, deterministic process-sharded
+grain datasets (no TensorFlow).
 
 ``ds_cfg`` is an ``ml_collections.ConfigDict`` (or any object with attributes,
 or a dict) with the fields:
 
-* ``name``: ``"cifar10" | "cifar100" | "imagenet2012" | "npz" | "digits"``.
-* ``data_dir``: TFDS data dir (``None``: TFDS default), for the tfds names.
-* ``path``: the ``.npz`` file, for ``"npz"``.
+* ``name``: ``"cifar10" | "cifar100" | "imagefolder" | "filelist" | "npz" |
+  "digits" | "tfds:NAME"`` (``"imagenet2012"`` = ``"tfds:imagenet2012"``); see
+  :mod:`irnet_jax.data.sources`.
+* ``data_dir``: CIFAR archive folder (``""``: ``$IRNET_JAX_DATA_DIR`` or
+  ``~/.cache/irnet_jax/data``); TFDS data dir for ``tfds:`` names.
+* ``path``: the ``.npz`` file; the ImageFolder root (holding ``train_split`` and
+  ``test_split`` folders); the default root of list-file paths.
+* ``train_split`` / ``test_split``: ImageFolder folder or TFDS split names
+  (defaults ``"train"``; ``"val"`` for imagefolder, ``"validation"`` for tfds
+  imagenet2012, else ``"test"``).
+* ``train_list`` / ``test_list``, ``train_root`` / ``test_root``: list files of
+  ``relative/path label`` lines and the folders their paths are relative to.
+* ``skip_bad_files``: replace undecodable image files instead of failing.
 * ``augment``: ``"cifar" | "imagenet" | "shift" | "none"``.
 * ``image_size``: side of the model input in pixels (32 / 224 / 16).
 * ``mean``, ``std``: RGB 3-tuples in [0, 1] units; images are fed as float32
   NHWC ``(x / 255 - mean) / std``.
 * ``num_threads``: grain reader threads for evaluation (default 2).
-* ``test_split``: TFDS eval split (default ``"test"``; ``"validation"`` for
-  imagenet2012).
 
 Typical use::
 
@@ -26,6 +35,7 @@ from irnet_jax.data.augment import AUGMENTS
 from irnet_jax.data.augment import eval_transform
 from irnet_jax.data.augment import normalize
 from irnet_jax.data.augment import train_transform
+from irnet_jax.data.decode import BadImageError
 from irnet_jax.data.pipeline import DatasetInfo
 from irnet_jax.data.pipeline import dataset_info
 from irnet_jax.data.pipeline import eval_batches
@@ -38,7 +48,7 @@ from irnet_jax.data.sources import get_sources
 from irnet_jax.data.sources import load_digits_arrays
 
 __all__ = [
-    "AUGMENTS", "ArraySource", "DATASETS", "DatasetInfo", "dataset_info",
+    "AUGMENTS", "ArraySource", "BadImageError", "DATASETS", "DatasetInfo", "dataset_info",
     "eval_batches", "eval_dataset", "eval_transform", "get_sources",
     "load_digits_arrays", "normalize", "train_dataset", "train_iterator",
     "train_transform",
