@@ -84,7 +84,12 @@ def decode_image(data: bytes, path: str = "<bytes>",
           Image.DecompressionBombWarning) as e:
     # PIL signals bad data with all of these (UnidentifiedImageError and
     # "image file is truncated" are OSErrors).
-    raise BadImageError(path, f"{type(e).__name__}: {e}") from e
+    if isinstance(e, Image.UnidentifiedImageError):
+      reason = ("not in an image format PIL can identify (empty, truncated "
+                "header or not an image)")
+    else:
+      reason = f"{type(e).__name__}: {e}"
+    raise BadImageError(path, reason) from e
 
 
 def load_image(path: str | os.PathLike,
