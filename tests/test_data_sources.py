@@ -245,7 +245,7 @@ def test_image_folder_dataset_end_to_end(tmp_path, monkeypatch):
 @pytest.mark.parametrize("problem,message", [
     ("no_path", "needs ds_cfg.path"),
     ("missing_root", "does not exist"),
-    ("no_split", "has no 'val' folder .*holds: train.*dataset.test_split"),
+    ("no_split", "has no 'val' folder .*holds: train\\).*dataset.test_split"),
     ("no_classes", "no class sub-folders"),
     ("empty_class", "1 class folder.*hold no image files \\('empty'\\)"),
     ("class_mismatch", "only in train: \\['b'\\], only in eval: \\['c'\\]"),
@@ -579,6 +579,16 @@ def test_launcher_trains_resnet18_from_image_folder(tmp_path):
   assert "test_accuracy=" in run.stdout
   final = _check_run(workdir)
   assert 0.0 <= final["test_accuracy"] <= 1.0
+
+
+def test_labels_beyond_model_classes_fail_before_compiling(tmp_path, monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  c = config_lib.imagenet_config("resnet18")
+  c.dataset.path = str(_jpeg_imagenet(tmp_path / "imagenet"))
+  c.model.num_classes = 2
+  with pytest.raises(ValueError, match="labels up to 2 but config.model.num_classes=2"):
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.slow

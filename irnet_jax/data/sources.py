@@ -379,8 +379,10 @@ def _image_folder_indexes(ds_cfg: Any) -> tuple[folders.FileIndex,
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
       raise ValueError(f"{root!r} has no {split!r} folder (it holds: "
-                       f"{_listing(root)}). Set --config.dataset.{field} to "
-                       f"the name of the folder with one sub-folder per class.")
+                       f"{_listing(root)}). dataset.path must be the folder "
+                       f"holding the split folders (not a split folder); set "
+                       f"--config.dataset.{field} to the name of the split "
+                       f"folder with one sub-folder per class.")
     indexes.append(folders.index_image_folder(split_dir))
   train, test = indexes
   if train.classes != test.classes:
