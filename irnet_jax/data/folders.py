@@ -193,7 +193,7 @@ def index_image_folder(split_dir: str, cache: bool = True) -> FileIndex:
   if cache:
     hit = index_cache.load(key, anchor)
     if hit is not None:
-      return hit
+      return FileIndex(*hit)
   start = time.time_ns()
   index, dirs = _scan_image_folder(split_dir)
   if cache:
@@ -288,7 +288,7 @@ def index_file_list(root: str, list_path: str, cache: bool = True) -> FileIndex:
   if cache:
     hit = index_cache.load(key, anchor, files=[list_path])
     if hit is not None:
-      return hit
+      return FileIndex(*hit)
   start = time.time_ns()
   names, labels, numbers = _parse_list(list_path)
   dirs = _check_listed_files(root, names, numbers, list_path)

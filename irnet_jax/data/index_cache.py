@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -59,12 +59,21 @@ def _file_stats(files: Sequence[str]) -> list[list[int]]:
   return [[s.st_size, s.st_mtime_ns] for s in stats]
 
 
-def load(key: tuple[Any, ...], anchor: str, files: Sequence[str] = ()) -> Any:
-  """The cached index for ``key`` if an entry exists and is still valid, else None.
+class Entry(NamedTuple):
+  """The arrays of a cached ``FileIndex`` (see its attributes)."""
+  root: str
+  blob: np.ndarray
+  offsets: np.ndarray
+  labels: np.ndarray
+  classes: tuple[str, ...]
+
+
+def load(key: tuple[Any, ...], anchor: str,
+         files: Sequence[str] = ()) -> Entry | None:
+  """The cached entry for ``key`` if one exists and is still valid, else None.
 
   ``files`` must equal what :func:`store` was given (checked by size + mtime).
   """
-  from irnet_jax.data import folders  # pylint: disable=g-import-not-at-top
   for path in _locations(key, anchor):
     try:
       with np.load(path, allow_pickle=False) as npz:
@@ -73,8 +82,8 @@ def load(key: tuple[Any, ...], anchor: str, files: Sequence[str] = ()) -> Any:
             or meta["files"] != _file_stats(files)
             or meta["mtimes"] != _dir_mtimes(meta["dirs"])):
           continue
-        return folders.FileIndex(meta["root"], npz["blob"], npz["offsets"],
-                                 npz["labels"], tuple(meta["classes"]))
+        return Entry(meta["root"], npz["blob"], npz["offsets"], npz["labels"],
+                     tuple(meta["classes"]))
     except (OSError, ValueError, KeyError, TypeError):
       continue  # Missing, unreadable, from an older version, or a dir vanished.
   return None
@@ -83,7 +92,8 @@ def load(key: tuple[Any, ...], anchor: str, files: Sequence[str] = ()) -> Any:
 def store(key: tuple[Any, ...], anchor: str, index: Any, dirs: Sequence[str],
           files: Sequence[str] = (), scan_start_ns: int | None = None
           ) -> str | None:
-  """Writes ``index`` (a ``FileIndex``) for ``key``; returns the path written.
+  """Writes ``index`` (a ``FileIndex`` or :class:`Entry`) for ``key``; returns
+  the path written.
 
   ``dirs``: every folder whose listing the index depends on. ``scan_start_ns``:
   ``time.time_ns()`` before the scan began; if a folder or file changed within
