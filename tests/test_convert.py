@@ -167,3 +167,153 @@ def test_irconv_matches_hand_written_float64_reference(x64):
   dw = d_state["kernel"][...]
   np.testing.assert_allclose(np.asarray(dx).transpose(0, 3, 1, 2), ref_dx, rtol=0, atol=1e-12)
   np.testing.assert_allclose(np.asarray(dw).transpose(3, 2, 0, 1), ref_dw, rtol=0, atol=1e-12)
+
+
+def _perturbed(name, num_classes=10, seed=0):
+  model = models.create(name, num_classes=num_classes, rngs=nnx.Rngs(seed))
+  for _, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.BatchStat):
+      var.set_value(var[...] + jnp.arange(var.size, dtype=var.dtype) / 7 + 0.5)
+  return model
+
+
+def test_official_checkpoint_dicts_load():
+  # The official trainers: torch.save({'state_dict': DataParallel(model).state_dict(),
+  # 'best_prec1': ...}); other tools use a 'model' entry; DDP also prefixes 'module.'.
+  sd = convert.to_torch_state_dict(nnx.state(_perturbed("resnet20")))
+  wrapped = {"module." + k: v for k, v in sd.items()}
+  for obj in ({"state_dict": wrapped, "best_prec1": np.float64(91.25), "epoch": 399},
+              {"model": sd, "optimizer": {"lr": 0.1}}, wrapped, sd):
+    unwrapped, extras = convert.official_state_dict(obj)
+    assert unwrapped.keys() == sd.keys()
+    dst = models.create("resnet20", rngs=nnx.Rngs(3))
+    convert.load_torch_state_dict(dst, obj)
+    got = convert.to_torch_state_dict(nnx.state(dst))
+    for key in sd:
+      np.testing.assert_array_equal(got[key], sd[key], err_msg=key)
+  assert convert.official_state_dict(
+      {"state_dict": wrapped, "best_prec1": np.float64(91.25), "epoch": 399})[1] == {
+          "best_prec1": 91.25, "epoch": 399}
+  # One prefix only, and only when every key has it: a half-prefixed dict is refused.
+  half = dict(sd, **{"module.linear.bias": sd["linear.bias"]})
+  del half["linear.bias"]
+  with pytest.raises(ValueError, match=r"unknown keys.*module\.linear\.bias"):
+    convert.load_torch_state_dict(models.create("resnet20"), half)
+
+
+def test_imported_workdir_evaluates_exports_and_fine_tunes(tmp_path):
+  import json
+  import os
+
+  from irnet_jax import checkpointing, evaluate, train
+  from irnet_jax.convert import workdir as workdir_lib
+  from test_train import make_npz, tiny_config
+
+  npz = make_npz(tmp_path / "toy.npz")
+  src = _perturbed("resnet20", num_classes=4)
+  sd = convert.to_torch_state_dict(nnx.state(src))
+  obj = {"state_dict": {"module." + k: v for k, v in sd.items()}, "best_prec1": 77.5}
+  w = str(tmp_path / "imported")
+  meta = workdir_lib.import_state_dict(obj, tiny_config(npz, num_train_steps=2), w,
+                                       source="model.th")
+  assert meta["imported"].endswith("model.th") and meta["official"] == {"best_prec1": 77.5}
+  assert checkpointing.load_config(w).model.num_classes == 4  # From linear.weight.
+  with pytest.raises(ValueError, match="already holds a run"):
+    workdir_lib.import_state_dict(obj, tiny_config(npz), w)
+  # Round trip out: exactly the weights that went in.
+  back = workdir_lib.export_state_dict(w)
+  assert back.keys() == sd.keys()
+  for key in sd:
+    np.testing.assert_array_equal(back[key], sd[key], err_msg=key)
+  # evaluate: the same numbers as the model computes on the (normalized) test images.
+  result = evaluate.evaluate_workdir(w)
+  with np.load(npz) as f:
+    x, y = f["x_test"], f["y_test"]
+  c = tiny_config(npz)
+  mean, std = np.asarray(c.dataset.mean), np.asarray(c.dataset.std)
+  src.eval()
+  logits = np.asarray(src(jnp.asarray((x / 255.0 - mean) / std, jnp.float32)))
+  assert result["test_examples"] == len(y) == 21
+  assert result["test_accuracy"] == np.mean(logits.argmax(-1) == y)
+  np.testing.assert_allclose(result["test_loss"],
+                             float(train.cross_entropy(jnp.asarray(logits), y).mean()),
+                             rtol=1e-5)
+  assert json.load(open(os.path.join(w, "eval_metrics.json")))["step"] == 0
+  # Fine-tuning: init_from in a new workdir and training W itself start from the same
+  # imported weights with a fresh optimizer, so they end identical; from scratch differs.
+  tuned = train.train_and_evaluate(tiny_config(npz, num_train_steps=2, init_from=w),
+                                   str(tmp_path / "tuned"))
+  cont = train.train_and_evaluate(tiny_config(npz, num_train_steps=2), w)
+  scratch = train.train_and_evaluate(tiny_config(npz, num_train_steps=2),
+                                     str(tmp_path / "scratch"))
+  assert tuned["params_fingerprint"] == cont["params_fingerprint"]
+  assert scratch["params_fingerprint"] != cont["params_fingerprint"]
+
+
+@pytest.mark.slow
+def test_official_trainer_file_converts_evaluates_exports_and_round_trips(tmp_path, capsys):
+  """Acceptance: a model.th saved the official trainer's way, through the commands."""
+  torch = pytest.importorskip("torch")
+  import importlib.util
+  import json
+  import os
+  import subprocess
+  import sys
+
+  from irnet_jax.export.__main__ import main as export_main
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      "torch_reference", os.path.join(repo, "experiments", "torch_reference.py"))
+  ref = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ref)
+  torch.manual_seed(0)
+  official = ref.MODELS["resnet20"](10)
+  ref.randomize_bn(official, torch.Generator().manual_seed(1))  # Non-trivial BN stats.
+  official.eval()
+  path = str(tmp_path / "model.th")
+  torch.save({"state_dict": torch.nn.DataParallel(official).state_dict(),
+              "best_prec1": 91.5}, path)
+
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+  y = rng.integers(0, 10, 64).astype(np.int32)
+  npz = str(tmp_path / "test.npz")
+  np.savez(npz, x_train=x[:16], y_train=y[:16], x_test=x, y_test=y)
+
+  def run(*args):
+    out = subprocess.run([sys.executable, "-m", *args], cwd=repo, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+  w = str(tmp_path / "w")
+  run("irnet_jax.convert", f"--torch={path}", "--config=configs/cifar10_resnet20.py",
+      f"--workdir={w}")
+  run("irnet_jax.evaluate", f"--workdir={w}", "--config.dataset.name=npz",
+      f"--config.dataset.path={npz}")
+  got = json.load(open(os.path.join(w, "eval_metrics.json")))
+
+  # The official model in PyTorch on the same images, normalized the same way.
+  mean, std = np.array((0.485, 0.456, 0.406)), np.array((0.229, 0.224, 0.225))  # The config's.
+  xt = torch.from_numpy(((x / 255.0 - mean) / std).transpose(0, 3, 1, 2)).float()
+  with torch.no_grad():
+    logits = official(xt)
+  loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y).long()))
+  accuracy = float((logits.argmax(-1).numpy() == y).mean())
+  print(f"official torch: accuracy={accuracy} loss={loss}; irnet_jax.evaluate: {got}")
+  assert got["test_examples"] == 64 and got["step"] == 0
+  assert got["test_accuracy"] == accuracy
+  np.testing.assert_allclose(got["test_loss"], loss, rtol=1e-4)
+
+  assert export_main([f"--workdir={w}", f"--out={tmp_path / 'model.irnet'}"]) == 0
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert report["check_same_argmax"] and report["check_max_abs_diff"] < 1e-3
+
+  out = str(tmp_path / "back.pth")
+  run("irnet_jax.convert", f"--workdir={w}", f"--to_torch={out}")
+  back = ref.MODELS["resnet20"](10)
+  back.load_state_dict(torch.load(out, weights_only=True), strict=True)
+  back.eval()
+  with torch.no_grad():
+    assert torch.equal(back(xt), logits)

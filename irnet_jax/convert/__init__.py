@@ -18,6 +18,13 @@ BN ``var``         ``running_var``     same
 ``num_batches_tracked`` is accepted and ignored on load (it only matters to torch
 BN with ``momentum=None``) and written as 0 on export. Dtypes are kept: float64
 weights stay float64 when ``jax_enable_x64`` is on.
+
+The official trainers save ``{'state_dict': model.state_dict(), 'best_prec1': ...}``
+with the model wrapped in ``nn.DataParallel``, so every key starts with ``module.``;
+:func:`official_state_dict` (applied by :func:`load_torch_state_dict`) unwraps both.
+Whole workdirs: :mod:`irnet_jax.convert.workdir`; the command line
+(``python -m irnet_jax.convert``, the only part that needs torch):
+:mod:`irnet_jax.convert.__main__`.
 """
 from __future__ import annotations
 
@@ -30,6 +37,40 @@ from flax import nnx
 _LEAF_TO_TORCH = {"kernel": "weight", "bias": "bias", "scale": "weight",
                   "mean": "running_mean", "var": "running_var"}
 _IGNORED_LEAVES = ("num_batches_tracked",)
+WRAPPER_KEYS = ("state_dict", "model")  # Entries of checkpoint dicts that hold the weights.
+_PARALLEL_PREFIX = "module."  # nn.DataParallel / DistributedDataParallel.
+
+
+def official_state_dict(obj: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``(state_dict, extras)`` of what ``torch.load`` returned for an official file.
+
+  Takes the ``state_dict`` (or ``model``) entry of a checkpoint dict if there is one
+  (the other entries, e.g. ``best_prec1``, ``epoch``, are returned as ``extras``, as
+  Python scalars where they are scalars; others are dropped), and strips one leading
+  ``module.`` if every key has it. A bare state_dict passes through unchanged.
+  """
+  extras: dict[str, Any] = {}
+  for key in WRAPPER_KEYS:
+    if isinstance(obj.get(key), Mapping):
+      extras = {k: _scalar(v) for k, v in obj.items() if k != key}
+      extras = {k: v for k, v in extras.items() if v is not None}
+      obj = obj[key]
+      break
+  sd = dict(obj)
+  if sd and all(k.startswith(_PARALLEL_PREFIX) for k in sd):
+    sd = {k[len(_PARALLEL_PREFIX):]: v for k, v in sd.items()}
+  return sd, extras
+
+
+def _scalar(value: Any) -> Any:
+  """A JSON-able Python scalar of ``value`` (number, string, 1-element array), else None."""
+  if isinstance(value, (bool, int, float, str)):
+    return value
+  try:
+    array = np.asarray(value)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return array.item() if array.size == 1 and array.dtype.kind in "biuf" else None
 
 
 def torch_key(path: tuple) -> str:
@@ -84,14 +125,16 @@ def to_torch_state_dict(state: Any) -> dict[str, np.ndarray]:
 def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> nnx.Module:
   """Loads an official state_dict (torch key -> array-like) into ``model`` in place.
 
-  Checks everything before changing anything: every parameter and BN statistic of
+  ``state_dict`` may also be an official checkpoint dict (``{'state_dict': ...,
+  'best_prec1': ...}``) and its keys may carry DataParallel's ``module.`` prefix
+  (see :func:`official_state_dict`). Checks everything before changing anything: every parameter and BN statistic of
   the model must be present with the right shape, and no unknown key may remain;
   otherwise a ``ValueError`` lists the offending keys. Tensors are converted with
   ``np.asarray`` (pass ``t.detach().cpu().numpy()`` for torch tensors).
 
   Returns the model, for chaining.
   """
-  arrays = {k: np.asarray(v) for k, v in state_dict.items()}
+  arrays = {k: np.asarray(v) for k, v in official_state_dict(state_dict)[0].items()}
   targets = {}
   for path, value in _flat_variables(nnx.state(model, (nnx.Param, nnx.BatchStat))):
     targets[torch_key(path)] = (path, tuple(value.shape))
@@ -123,5 +166,5 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> n
   return model
 
 
-__all__ = ["load_torch_state_dict", "to_torch_state_dict", "torch_key",
+__all__ = ["load_torch_state_dict", "to_torch_state_dict", "official_state_dict", "torch_key",
            "to_torch_layout", "from_torch_layout"]

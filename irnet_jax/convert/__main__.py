@@ -1,0 +1,104 @@
+"""Official PyTorch checkpoints in and out of workdirs.
+
+  python -m irnet_jax.convert --torch=model.th --config=configs/NAME.py --workdir=W
+      [--config.a.b=value ...]
+  python -m irnet_jax.convert --workdir=W --to_torch=out.pth [--step=N]
+
+The first writes W as a normal workdir (see :mod:`irnet_jax.convert.workdir`) from a
+file saved by the official trainers (``{'state_dict': ..., 'best_prec1': ...}``, keys
+with DataParallel's ``module.``) or a bare ``state_dict``. The second writes W's newest
+model state as a bare state_dict that the official model's ``load_state_dict`` accepts
+(``strict=True``). This command is the only part of irnet_jax that needs torch; files are
+read with ``torch.load(..., weights_only=True)``, which never runs pickled code.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("torch", None, "Official PyTorch checkpoint to import (.th/.pth).")
+config_flags.DEFINE_config_file("config", None, "Experiment config of the model (with "
+                                "--torch).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Workdir to write (with --torch) or read.")
+flags.DEFINE_string("to_torch", None, "Write the workdir's model as a torch state_dict here.")
+flags.DEFINE_integer("step", None, "Checkpoint to export with --to_torch (default: newest).")
+flags.mark_flag_as_required("workdir")
+
+
+def _torch():
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    sys.exit("error: python -m irnet_jax.convert reads and writes PyTorch files and needs "
+             "torch: pip install torch (the CPU build is enough). Nothing else in "
+             "irnet_jax needs it.")
+  return torch
+
+
+def _to_numpy(obj: Any) -> Any:
+  """Tensors -> numpy arrays, through dicts (state_dicts, checkpoint dicts)."""
+  torch = _torch()
+  if isinstance(obj, dict):
+    return {k: _to_numpy(v) for k, v in obj.items()}
+  if torch.is_tensor(obj):
+    return obj.detach().cpu().numpy()
+  return obj
+
+
+def read_torch_file(path: str) -> dict:
+  """``torch.load(path, weights_only=True)`` with tensors as numpy arrays."""
+  torch = _torch()
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except FileNotFoundError:
+    sys.exit(f"error: --torch={path} does not exist.")
+  except Exception as e:  # pylint: disable=broad-except
+    sys.exit(f"error: cannot read {path} with torch.load(weights_only=True) "
+             f"({type(e).__name__}: {e}). Only tensors and plain containers are read (no "
+             "pickled code); re-save it with torch.save({'state_dict': "
+             "model.state_dict()}, path).")
+  if not isinstance(obj, dict):
+    sys.exit(f"error: {path} holds a {type(obj).__name__}, not a state_dict or a "
+             "checkpoint dict.")
+  return _to_numpy(obj)
+
+
+def write_torch_file(state_dict: dict[str, np.ndarray], path: str) -> None:
+  torch = _torch()
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()},
+             path)
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # pylint: disable-next=import-outside-toplevel
+  from irnet_jax.convert import workdir as workdir_lib  # After flags: JAX is heavy.
+  if FLAGS.torch:
+    if FLAGS.config is None:
+      raise app.UsageError("--torch needs --config=configs/NAME.py (the model's config).")
+    try:
+      meta = workdir_lib.import_state_dict(read_torch_file(FLAGS.torch), FLAGS.config,
+                                           FLAGS.workdir, source=FLAGS.torch)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    print(f"imported {FLAGS.torch} ({meta['model']}, {meta['num_classes']} classes"
+          + "".join(f", {k}={v}" for k, v in meta["official"].items())
+          + f") into {FLAGS.workdir}")
+  elif FLAGS.to_torch:
+    state_dict = workdir_lib.export_state_dict(FLAGS.workdir, FLAGS.step)
+    write_torch_file(state_dict, FLAGS.to_torch)
+    print(f"wrote {FLAGS.to_torch}: {len(state_dict)} tensors (official key names, "
+          "load_state_dict-ready)")
+  else:
+    raise app.UsageError("give --torch=FILE --config=... (import) or --to_torch=FILE "
+                         "(export).")
+
+
+if __name__ == "__main__":
+  app.run(main)
