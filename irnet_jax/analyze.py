@@ -301,8 +301,8 @@ def _layer_table(records: Records) -> list[str]:
   return _table(["layer"] + families, rows)
 
 
-def _read_final(workdir: Path) -> dict[str, Any] | None:
-  path = workdir / "final_metrics.json"
+def _read_final(workdir: Path, name: str = "final_metrics.json") -> dict[str, Any] | None:
+  path = workdir / name
   if not path.exists():
     return None
   try:
@@ -315,12 +315,19 @@ def _read_final(workdir: Path) -> dict[str, Any] | None:
 def analyze(workdir: str | os.PathLike, compare: str | os.PathLike | None = None,
             out_dir: str | os.PathLike | None = None) -> Path:
   """Writes the plots and ``report.md`` for ``workdir`` (and ``compare``); returns the
-  report path. Raises ``FileNotFoundError`` if ``workdir/metrics.jsonl`` is missing."""
+  report path. Raises ``FileNotFoundError`` if ``workdir/metrics.jsonl`` is missing,
+  unless the workdir has results without a training log (``eval_metrics.json`` of
+  ``python -m irnet_jax.evaluate``, e.g. on a workdir of ``irnet_jax.convert``)."""
   workdir = Path(workdir)
+  evaluated = _read_final(workdir, "eval_metrics.json")
+  notes: list[str] = []
+  if evaluated is not None and not (workdir / "metrics.jsonl").exists():
+    records, skipped = {}, 0
+    notes.append("No metrics.jsonl (no training in this workdir).")
+  else:
+    records, skipped = load_metrics(workdir / "metrics.jsonl")
   out = Path(out_dir) if out_dir is not None else workdir / "report"
   out.mkdir(parents=True, exist_ok=True)
-  records, skipped = load_metrics(workdir / "metrics.jsonl")
-  notes: list[str] = []
   if skipped:
     notes.append(f"{skipped} unparsable line(s) of metrics.jsonl were skipped.")
   for split in ("train", "test", "analysis"):
@@ -387,6 +394,10 @@ def analyze(workdir: str | os.PathLike, compare: str | os.PathLike | None = None
     lines.append("")
   else:
     notes.append("No final_metrics.json in the run directory.")
+
+  if evaluated is not None:
+    lines += ["## eval_metrics.json (python -m irnet_jax.evaluate)", "",
+              *_table(["key", "value"], list(evaluated.items())), ""]
 
   layer_lines = _layer_table(records)
   if layer_lines:

@@ -205,7 +205,7 @@ def test_imported_workdir_evaluates_exports_and_fine_tunes(tmp_path):
   import json
   import os
 
-  from irnet_jax import checkpointing, evaluate, train
+  from irnet_jax import analyze, checkpointing, evaluate, train
   from irnet_jax.convert import workdir as workdir_lib
   from test_train import make_npz, tiny_config
 
@@ -239,6 +239,8 @@ def test_imported_workdir_evaluates_exports_and_fine_tunes(tmp_path):
                              float(train.cross_entropy(jnp.asarray(logits), y).mean()),
                              rtol=1e-5)
   assert json.load(open(os.path.join(w, "eval_metrics.json")))["step"] == 0
+  report = analyze.analyze(w).read_text()
+  assert "eval_metrics.json" in report and "| test_examples | 21 |" in report
   # Fine-tuning: init_from in a new workdir and training W itself start from the same
   # imported weights with a fresh optimizer, so they end identical; from scratch differs.
   tuned = train.train_and_evaluate(tiny_config(npz, num_train_steps=2, init_from=w),
@@ -317,3 +319,16 @@ def test_official_trainer_file_converts_evaluates_exports_and_round_trips(tmp_pa
   back.eval()
   with torch.no_grad():
     assert torch.equal(back(xt), logits)
+
+
+def test_convert_without_torch_says_so(tmp_path):
+  import os
+  import subprocess
+  import sys
+  code = ("import runpy, sys; sys.modules['torch'] = None; "
+          f"sys.argv = ['convert', '--workdir={tmp_path}', '--to_torch=x.pth']; "
+          "runpy.run_module('irnet_jax.convert', run_name='__main__')")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.returncode != 0 and "needs torch: pip install torch" in out.stderr
+  assert "Traceback" not in out.stderr

@@ -13,6 +13,7 @@ read with ``torch.load(..., weights_only=True)``, which never runs pickled code.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -77,6 +78,9 @@ def write_torch_file(state_dict: dict[str, np.ndarray], path: str) -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.WARNING)  # Keep Orbax's INFO chatter out.
+  if FLAGS.torch or FLAGS.to_torch:
+    _torch()  # Before anything else: a missing torch is the first thing to hear about.
   # pylint: disable-next=import-outside-toplevel
   from irnet_jax.convert import workdir as workdir_lib  # After flags: JAX is heavy.
   if FLAGS.torch:
