@@ -61,7 +61,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.image_size = 32
   c.dataset.mean = IMAGENET_MEAN  # The official CIFAR code normalizes with these too.
   c.dataset.std = IMAGENET_STD
-  c.dataset.num_threads = 2
+  c.dataset.num_threads = 2         # In-process reader threads (num_workers=0).
+  c.dataset.num_workers = -1        # Worker processes; -1: usable CPUs for augment=imagenet,
+                                    # 0 (threads) for the small-image recipes.
+  c.dataset.prefetch_mb = 1024      # Host prefetch budget (uint8 batches; >= 1 per worker).
+  c.dataset.color_jitter_on = "device"  # imagenet recipe: "device" (in the step) or "host".
+  c.dataset.jpeg_draft = False      # Reduced-DCT JPEG decode when the crop allows.
   c.dataset.skip_bad_files = False  # True: replace undecodable image files (counted in logs).
 
   c.model = ml_collections.ConfigDict()

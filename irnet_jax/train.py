@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from irnet_jax import analysis, checkpointing, cpu_kernels, data, ops
 from irnet_jax import config as config_lib
+from irnet_jax.data import device as data_device
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +103,24 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def make_train_step(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
                     schedule: optax.Schedule, steps_per_epoch: int, total_steps: int
                     ) -> Callable[[nnx.State, dict], tuple[nnx.State, dict]]:
-  """``step(state, batch) -> (state, metrics)``: pure, for ``jax.jit``."""
+  """``step(state, batch) -> (state, metrics)``: pure, for ``jax.jit``.
+
+  ``batch["image"]`` is uint8 NHWC from the input pipeline (normalized, and
+  colour-jittered when ``dataset.color_jitter_on="device"``, here) or already
+  normalized floats (used as they are).
+  """
+  device_jitter = data.color_jitter_on(c.dataset) == "device"
 
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     step = optimizer.step[...]
     ede = ede_at(c, step, steps_per_epoch, total_steps)
+    jitter = data_device.jitter_key(c.seed, step) if device_jitter else None
+    images = data_device.model_input(batch["image"], c.dataset.mean, c.dataset.std,
+                                     jitter)
 
     def loss_fn(m):
-      logits = m(batch["image"], ede=ede)
+      logits = m(images, ede=ede)
       return cross_entropy(logits, batch["label"]).mean(), logits
 
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
@@ -118,18 +128,22 @@ def make_train_step(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
     metrics = dict(loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
                    param_norm=optax.tree.norm(nnx.state(model, nnx.Param)),
                    lr=jnp.asarray(schedule(step), jnp.float32), ede_t=ede.t, ede_k=ede.k)
+    if "bad_files" in batch:  # dataset.skip_bad_files: replaced files in this batch.
+      metrics["bad_files"] = jnp.sum(batch["bad_files"])
     return nnx.state((model, optimizer)), metrics
 
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[nnx.State, dict], dict]:
+def make_eval_step(graphdef: nnx.GraphDef, dataset: ml_collections.ConfigDict
+                   ) -> Callable[[nnx.State, dict], dict]:
   """``step(model_state, batch) -> sums`` (loss, correct, correct5 = label in the top 5,
-  count) over the unmasked examples of a padded batch."""
+  count) over the unmasked examples of a padded batch. uint8 images are normalized
+  with ``dataset.mean/std`` here; floats are used as they are."""
 
   def eval_step(model_state, batch):
     model = nnx.merge(graphdef, model_state)
-    logits = model(batch["image"])
+    logits = model(data_device.model_input(batch["image"], dataset.mean, dataset.std))
     mask = batch["mask"].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
@@ -150,6 +164,7 @@ def make_diagnose(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
   def diagnose(model_state, step, prev_signs, x):
     model = nnx.merge(graphdef, model_state)  # Eval mode: BN statistics untouched.
     ede = ede_at(c, step, steps_per_epoch, total_steps)
+    x = data_device.model_input(x, c.dataset.mean, c.dataset.std)
     metrics = analysis.diagnostics(model, ede, prev_signs, x)
     return metrics, analysis.weight_signs(model)
 
@@ -273,7 +288,7 @@ def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
   step = make_train_step(graphdef, c, schedule, steps_per_epoch, total_steps)
   train_step = jax.jit(_for_mesh(step, mesh), in_shardings=(replicated, batch_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_step = jax.jit(_for_mesh(make_eval_step(eval_graphdef), mesh),
+  eval_step = jax.jit(_for_mesh(make_eval_step(eval_graphdef, c.dataset), mesh),
                       in_shardings=(replicated, batch_sharding), out_shardings=replicated)
   diagnose = jax.jit(_for_mesh(make_diagnose(eval_graphdef, c, steps_per_epoch, total_steps),
                                mesh))
@@ -288,12 +303,15 @@ class _Interval:
 
   def reset(self):
     self.sums, self.count, self.images, self.start = {}, 0, 0, time.perf_counter()
+    self.bad_files = None
 
   def add(self, metrics: dict, images: int):
     for k in ("loss", "accuracy", "param_norm"):
       self.sums[k] = self.sums.get(k, 0.0) + float(metrics[k])
     self.count += 1
     self.images += images
+    if "bad_files" in metrics:
+      self.bad_files = (self.bad_files or 0) + int(metrics["bad_files"])
     self.last = metrics
 
   def summary(self) -> dict:
@@ -301,6 +319,8 @@ class _Interval:
     out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
     out.update(lr=float(self.last["lr"]), ede_t=float(self.last["ede_t"]),
                ede_k=float(self.last["ede_k"]), images_per_sec=self.images / seconds)
+    if self.bad_files is not None:
+      out["bad_files"] = self.bad_files  # Replaced undecodable files since the last log.
     return out
 
 
@@ -422,7 +442,8 @@ class _Loop:
     train_ds = data.train_dataset(c.dataset, c.batch_size, c.seed, plan.total_steps,
                                   jax.process_index(), jax.process_count())
     # The data is a pure function of (seed, step), so resuming is slicing.
-    batches = data.train_iterator(train_ds, self.start_step, c.dataset.num_threads)
+    batches = data.train_iterator(train_ds, self.start_step, **data.loader_options(
+        c.dataset, c.batch_size // jax.process_count()))
     bar = tqdm(total=plan.total_steps, initial=self.start_step, unit="step",
                dynamic_ncols=True, disable=not (self.writer.enabled and c.progress_bar),
                desc=c.model.name)

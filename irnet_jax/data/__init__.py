@@ -20,9 +20,14 @@ or a dict) with the fields:
 * ``skip_bad_files``: replace undecodable image files instead of failing.
 * ``augment``: ``"cifar" | "imagenet" | "shift" | "none"``.
 * ``image_size``: side of the model input in pixels (32 / 224 / 16).
-* ``mean``, ``std``: RGB 3-tuples in [0, 1] units; images are fed as float32
-  NHWC ``(x / 255 - mean) / std``.
-* ``num_threads``: grain reader threads for evaluation (default 2).
+* ``mean``, ``std``: RGB 3-tuples in [0, 1] units; batches are uint8 NHWC and
+  the jitted step feeds the model float32 ``(x / 255 - mean) / std``
+  (``irnet_jax.data.device.model_input``).
+* ``num_workers``: grain worker processes (-1: every usable CPU for the
+  "imagenet" recipe, in-process threads for the others); ``num_threads``:
+  in-process reader threads (default 2); ``prefetch_mb``: prefetch budget.
+* ``color_jitter_on``: ``"device"`` (default) or ``"host"``; ``jpeg_draft``:
+  decode JPEGs at a reduced DCT scale when the crop allows.
 
 Typical use::
 
@@ -37,9 +42,11 @@ from irnet_jax.data.augment import normalize
 from irnet_jax.data.augment import train_transform
 from irnet_jax.data.decode import BadImageError
 from irnet_jax.data.pipeline import DatasetInfo
+from irnet_jax.data.pipeline import color_jitter_on
 from irnet_jax.data.pipeline import dataset_info
 from irnet_jax.data.pipeline import eval_batches
 from irnet_jax.data.pipeline import eval_dataset
+from irnet_jax.data.pipeline import loader_options
 from irnet_jax.data.pipeline import train_dataset
 from irnet_jax.data.pipeline import train_iterator
 from irnet_jax.data.sources import ArraySource
@@ -48,8 +55,9 @@ from irnet_jax.data.sources import get_sources
 from irnet_jax.data.sources import load_digits_arrays
 
 __all__ = [
-    "AUGMENTS", "ArraySource", "BadImageError", "DATASETS", "DatasetInfo", "dataset_info",
-    "eval_batches", "eval_dataset", "eval_transform", "get_sources",
-    "load_digits_arrays", "normalize", "train_dataset", "train_iterator",
+    "AUGMENTS", "ArraySource", "BadImageError", "DATASETS", "DatasetInfo",
+    "color_jitter_on", "dataset_info", "eval_batches", "eval_dataset",
+    "eval_transform", "get_sources", "load_digits_arrays", "loader_options",
+    "normalize", "train_dataset", "train_iterator",
     "train_transform",
 ]

@@ -10,34 +10,53 @@ Training (:func:`train_dataset`) is a random-access ``grain.MapDataset`` of
 
 The global batch of step ``s`` is positions ``[s G, (s + 1) G)`` (``G`` the
 global batch size), and process ``k`` of ``n`` gets the ``k``-th of its ``n``
-contiguous chunks. Nothing depends on the number of processes or on
-``num_steps``, so
+contiguous chunks. Nothing depends on the number of processes, worker
+processes or threads, or on ``num_steps``, so
 
 * the concatenation of the local batches over processes is bitwise the
   single-process batch (augmentation included);
 * resuming at step ``k`` is ``train_ds[k:]``;
 * batches may straddle epochs; nothing is dropped except the unused tail.
 
+Speed: :func:`train_iterator` builds batches in grain worker processes
+(``dataset.num_workers``), each decoding and augmenting whole batches (image
+files are cropped from their header size before decoding, optionally at a
+reduced JPEG scale: ``dataset.jpeg_draft``). Batches stay uint8 NHWC up to the
+device; normalization, and by default the colour jitter, run inside the
+jitted step (:mod:`irnet_jax.data.device`).
+
 Evaluation (:func:`eval_batches`) covers every test example exactly once, in
 order, padding the last global batch with ``mask=False`` entries.
 """
 from __future__ import annotations
 
+import io
+import logging
 import math
+import os
 import threading
 from typing import Any, Iterator, NamedTuple
 
 import grain
 import numpy as np
+from absl import flags
+from PIL import Image
 
 from irnet_jax.data import augment as augment_lib
+from irnet_jax.data import decode
 from irnet_jax.data import sources
+
+log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 
 # Tags that separate the seed streams derived from the user's seed.
 _SHUFFLE_TAG = 0x5F1
 _AUGMENT_TAG = 0xA06
+
+JITTER_PLACES = ("device", "host")
+# Undecodable files replaced in a row before giving up (skip_bad_files).
+_MAX_REPLACEMENTS = 100
 
 
 class DatasetInfo(NamedTuple):
@@ -79,6 +98,7 @@ def _check_cfg(ds_cfg: Any) -> tuple[sources.SourceInfo, str, int]:
   if np.any(np.asarray(sources.cfg_get(ds_cfg, "std")) <= 0):
     raise ValueError(f"ds_cfg.std={sources.cfg_get(ds_cfg, 'std')!r} must be "
                      f"positive.")
+  color_jitter_on(ds_cfg)  # Validates ds_cfg.color_jitter_on.
   info = sources.inspect_sources(ds_cfg)
   h, w = info.stored_shape[:2]
   if augment != "imagenet":
@@ -167,53 +187,185 @@ class _EpochShuffle:
     self.__init__(state["num_examples"], state["seed"])
 
 
-class _ReadShuffled:
-  """``position -> dict(image=uint8 HWC, label=int)`` through the shuffle."""
-
-  def __init__(self, source: Any, shuffle: _EpochShuffle):
-    self.source = source
-    self.shuffle = shuffle
-
-  def __call__(self, position: int) -> dict[str, Any]:
-    return self.source[self.shuffle(position)]
+def _example_rng(seed: int, position: int) -> np.random.Generator:
+  """The augmentation generator of stream position ``position``."""
+  return np.random.default_rng([seed, _AUGMENT_TAG, position])
 
 
-class _Augment:
-  """grain ``random_map`` function: augments the image of one example."""
-
-  def __init__(self, transform: augment_lib.TrainTransform):
-    self.transform = transform
-
-  def __call__(self, example: dict[str, Any],
-               rng: np.random.Generator) -> dict[str, Any]:
-    return {"image": self.transform(example["image"], rng),
-            "label": example["label"]}
+def _image_size(data: bytes, path: str) -> tuple[int, int]:
+  """``(width, height)`` from the header only; BadImageError if unreadable."""
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      return img.size
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise decode.BadImageError(path, f"{type(e).__name__}: {e}") from e
 
 
-class _Collate:
-  """Stacks uint8 examples into a normalized float32 NHWC batch.
+def draft_scale(box: tuple[int, int, int, int], size: int) -> int:
+  """Largest JPEG DCT reduction (1, 2, 4 or 8) that keeps the crop ``box =
+  (top, left, h, w)`` at least ``size`` pixels on both sides: the crop is then
+  still only shrunk (never enlarged) to ``size^2``."""
+  shorter = min(box[2], box[3])
+  for scale in (8, 4, 2):
+    if shorter >= scale * size:
+      return scale
+  return 1
 
-  Normalizing the whole batch at once is several times faster than per image.
+
+def decode_random_resized_crop(data: bytes, path: str, rng: Any, size: int,
+                               draft: bool) -> np.ndarray:
+  """RandomResizedCrop of an encoded image, decoding only what it needs.
+
+  The box is drawn in full-resolution pixels from the header's size (same
+  draws as :func:`augment.random_resized_crop` on the decoded image). With
+  ``draft``, JPEGs are decoded at the :func:`draft_scale` reduction and the
+  box is mapped onto the smaller image (PIL's ``Image.draft``); otherwise the
+  result is exactly the full decode's.
+
+  Returns:
+    uint8 ``(size, size, 3)``.
+  """
+  width, height = _image_size(data, path)
+  box = augment_lib.random_resized_crop_box(height, width, rng)
+  scale = draft_scale(box, size) if draft else 1
+  if scale == 1:
+    return augment_lib.resized_crop(decode.decode_image(data, path), box, size)
+  image = decode.decode_image(data, path, draft_to=(width // scale,
+                                                    height // scale))
+  # PNGs ignore the draft; a JPEG comes back ceil(side / scale) wide.
+  actual = width / image.shape[1]
+  actual = min((1, 2, 4, 8), key=lambda s: abs(s - actual))
+  top, left, h, w = box
+  pil = Image.fromarray(image)
+  return np.asarray(pil.resize(
+      (size, size), Image.Resampling.BILINEAR,
+      box=(left / actual, top / actual, (left + w) / actual,
+           (top + h) / actual)))
+
+
+class _TrainExample:
+  """``position -> dict(image=uint8 (size, size, 3), label, bad)``: shuffle,
+  read, decode, augment; a pure function of ``(seed, position)``.
+
+  A file source (one with ``read(i) -> bytes``) is decoded here, so the
+  "imagenet" recipe can crop before decoding (:func:`decode_random_resized_crop`).
+  With ``skip_bad_files`` an undecodable file is replaced by the next example
+  of the epoch's permutation (then the next, ...) and flagged ``bad=1``.
   """
 
-  def __init__(self, mean: Any, std: Any):
-    self.mean = tuple(float(m) for m in mean)
-    self.std = tuple(float(s) for s in std)
+  def __init__(self, source: Any, shuffle: _EpochShuffle, seed: int,
+               augment: str, size: int, jitter: bool, draft: bool,
+               skip_bad_files: bool):
+    self.source = source
+    self.shuffle = shuffle
+    self.seed = seed
+    self.augment = augment
+    self.size = size
+    self.draft = draft
+    self.skip_bad_files = skip_bad_files
+    self.jitter = jitter and augment == "imagenet"
+    self.transform = augment_lib.train_transform(augment, size, jitter=False)
+
+  def _load(self, index: int, rng: np.random.Generator
+            ) -> tuple[np.ndarray, int]:
+    """Augmented uint8 image (before the colour jitter) and label."""
+    if not hasattr(self.source, "read"):
+      example = self.source[index]
+      return self.transform(example["image"], rng), example["label"]
+    path = self.source.path(index)
+    data = self.source.read(index)
+    if self.augment == "imagenet":
+      image = decode_random_resized_crop(data, path, rng, self.size, self.draft)
+      image = augment_lib.random_flip(image, rng)
+    else:
+      image = self.transform(decode.decode_image(data, path), rng)
+    return image, self.source.label(index)
+
+  def __call__(self, position: int) -> dict[str, Any]:
+    rng = _example_rng(self.seed, position)
+    bad = 0
+    for attempt in range(_MAX_REPLACEMENTS):
+      try:
+        image, label = self._load(self.shuffle(position + attempt), rng)
+        break
+      except decode.BadImageError as e:
+        if not self.skip_bad_files:
+          raise
+        bad = 1
+        log.warning("Skipping bad image %s (%s): replaced by the next example "
+                    "of the epoch (dataset.skip_bad_files=True).", e.path,
+                    e.reason)
+    else:
+      raise ValueError(f"{_MAX_REPLACEMENTS} consecutive images from stream "
+                       f"position {position} on could not be decoded: the "
+                       f"data is mostly unreadable. Check the files.")
+    if self.jitter:
+      image = augment_lib.color_jitter(image, rng)
+    return {"image": image, "label": int(label), "bad": bad}
+
+
+class _Stack:
+  """Stacks examples into a uint8 NHWC batch (normalization happens on the
+  device, :mod:`irnet_jax.data.device`)."""
+
+  def __init__(self, count_bad: bool):
+    self.count_bad = count_bad
 
   def __call__(self, examples: list[dict[str, Any]]) -> Batch:
-    images = np.stack([ex["image"] for ex in examples])
-    return {"image": augment_lib.normalize(images, self.mean, self.std),
-            "label": np.asarray([ex["label"] for ex in examples], np.int32)}
+    batch = {"image": np.stack([ex["image"] for ex in examples]),
+             "label": np.asarray([ex["label"] for ex in examples], np.int32)}
+    if self.count_bad:
+      batch["bad_files"] = np.asarray([ex["bad"] for ex in examples], np.int32)
+    return batch
 
 
-def _collate(ds_cfg: Any) -> _Collate:
-  return _Collate(sources.cfg_get(ds_cfg, "mean"),
-                  sources.cfg_get(ds_cfg, "std"))
+# ----------------------------------------------------------------------------
+# options
 
 
-def _derived_seed(seed: int, tag: int) -> int:
-  """A 32-bit seed (what grain accepts) decorrelated from ``seed`` and ``tag``."""
-  return int(np.random.SeedSequence([seed, tag]).generate_state(1)[0])
+def color_jitter_on(ds_cfg: Any) -> str | None:
+  """Where the "imagenet" recipe's colour jitter runs: ``"device"`` (in the
+  jitted step, :mod:`irnet_jax.data.device`) or ``"host"`` (in the workers);
+  ``None`` for the other recipes, which have none."""
+  where = sources.cfg_get(ds_cfg, "color_jitter_on", "device") or "device"
+  if where not in JITTER_PLACES:
+    raise ValueError(f"ds_cfg.color_jitter_on={where!r}; set it to one of "
+                     f"{list(JITTER_PLACES)}.")
+  if sources.cfg_get(ds_cfg, "augment", "none") != "imagenet":
+    return None
+  return where
+
+
+def usable_cpus() -> int:
+  """CPUs this process may run on (its affinity mask, not the machine's)."""
+  return len(os.sched_getaffinity(0))
+
+
+def loader_options(ds_cfg: Any, local_batch_size: int) -> dict[str, int]:
+  """Keyword arguments of :func:`train_iterator` from the config.
+
+  * ``num_workers``: ``ds_cfg.num_workers``; ``-1`` (default) means every
+    usable CPU for the "imagenet" recipe (JPEG decoding) and 0 (in-process
+    threads) for the small-image recipes, whose per-image work costs less
+    than shipping arrays to processes.
+  * ``num_threads``: ``ds_cfg.num_threads`` (in-process readers).
+  * ``prefetch_batches``: ``ds_cfg.prefetch_mb`` (default 1024) of uint8
+    batches of ``local_batch_size`` images, at least one per worker.
+  """
+  workers = sources.cfg_get(ds_cfg, "num_workers", -1)
+  workers = -1 if workers is None else int(workers)
+  if workers < 0:
+    imagenet = sources.cfg_get(ds_cfg, "augment", "none") == "imagenet"
+    workers = usable_cpus() if imagenet else 0
+  size = int(sources.cfg_get(ds_cfg, "image_size"))
+  batch_bytes = local_batch_size * size * size * 3
+  megabytes = sources.cfg_get(ds_cfg, "prefetch_mb", 1024) or 1024
+  if megabytes <= 0:
+    raise ValueError(f"ds_cfg.prefetch_mb={megabytes} must be positive.")
+  prefetch = max(1, workers, int(megabytes * 2**20 // batch_bytes))
+  threads = int(sources.cfg_get(ds_cfg, "num_threads", 2) or 0)
+  return dict(num_workers=workers, num_threads=threads,
+              prefetch_batches=prefetch)
 
 
 # ----------------------------------------------------------------------------
@@ -233,9 +385,12 @@ def train_dataset(ds_cfg: Any, global_batch_size: int, seed: int,
     process_index, process_count: this process and the number of processes.
 
   Returns:
-    ``grain.MapDataset`` whose element ``s`` is ``dict(image=float32
-    (B, H, W, 3) NHWC normalized as (x/255 - mean)/std, label=int32 (B,))`` with
-    ``B = global_batch_size // process_count``. See the module docstring for
+    ``grain.MapDataset`` whose element ``s`` is ``dict(image=uint8
+    (B, H, W, 3) NHWC in [0, 255], label=int32 (B,))`` with
+    ``B = global_batch_size // process_count``, plus ``bad_files=int32 (B,)``
+    (1 where an undecodable file was replaced) when ``ds_cfg.skip_bad_files``.
+    Normalization (and, by default, the colour jitter) happen on the device:
+    :func:`irnet_jax.data.device.model_input`. See the module docstring for
     the determinism and sharding guarantees.
 
   Raises:
@@ -248,36 +403,40 @@ def train_dataset(ds_cfg: Any, global_batch_size: int, seed: int,
   if num_steps < 0:
     raise ValueError(f"num_steps={num_steps} must be >= 0.")
   _, augment, size = _check_cfg(ds_cfg)
+  jitter = color_jitter_on(ds_cfg) == "host"
   train_source, _ = sources.get_sources(ds_cfg)
-  shuffle = _EpochShuffle(len(train_source), int(seed))
-  transform = augment_lib.train_transform(augment, size)
-
-  stream = grain.MapDataset.range(num_steps * global_batch_size)
-  stream = stream.map(_ReadShuffled(train_source, shuffle))
-  # grain seeds the generator from (seed, index in *this* dataset), i.e. the
-  # stream position, so augmentation does not depend on process_count.
-  stream = stream.random_map(_Augment(transform),
-                             seed=_derived_seed(int(seed), _AUGMENT_TAG))
+  skip = bool(sources.cfg_get(ds_cfg, "skip_bad_files", False))
+  example = _TrainExample(
+      train_source, _EpochShuffle(len(train_source), int(seed)), int(seed),
+      augment, size, jitter=jitter,
+      draft=bool(sources.cfg_get(ds_cfg, "jpeg_draft", False)),
+      skip_bad_files=skip)
+  stream = grain.MapDataset.range(num_steps * global_batch_size).map(example)
   # Local batch j holds positions [j B, (j + 1) B); global step s is local
   # batches s n .. s n + n - 1, so process k takes every n-th from k. The
   # stream length is a multiple of B: drop_remainder never drops anything.
   batches = stream.batch(local_batch, drop_remainder=True,
-                         batch_fn=_collate(ds_cfg))
+                         batch_fn=_Stack(count_bad=skip))
   return batches[process_index::process_count]
 
 
 def train_iterator(train_ds: grain.MapDataset, start_step: int = 0,
-                   num_threads: int = 2,
+                   num_threads: int = 2, *, num_workers: int = 0,
                    prefetch_batches: int | None = None) -> Iterator[Batch]:
   """Iterates batches ``start_step, start_step + 1, ...`` with prefetching.
 
+  The batches are the same whatever the worker and thread counts.
+
   Args:
-    train_ds: from :func:`train_dataset`.
+    train_ds: from :func:`train_dataset` (or any MapDataset of batches).
     start_step: first step to yield (``0 <= start_step <= len(train_ds)``).
-    num_threads: grain reader threads, each building whole batches; 0 reads
-      synchronously in the caller's thread.
-    prefetch_batches: batches buffered ahead (default ``2 * num_threads``);
-      bounded because a buffered ImageNet batch is ~150 MB.
+    num_threads: with ``num_workers=0``: grain reader threads in this
+      process, each building whole batches; 0 reads synchronously.
+    num_workers: worker processes (grain ``mp_prefetch``), worker ``i``
+      building batches ``i, i + W, ...``; an error in a worker (e.g. a bad
+      file) is raised here with its traceback.
+    prefetch_batches: batches buffered ahead over all readers (default two
+      per reader; at least one per worker); see :func:`loader_options`.
 
   Returns:
     A Python iterator over batch dicts (see :func:`train_dataset`).
@@ -285,11 +444,24 @@ def train_iterator(train_ds: grain.MapDataset, start_step: int = 0,
   if not 0 <= start_step <= len(train_ds):
     raise ValueError(f"start_step={start_step} is outside [0, "
                      f"{len(train_ds)}].")
+  ds = train_ds[start_step:]
+  if num_workers > 0:
+    buffers = prefetch_batches or 2 * num_workers
+    # Each worker reads synchronously; its output queue holds the buffers.
+    options = grain.MultiprocessingOptions(
+        num_workers=num_workers,
+        per_worker_buffer_size=max(1, buffers // num_workers))
+    serial = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    if not flags.FLAGS.is_parsed():
+      # grain reads an absl flag when it starts workers, which raises outside
+      # absl.app (scripts, pytest): google/grain#1355. Use the defaults.
+      flags.FLAGS.mark_as_parsed()
+    return iter(ds.to_iter_dataset(serial).mp_prefetch(options))
   if prefetch_batches is None:
     prefetch_batches = 2 * num_threads
   options = grain.ReadOptions(num_threads=max(0, int(num_threads)),
                               prefetch_buffer_size=max(0, prefetch_batches))
-  return iter(train_ds[start_step:].to_iter_dataset(options))
+  return iter(ds.to_iter_dataset(options))
 
 
 # ----------------------------------------------------------------------------
@@ -297,36 +469,42 @@ def train_iterator(train_ds: grain.MapDataset, start_step: int = 0,
 
 
 class _EvalBatch:
-  """``step -> local eval batch`` with zero padding and a validity mask."""
+  """``step -> local eval batch`` (uint8) with zero padding and a mask.
+
+  With ``skip_bad_files`` an undecodable file is masked out (and logged)
+  instead of raising.
+  """
 
   def __init__(self, source: Any, transform: augment_lib.EvalTransform,
                global_batch: int, local_batch: int, process_index: int,
-               size: int, collate: _Collate):
+               size: int, skip_bad_files: bool):
     self.source = source
     self.transform = transform
     self.global_batch = global_batch
     self.local_batch = local_batch
     self.process_index = process_index
     self.size = size
-    self.collate = collate
+    self.skip_bad_files = skip_bad_files
 
   def __call__(self, step: int) -> Batch:
     start = step * self.global_batch + self.process_index * self.local_batch
     n = len(self.source)
-    examples = []
-    for index in range(start, start + self.local_batch):
-      if index < n:
-        ex = self.source[index]
-        examples.append({"image": self.transform(ex["image"]),
-                         "label": ex["label"]})
-      else:
-        examples.append({"image": np.zeros((self.size, self.size, 3),
-                                           np.uint8), "label": 0})
-    batch = self.collate(examples)
-    mask = np.arange(start, start + self.local_batch) < n
-    batch["image"][~mask] = 0.0  # Padding is exactly zero, not -mean/std.
-    batch["mask"] = mask
-    return batch
+    images = np.zeros((self.local_batch, self.size, self.size, 3), np.uint8)
+    labels = np.zeros(self.local_batch, np.int32)
+    mask = np.zeros(self.local_batch, bool)
+    for row, index in enumerate(range(start, min(start + self.local_batch, n))):
+      try:
+        example = self.source[index]
+      except decode.BadImageError as e:
+        if not self.skip_bad_files:
+          raise
+        log.warning("Skipping bad image %s (%s): left out of the evaluation "
+                    "(dataset.skip_bad_files=True).", e.path, e.reason)
+        continue
+      images[row] = self.transform(example["image"])
+      labels[row] = example["label"]
+      mask[row] = True
+    return {"image": images, "label": labels, "mask": mask}
 
 
 def eval_dataset(ds_cfg: Any, global_batch_size: int, process_index: int = 0,
@@ -335,24 +513,26 @@ def eval_dataset(ds_cfg: Any, global_batch_size: int, process_index: int = 0,
 
   Global batch ``s`` holds test examples ``[s G, (s + 1) G)`` in order, split
   into ``process_count`` contiguous chunks; there are ``ceil(num_test / G)``
-  steps on every process. Elements are ``dict(image=float32 (B, H, W, 3),
-  label=int32 (B,), mask=bool (B,))``; padding has image 0, label 0, mask False.
+  steps on every process. Elements are ``dict(image=uint8 (B, H, W, 3),
+  label=int32 (B,), mask=bool (B,))``; padding (and, with
+  ``skip_bad_files``, undecodable files) has image 0, label 0, mask False.
   """
   local_batch = _check_sharding(global_batch_size, process_index,
                                 process_count)
   _, augment, size = _check_cfg(ds_cfg)
   _, test_source = sources.get_sources(ds_cfg)
   num_steps = math.ceil(len(test_source) / global_batch_size)
-  make_batch = _EvalBatch(test_source, augment_lib.eval_transform(augment, size),
-                          global_batch_size, local_batch, process_index, size,
-                          _collate(ds_cfg))
+  make_batch = _EvalBatch(
+      test_source, augment_lib.eval_transform(augment, size),
+      global_batch_size, local_batch, process_index, size,
+      bool(sources.cfg_get(ds_cfg, "skip_bad_files", False)))
   return grain.MapDataset.range(num_steps).map(make_batch)
 
 
 def eval_batches(ds_cfg: Any, global_batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[Batch]:
-  """Yields the batches of :func:`eval_dataset`, prefetched by
-  ``ds_cfg.num_threads`` (default 2) grain threads."""
+  """Yields the batches of :func:`eval_dataset`, read as
+  :func:`loader_options` says (worker processes for the "imagenet" recipe)."""
   ds = eval_dataset(ds_cfg, global_batch_size, process_index, process_count)
-  num_threads = int(sources.cfg_get(ds_cfg, "num_threads", 2) or 0)
-  yield from train_iterator(ds, 0, num_threads)
+  options = loader_options(ds_cfg, global_batch_size // process_count)
+  yield from train_iterator(ds, 0, **options)
