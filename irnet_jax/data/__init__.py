@@ -33,7 +33,8 @@ Typical use::
 
   info = data.dataset_info(ds_cfg)
   train_ds = data.train_dataset(ds_cfg, 128, seed=0, num_steps=n)
-  for batch in data.train_iterator(train_ds, start_step, num_threads=2): ...
+  options = data.loader_options(ds_cfg, local_batch_size)
+  for batch in data.train_iterator(train_ds, start_step, **options): ...
   for batch in data.eval_batches(ds_cfg, 256): ...  # has a "mask"
 """
 from irnet_jax.data.augment import AUGMENTS
