@@ -6,9 +6,10 @@
 For ResNet-20 (32x32) and ImageNet ResNet-18 (224x224), random weights: images/s
 of ``irnet_jax.export.infer`` (the whole packed network jitted as one computation)
 and of the jitted ``model.eval()`` forward with XLA's float convolutions on +-1
-values ("float"), at each batch size, on the host CPU. Where ``irnet_jax.cpu_kernels``
-is available, also of the same forward on those kernels ("cpu_kernels": the
-XNOR/popcount forward the training step uses; asserted equal to "float"). Each
+values ("float", the ``conv_impl="xla"`` backend), at each batch size, on the host
+CPU. Where the ``"avx512"`` backend (``irnet_jax.kernels``) runs, also of the same
+forward on its kernels ("cpu_kernels": the XNOR/popcount forward the training step
+uses; asserted equal to "float"). Each
 measurement is repeated and the best repetition kept (the CPU may be shared). Also
 reports compile times, agreement of float and packed (max |logit diff|, argmax) and
 the sizes: float32 parameters, the packed file, and the binary layers alone. The last stdout line is a JSON object.
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from irnet_jax import cpu_kernels, export, models
+from irnet_jax import export, kernels, models
 from irnet_jax.export import format as export_format
 from irnet_jax.export.pack import float32_param_bytes
 
@@ -94,17 +95,18 @@ def main() -> None:
 
   rows, sizes = [], {}
   for name in args.models.split(","):
-    model = models.create(name, num_classes=_CLASSES[name], rngs=nnx.Rngs(0))
+    model = models.create(name, num_classes=_CLASSES[name], rngs=nnx.Rngs(0),
+                          conv_impl="xla")  # XLA's float convolutions
     _randomize_bn(model, 0)
     model.eval()
     graphdef, state = nnx.split(model)
-
-    def xla_forward(s, x, g=graphdef):
-      with cpu_kernels.disabled():  # traced with XLA's float convolutions
-        return nnx.merge(g, s)(x)
-
-    float_fwd = jax.jit(xla_forward)
-    kernel_fwd = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
+    float_fwd = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
+    with_kernels = kernels.resolve("auto") == "avx512"
+    if with_kernels:  # the same model and state on the kernels
+      kernel_model = models.create(name, num_classes=_CLASSES[name], conv_impl="avx512")
+      kernel_model.eval()
+      kernel_graphdef, _ = nnx.split(kernel_model)
+      kernel_fwd = jax.jit(lambda s, x, g=kernel_graphdef: nnx.merge(g, s)(x))
     t = time.perf_counter()
     packed = export.pack(model, name=name)
     pack_s = time.perf_counter() - t
@@ -116,7 +118,7 @@ def main() -> None:
       iters = _iters(name, batch)
       variants = {"float": lambda x: float_fwd(state, x),
                   "packed": lambda x: export.infer(packed, x)}
-      if cpu_kernels.available():
+      if with_kernels:
         variants["cpu_kernels"] = lambda x: kernel_fwd(state, x)
       if args.layers_mode:
         variants["packed_layers"] = lambda x: export.infer(packed, x, mode="layers")

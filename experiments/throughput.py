@@ -6,7 +6,7 @@ Builds exactly what ``python -m irnet_jax.main`` builds (``irnet_jax.train.build
 feeds random batches of the config's shape (batch_size x image_size^2 x 3), times
 ``--steps`` train steps after ``--warmup`` untimed ones (compile included there), then
 the eval step. The last stdout line is a JSON object with ``train_images_per_sec`` and
-``eval_images_per_sec`` (and the ``GLIBC_TUNABLES`` it ran with).
+``eval_images_per_sec`` (and the ``GLIBC_TUNABLES`` and ``conv_impl`` it ran with).
 """
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ def main(argv) -> None:
   eval_s = _time(eval_once, FLAGS.steps)
   result = dict(config=c.model.name, batch=c.batch_size, image_size=c.dataset.image_size,
                 devices=jax.device_count(), backend=jax.default_backend(),
+                conv_impl=setup.conv_impl,
                 jax_version=jax.__version__, cpu=platform.processor() or platform.machine(),
                 glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
                 steps=FLAGS.steps, train_ms_per_step=1000 * train_s / FLAGS.steps,

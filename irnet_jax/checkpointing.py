@@ -339,7 +339,9 @@ def load_model(workdir: str, step: int | None = None,
     raise ValueError(f"no checkpoint in {ckpt.directory}; train first (or check --workdir).")
   if step is not None and step not in steps:
     raise ValueError(f"no checkpoint for step {step} in {ckpt.directory}; have {steps}.")
-  model = config_lib.build_model(config)
+  # config.json records the training run's convolution backend; the parameters do
+  # not depend on it, and this process picks its own for its devices.
+  model = config_lib.build_model(config, conv_impl="auto")
   template = nnx.state(model)
   if step is None:
     restored = ckpt.restore_latest(template)

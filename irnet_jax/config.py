@@ -7,12 +7,14 @@ before anything is compiled, with one message naming the problem and the fix.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from irnet_jax import models, ops
+from irnet_jax import kernels, models, ops
 
 OPTIMIZERS = ("sgd", "nesterov", "adam")
 SCHEDULES = ("cosine_epoch", "cosine", "warmup_multistep", "constant")
@@ -77,6 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.act_bits = 1
   c.model.estimator = "ede"
   c.model.weight_quantizer = "libra_pb"
+  # How convolutions run (irnet_jax.kernels): "auto" picks for the run's devices
+  # (the CPU kernels on one AVX-512 CPU, XLA otherwise); config.json records the
+  # resolved name. Or "xla", "xla_cpu", "avx512".
+  c.model.conv_impl = "auto"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
@@ -192,6 +198,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(c.model.weight_quantizer, ops.WEIGHT_QUANTIZERS, "model.weight_quantizer")
   _choice(c.model.weight_bits, (1, 32), "model.weight_bits")
   _choice(c.model.act_bits, (1, 32), "model.act_bits")
+  _choice(c.model.get("conv_impl", "auto"), kernels.CONV_IMPLS, "model.conv_impl")
   _choice(c.optimizer.name, OPTIMIZERS, "optimizer.name")
   _choice(c.optimizer.schedule, SCHEDULES, "optimizer.schedule")
   _check_renamed(c)
@@ -232,13 +239,21 @@ def model_kwargs(c: ml_collections.ConfigDict) -> dict:
   dtype = {"float32": None, "bfloat16": jnp.bfloat16}[c.get("compute_dtype", "float32")]
   return dict(num_classes=m.num_classes, structure=m.structure or None,
               weight_bits=m.weight_bits, act_bits=m.act_bits, estimator=m.estimator,
-              weight_quantizer=m.weight_quantizer, dtype=dtype)
+              weight_quantizer=m.weight_quantizer, dtype=dtype,
+              conv_impl=m.get("conv_impl", "auto"))
 
 
-def build_model(c: ml_collections.ConfigDict, seed: int | None = None) -> nnx.Module:
-  """The network of config ``c``, initialized from ``seed`` (default ``c.seed``)."""
+def build_model(c: ml_collections.ConfigDict, seed: int | None = None,
+                devices: Sequence[jax.Device] | None = None,
+                conv_impl: str | None = None) -> nnx.Module:
+  """The network of config ``c``, initialized from ``seed`` (default ``c.seed``), with
+  ``conv_impl`` (default ``c.model.conv_impl``) resolved for ``devices`` (None: JAX's
+  default device)."""
+  kw = model_kwargs(c)
+  if conv_impl is not None:
+    kw["conv_impl"] = conv_impl
   return models.create(c.model.name, rngs=nnx.Rngs(c.seed if seed is None else seed),
-                       **model_kwargs(c))
+                       devices=devices, **kw)
 
 
 def num_train_steps(c: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:

@@ -5,7 +5,8 @@
   which the models use for their full-precision first layer and shortcuts.
 * :class:`BatchNorm` -- batch normalization with PyTorch's semantics.
 
-Layouts: activations NHWC, kernels HWIO (``(kh, kw, in, out)``).
+Layouts: activations NHWC, kernels HWIO (``(kh, kw, in, out)``). A convolution runs
+on the backend named by ``conv_impl`` at construction (:mod:`irnet_jax.kernels`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from irnet_jax import ops
+from irnet_jax import kernels, ops
 
 Dtype = Any
 
@@ -41,6 +42,8 @@ class BinaryConv(nnx.Module):
     weight_quantizer: "libra_pb", "sign" or "none".
     dtype: compute dtype of the convolution (e.g. bfloat16); None keeps the
       promoted dtype of input and kernel.
+    conv_impl: the resolved convolution backend, "xla", "xla_cpu" or "avx512"
+      (:func:`irnet_jax.kernels.resolve`; ``models.create`` resolves "auto").
   """
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, *,
@@ -48,7 +51,8 @@ class BinaryConv(nnx.Module):
                act_bits: int = 1, estimator: str = "ede",
                weight_quantizer: str = "libra_pb", kernel_init: nnx.Initializer | None = None,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               conv_impl: str = "xla", rngs: nnx.Rngs):
+    kernels.get(conv_impl)  # a clear error for an unknown or unresolved name
     if weight_bits not in (1, 32) or act_bits not in (1, 32):
       raise ValueError(f"weight_bits and act_bits must be 1 or 32, got "
                        f"{weight_bits} and {act_bits}")
@@ -66,6 +70,7 @@ class BinaryConv(nnx.Module):
     self.binary_acts = act_bits == 1
     self.estimator, self.weight_quantizer = estimator, weight_quantizer
     self.dtype = dtype
+    self.conv_impl = conv_impl
 
   def quantized_kernel(self, ede: ops.EDE | None = None) -> jax.Array:
     """The kernel the convolution uses (HWIO): quantized, or the float one."""
@@ -75,18 +80,10 @@ class BinaryConv(nnx.Module):
     return kernel
 
   def __call__(self, x: jax.Array, ede: ops.EDE | None = None) -> jax.Array:
-    kernel = self.quantized_kernel(ede)
-    float32 = self.dtype is None or jnp.dtype(self.dtype) == jnp.float32
-    if (self.binary_acts and self.binary_weights and float32
-        and ops.binary_conv_supported(x, kernel)):  # XNOR/popcount CPU kernels
-      return ops.binary_conv(x, kernel, ede, self.strides, self.padding, self.estimator)
-    if self.binary_acts:
-      x = ops.binarize(x, self.estimator, ede)
-    dtype = self.dtype or jnp.result_type(x, kernel)
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if self.binary_acts:  # Same values and gradients; packed-bit residual (see ops).
-      return ops.sign_input_conv(x, kernel, self.strides, self.padding)
-    return ops.conv2d(x, kernel, self.strides, self.padding)
+    return kernels.get(self.conv_impl).conv(
+        x, self.quantized_kernel(ede), self.strides, self.padding,
+        estimator=self.estimator if self.binary_acts else None, ede=ede,
+        binary_kernel=self.binary_weights, dtype=self.dtype)
 
 
 class BatchNorm(nnx.Module):
@@ -152,20 +149,21 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
 
 
 def conv_kwargs(weight_bits: int, act_bits: int, estimator: str, weight_quantizer: str,
-                dtype: Dtype | None, param_dtype: Dtype) -> dict:
+                dtype: Dtype | None, param_dtype: Dtype, conv_impl: str = "xla") -> dict:
   """The keyword arguments every model passes to its binary convolutions."""
   return dict(weight_bits=weight_bits, act_bits=act_bits, estimator=estimator,
-              weight_quantizer=weight_quantizer, dtype=dtype, param_dtype=param_dtype)
+              weight_quantizer=weight_quantizer, dtype=dtype, param_dtype=param_dtype,
+              conv_impl=conv_impl)
 
 
 def fp_conv(in_features: int, out_features: int, kernel_size: int, *, strides: int = 1,
             padding: int = 0, kernel_init: nnx.Initializer | None = None,
             dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-            rngs: nnx.Rngs) -> BinaryConv:
+            conv_impl: str = "xla", rngs: nnx.Rngs) -> BinaryConv:
   """A full-precision convolution (first layer, 1x1 shortcuts)."""
   return BinaryConv(in_features, out_features, kernel_size, strides=strides,
                     padding=padding, weight_bits=32, act_bits=32, kernel_init=kernel_init,
-                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                    dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl, rngs=rngs)
 
 
 def dense(in_features: int, out_features: int, *, kernel_init: nnx.Initializer | None = None,

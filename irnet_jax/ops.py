@@ -8,10 +8,8 @@ grad-friendly, dtype-preserving (float64 stays float64 under ``jax_enable_x64``)
 * :func:`ede_schedule` -- the t/k schedule (Eq. 12) as a function of training progress.
 * :func:`libra_pb` -- Libra Parameter Binarization of a kernel (Eq. 7-9).
 * :func:`ste_sign`, :func:`approx_sign` -- baseline estimators for ablations.
-* :func:`sign_input_conv` -- a convolution of binarized inputs whose backward pass
-  keeps them as packed bits.
-* :func:`binary_conv` -- the convolution of a 1w1a layer on hand-written x86 CPU
-  kernels (exact XNOR/popcount forward, see ``cpu_kernels``).
+* :func:`conv2d` -- ``F.conv2d`` on NHWC/HWIO. How a model's convolutions run (XLA,
+  or the CPU kernels) is chosen by :mod:`irnet_jax.kernels`, not here.
 
 Semantics follow the official PyTorch code (htqin/IR-Net) where it differs from
 the paper:
@@ -25,14 +23,11 @@ the paper:
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-from irnet_jax import cpu_kernels
 
 ESTIMATORS = ("ede", "ste", "approx_sign")
 WEIGHT_QUANTIZERS = ("libra_pb", "sign", "none")
@@ -223,7 +218,7 @@ def activation(name: str):
 
 
 # ----------------------------------------------------------------------------------
-# Convolution of binarized inputs, with a bit-packed residual.
+# Convolution.
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int = 1, padding: int = 0) -> jax.Array:
@@ -231,127 +226,3 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int = 1, padding: int = 0) 
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(strides, strides), padding=((padding, padding),) * 2,
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def pack_ternary(b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """{-1, 0, +1} values ``(..., C)`` -> two uint8 bit-planes ``(..., ceil(C/8))``.
-
-  Plane 0 marks +1, plane 1 marks -1 (zeros -- sign(0) -- are in neither), bit ``i``
-  of byte ``j`` is channel ``8 j + i``.
-  """
-  pad = (-b.shape[-1]) % 8
-
-  def plane(mask):
-    m = jnp.pad(mask.astype(jnp.uint8), ((0, 0),) * (b.ndim - 1) + ((0, pad),))
-    m = m.reshape(*m.shape[:-1], -1, 8)
-    return jnp.sum(m << jnp.arange(8, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
-
-  return plane(b > 0), plane(b < 0)
-
-
-def unpack_ternary(planes: tuple[jax.Array, jax.Array], channels: int,
-                   dtype: jnp.dtype) -> jax.Array:
-  """Inverse of :func:`pack_ternary`: ``(..., ceil(C/8))`` planes -> ``(..., C)`` values."""
-
-  def bits(p):
-    unpacked = (p[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
-    return unpacked.reshape(*p.shape[:-1], -1)[..., :channels].astype(dtype)
-
-  return bits(planes[0]) - bits(planes[1])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def sign_input_conv(x_b: jax.Array, kernel: jax.Array, strides: int = 1,
-                    padding: int = 0) -> jax.Array:
-  """:func:`conv2d` of an input known to be in {-1, 0, +1} (e.g. ``binarize(x)``).
-
-  Values and gradients are exactly those of :func:`conv2d`; only what the backward
-  pass keeps differs: the input is saved as two bit-planes (2 bits per activation
-  instead of 32). Besides the memory, this matters for speed on XLA:CPU, whose
-  fusion pass otherwise recomputes the whole elementwise chain that produced ``x_b``
-  (BN, residual adds, hardtanh, sign of every earlier Bi-Real block) inside the
-  transpose feeding each weight-gradient convolution (a ResNet-20 1w1a training step
-  on XLA's convolutions took 2145 ms without this, 545 ms with it, on a 2-core CPU;
-  the CPU-kernel path, :func:`binary_conv`, has its own remedy). Packing
-  is a reduction, which XLA does not fuse into its consumers, so the chain is
-  computed once.
-  """
-  return conv2d(x_b, kernel, strides, padding)
-
-
-def _sic_fwd(x_b, kernel, strides, padding):
-  return conv2d(x_b, kernel, strides, padding), (pack_ternary(x_b), kernel, x_b.shape[-1])
-
-
-def _sic_bwd(strides, padding, res, g):
-  planes, kernel, channels = res
-  x_b = unpack_ternary(planes, channels, kernel.dtype)
-  _, vjp = jax.vjp(lambda a, k: conv2d(a, k, strides, padding), x_b, kernel)
-  return vjp(g)
-
-
-sign_input_conv.defvjp(_sic_fwd, _sic_bwd)
-
-
-# ----------------------------------------------------------------------------------
-# Binary convolution of a 1w1a layer on the CPU kernels.
-
-
-def binary_conv_supported(x: jax.Array, kernel_b: jax.Array) -> bool:
-  """Whether :func:`binary_conv` can run these operands (decided at trace time).
-
-  The kernels are registered for the CPU only: they are used when the computation
-  runs on the CPU backend (the default device), in float32, with channel counts
-  that are multiples of 16, on an x86 CPU with AVX-512 (:mod:`irnet_jax.cpu_kernels`).
-  """
-  return (jax.default_backend() == "cpu" and x.dtype == kernel_b.dtype == jnp.float32
-          and cpu_kernels.supports(x.shape, kernel_b.shape, x.dtype))
-
-
-def residual_stream(x: jax.Array) -> jax.Array:
-  """Marks a tensor of a residual stream that later blocks read (identity).
-
-  On the CPU-kernel path this is :func:`cpu_kernels.materialize`, which stops XLA
-  from re-computing the stream inside every later block; elsewhere a no-op.
-  """
-  if jax.default_backend() == "cpu" and x.dtype == jnp.float32 and cpu_kernels.enabled():
-    return cpu_kernels.materialize(x)
-  return x
-
-
-def binary_conv(x: jax.Array, kernel_b: jax.Array, ede: EDE | None = None,
-                strides: int = 1, padding: int = 0, estimator: str = "ede") -> jax.Array:
-  """``conv2d(binarize(x, estimator, ede), kernel_b)`` on the hand-written CPU kernels.
-
-  ``x``: (N, H, W, C) float32, the input *before* the sign. ``kernel_b``: (KH, KW, C,
-  K), {0, +-s_o} with one magnitude per output channel, as :func:`libra_pb`
-  (power-of-two ``s_o``) and plain sign (``s_o = 1``) produce. The forward is an exact
-  XNOR/popcount convolution (an integer times ``s_o``: bit-identical to the float
-  conv); the backward uses hand-written gradient kernels (float32 sums in another
-  order than XLA's, ~1e-6 relative) and ``estimator``'s gradient of the sign. Only
-  for operands :func:`binary_conv_supported` accepts.
-  """
-  ede = DEFAULT_EDE if ede is None else ede
-  return _binary_conv(x, kernel_b, EDE(*map(jnp.asarray, ede)), strides, padding, estimator)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _binary_conv(x, kernel_b, ede, strides, padding, estimator):
-  del ede, estimator  # backward only
-  return cpu_kernels.binary_conv(x, kernel_b, strides, padding)
-
-
-def _bc_fwd(x, kernel_b, ede, strides, padding, estimator):
-  # The residual is x itself: the forward call already needs it materialized.
-  return _binary_conv(x, kernel_b, ede, strides, padding, estimator), (x, kernel_b, ede)
-
-
-def _bc_bwd(strides, padding, estimator, res, g):
-  x, kernel_b, ede = res
-  g_sign, g_kernel = cpu_kernels.binary_conv_grads(x, kernel_b, g, strides, padding)
-  _, sign_vjp = jax.vjp(lambda a: binarize(a, estimator, ede), x)
-  # (t, k) only shape the backward; like ede_sign, they get no gradient.
-  return sign_vjp(g_sign)[0], g_kernel, jax.tree.map(jnp.zeros_like, ede)
-
-
-_binary_conv.defvjp(_bc_fwd, _bc_bwd)

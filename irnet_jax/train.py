@@ -13,7 +13,6 @@ is a function of (seed, step), so a resumed run is the same run.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -31,7 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from irnet_jax import analysis, checkpointing, cpu_kernels, data, ops
+from irnet_jax import analysis, checkpointing, data, kernels, ops
 from irnet_jax import config as config_lib
 from irnet_jax.data import device as data_device
 
@@ -251,33 +250,20 @@ class Setup(NamedTuple):
   batch_sharding: NamedSharding    # Batch split over the mesh's "data" axis.
   mesh: Mesh
   diagnose: Callable               # jitted (model_state, step, prev_signs, x) -> (metrics, signs).
-
-
-def _for_mesh(fn: Callable, mesh: Mesh) -> Callable:
-  """``fn``, traced without the CPU kernels when the mesh has several devices.
-
-  The kernels are opaque custom calls to XLA's SPMD partitioner, which would gather
-  the whole batch and run them on it on every device; XLA's own convolutions are
-  partitioned over the batch.
-  """
-  if mesh.size == 1:
-    return fn
-
-  @functools.wraps(fn)
-  def traced_with_xla_convs(*args):
-    with cpu_kernels.disabled():
-      return fn(*args)
-
-  return traced_with_xla_convs
+  conv_impl: str                   # The resolved convolution backend (irnet_jax.kernels).
 
 
 def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
           total_steps: int) -> Setup:
-  """Model, optimizer, mesh and the jitted steps of config ``c`` (num_classes resolved)."""
+  """Model, optimizer, mesh and the jitted steps of config ``c`` (num_classes resolved).
+
+  ``c.model.conv_impl`` is resolved for ``devices`` (a multi-device CPU mesh gets an
+  XLA backend: XLA partitions its convolutions over the batch, not the CPU kernels).
+  """
   mesh = Mesh(np.array(devices), ("data",))
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
-  model = config_lib.build_model(c)
+  model = config_lib.build_model(c, devices=devices)
   schedule = learning_rate_schedule(c, steps_per_epoch, total_steps)
   optimizer = nnx.Optimizer(model, make_optimizer(c, schedule), wrt=nnx.Param)
   model.eval()
@@ -286,13 +272,13 @@ def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
   graphdef, state = nnx.split((model, optimizer))
   state = jax.device_put(state, replicated)
   step = make_train_step(graphdef, c, schedule, steps_per_epoch, total_steps)
-  train_step = jax.jit(_for_mesh(step, mesh), in_shardings=(replicated, batch_sharding),
+  train_step = jax.jit(step, in_shardings=(replicated, batch_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_step = jax.jit(_for_mesh(make_eval_step(eval_graphdef, c.dataset), mesh),
+  eval_step = jax.jit(make_eval_step(eval_graphdef, c.dataset),
                       in_shardings=(replicated, batch_sharding), out_shardings=replicated)
-  diagnose = jax.jit(_for_mesh(make_diagnose(eval_graphdef, c, steps_per_epoch, total_steps),
-                               mesh))
-  return Setup(state, train_step, eval_step, batch_sharding, mesh, diagnose)
+  diagnose = jax.jit(make_diagnose(eval_graphdef, c, steps_per_epoch, total_steps))
+  return Setup(state, train_step, eval_step, batch_sharding, mesh, diagnose,
+               model.conv_impl)
 
 
 class _Interval:
@@ -362,6 +348,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Plan:
   c = ml_collections.ConfigDict(config.to_dict())
   devices = select_devices(c.get("num_devices", -1))
   config_lib.validate(c, len(devices))
+  # The convolution backend, resolved once for these devices; config.json, the log
+  # and final_metrics.json record it.
+  c.model.conv_impl = kernels.resolve(c.model.get("conv_impl", "auto"), devices)
+  log.info("convolutions: conv_impl=%s on %d %s device(s)", c.model.conv_impl,
+           len(devices), devices[0].platform)
   info = data.dataset_info(c.dataset)
   if c.model.num_classes <= 0:
     c.model.num_classes = info.num_classes
@@ -495,7 +486,7 @@ def final_report(plan: Plan, setup: Setup, state: nnx.State, train_seconds: floa
   final = dict(test_accuracy=final_eval["accuracy"], test_loss=final_eval["loss"],
                test_examples=final_eval["count"], train_steps=plan.total_steps,
                train_seconds=train_seconds, params_fingerprint=params_fingerprint(state[0]),
-               model=c.model.name, seed=c.seed)
+               model=c.model.name, seed=c.seed, conv_impl=setup.conv_impl)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(final, f, indent=2)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from irnet_jax import checkpointing, config as config_lib, cpu_kernels, train
+from irnet_jax import checkpointing, config as config_lib, kernels, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,20 +120,27 @@ def test_one_and_four_devices_same_loss(npz, tmp_path):
   final = json.load(open(tmp_path / "four" / "final_metrics.json"))
   assert {"test_accuracy", "test_loss", "train_steps", "train_seconds",
           "params_fingerprint"} <= final.keys()
+  # The resolved convolution backend is recorded (config.json, final metrics).
+  for run, result, devices in (("one", one, 1), ("four", four, 4)):
+    recorded = json.load(open(tmp_path / run / "config.json"))["model"]["conv_impl"]
+    assert recorded == result["conv_impl"] == kernels.resolve("auto", jax.devices()[:devices])
+  assert four["conv_impl"] == "xla_cpu"
   rec = read_metrics(tmp_path / "four", "train")[-1]
   assert {"step", "loss", "accuracy", "lr", "ede_t", "ede_k", "images_per_sec"} <= rec.keys()
 
 
 def test_cpu_kernels_only_on_a_single_device_mesh(npz):
   # On a multi-device mesh the opaque kernels would run on the gathered batch on every
-  # device: the step must use XLA's (partitioned) convolutions there.
+  # device: "auto" resolves to XLA's (partitioned) convolutions there.
   c = tiny_config(npz)
   c.model.num_classes = 4
   batch = {"image": np.zeros((16, 8, 8, 3), np.float32), "label": np.zeros(16, np.int32)}
-  for n, expect in ((1, cpu_kernels.available()), (4, False)):
+  for n in (1, 4):
     setup = train.build(c, jax.devices()[:n], 10, 60)
+    assert setup.conv_impl == kernels.resolve("auto", jax.devices()[:n])
     hlo = setup.train_step.lower(setup.state, batch).as_text()
-    assert ("irnet_binary_conv_fwd" in hlo) == expect, n
+    assert ("irnet_binary_conv_fwd" in hlo) == (setup.conv_impl == "avx512"), n
+  assert setup.conv_impl == "xla_cpu"
 
 
 def test_loss_decreases_on_learnable_set(npz, tmp_path):

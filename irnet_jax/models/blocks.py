@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from irnet_jax import layers, ops
+from irnet_jax import kernels, layers, ops
 
 STRUCTURES = ("bireal", "plain")
 
@@ -35,7 +35,9 @@ class BasicBlock(nnx.Module):
   ``shortcut_attr`` -- "shortcut" in the CIFAR code, "downsample" in ImageNet's --
   so that state paths match the official state_dict keys).
 
-  ``activation`` replaces hardtanh by ReLU for the official 1w32a networks.
+  ``activation`` replaces hardtanh by ReLU for the official 1w32a networks. The
+  residual stream ``out`` goes through the backend's ``residual`` (``conv_kw``'s
+  ``conv_impl``), which may materialize it once for the blocks that read it.
   """
 
   def __init__(self, in_planes: int, planes: int, stride: int, *, structure: str,
@@ -51,6 +53,7 @@ class BasicBlock(nnx.Module):
                                    kernel_init=kernel_init, rngs=rngs, **conv_kw)
     self.bn2 = layers.BatchNorm(planes, param_dtype=pd)
     self.structure, self.planes, self.shortcut_attr = structure, planes, shortcut_attr
+    self.conv_impl = conv_kw["conv_impl"]
     self.act = ops.activation(activation)
     self.option = None
     if stride != 1 or in_planes != planes:
@@ -58,7 +61,8 @@ class BasicBlock(nnx.Module):
       if option == "B":
         setattr(self, shortcut_attr, nnx.List([
             layers.fp_conv(in_planes, planes, 1, strides=stride, kernel_init=kernel_init,
-                           dtype=conv_kw["dtype"], param_dtype=pd, rngs=rngs),
+                           dtype=conv_kw["dtype"], param_dtype=pd,
+                           conv_impl=self.conv_impl, rngs=rngs),
             layers.BatchNorm(planes, param_dtype=pd)]))
       elif option != "A":
         raise ValueError(f"unknown shortcut option {option!r}; expected 'A' or 'B'")
@@ -74,8 +78,9 @@ class BasicBlock(nnx.Module):
   def __call__(self, x: jax.Array, ede: ops.EDE | None = None) -> jax.Array:
     act = self.act
     if self.structure == "bireal":
-      out = ops.residual_stream(act(self.bn1(self.conv1(x, ede)) + self.residual(x)))
-      return ops.residual_stream(act(self.bn2(self.conv2(out, ede)) + out))
+      stream = kernels.get(self.conv_impl).residual
+      out = stream(act(self.bn1(self.conv1(x, ede)) + self.residual(x)))
+      return stream(act(self.bn2(self.conv2(out, ede)) + out))
     out = act(self.bn1(self.conv1(x, ede)))
     return act(self.bn2(self.conv2(out, ede)) + self.residual(x))
 

@@ -28,6 +28,8 @@ class CifarResNet(nnx.Module):
     activation: "hardtanh" (1w1a) or "relu" (official 1w32a).
     weight_bits, act_bits, estimator, weight_quantizer: of every binary 3x3 conv.
     dtype: compute dtype (None: promoted from inputs/params); param_dtype: params.
+    conv_impl: the resolved convolution backend of every conv (:mod:`irnet_jax.kernels`;
+      ``models.create`` resolves "auto"); kept as ``self.conv_impl``.
   """
 
   def __init__(self, *, widths: Sequence[int], depths: Sequence[int], num_classes: int = 10,
@@ -35,11 +37,13 @@ class CifarResNet(nnx.Module):
                head_act: bool = False, activation: str = "hardtanh",
                weight_bits: int = 1, act_bits: int = 1, estimator: str = "ede",
                weight_quantizer: str = "libra_pb", kernel_init=None, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, conv_impl: str = "xla", rngs: nnx.Rngs):
+    self.conv_impl = conv_impl
     conv_kw = layers.conv_kwargs(weight_bits, act_bits, estimator, weight_quantizer,
-                                 dtype, param_dtype)
+                                 dtype, param_dtype, conv_impl)
     self.conv1 = layers.fp_conv(3, widths[0], 3, padding=1, kernel_init=kernel_init,
-                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl,
+                                rngs=rngs)
     self.bn1 = layers.BatchNorm(widths[0], param_dtype=param_dtype)
     in_planes = widths[0]
     for i, (planes, n) in enumerate(zip(widths, depths)):

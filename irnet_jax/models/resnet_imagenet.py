@@ -28,17 +28,20 @@ class ImageNetResNet(nnx.Module):
 
   ``bn3`` (BatchNorm1d(num_classes)) exists upstream but is never called in forward;
   it is kept here, also unused, so that official checkpoints load key-for-key.
+  ``conv_impl`` is the resolved convolution backend (:mod:`irnet_jax.kernels`).
   """
 
   def __init__(self, *, depths, num_classes: int = 1000, structure: str = "bireal",
                weight_bits: int = 1, act_bits: int = 1, estimator: str = "ede",
                weight_quantizer: str = "libra_pb", activation: str = "hardtanh", dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, conv_impl: str = "xla", rngs: nnx.Rngs):
     init = layers.he_normal("fan_out")  # normal_(0, sqrt(2 / (k*k*out))) upstream.
+    self.conv_impl = conv_impl
     conv_kw = layers.conv_kwargs(weight_bits, act_bits, estimator, weight_quantizer,
-                                 dtype, param_dtype)
+                                 dtype, param_dtype, conv_impl)
     self.conv1 = layers.fp_conv(3, 64, 7, strides=2, padding=3, kernel_init=init,
-                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl,
+                                rngs=rngs)
     self.bn1 = layers.BatchNorm(64, param_dtype=param_dtype)
     in_planes = 64
     for i, (planes, n) in enumerate(zip(_WIDTHS, depths)):

@@ -19,13 +19,15 @@ POOL_AFTER = (1, 3, 5)
 class VGGSmall(nnx.Module):
   def __init__(self, *, num_classes: int = 10, weight_bits: int = 1, act_bits: int = 1,
                estimator: str = "ede", weight_quantizer: str = "libra_pb", dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs, structure: str | None = None):
+               param_dtype=jnp.float32, conv_impl: str = "xla", rngs: nnx.Rngs,
+               structure: str | None = None):
     del structure  # VGG has no residual structure; accepted for a uniform create().
     init = layers.he_normal("fan_out")  # normal_(0, sqrt(2 / (k*k*out))) upstream.
+    self.conv_impl = conv_impl  # the resolved backend (irnet_jax.kernels)
     conv_kw = layers.conv_kwargs(weight_bits, act_bits, estimator, weight_quantizer,
-                                 dtype, param_dtype)
+                                 dtype, param_dtype, conv_impl)
     self.conv0 = layers.fp_conv(3, 128, 3, padding=1, kernel_init=init, dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs)
+                                param_dtype=param_dtype, conv_impl=conv_impl, rngs=rngs)
     self.bn0 = layers.BatchNorm(128, param_dtype=param_dtype)
     for i in range(1, 6):
       setattr(self, f"conv{i}", layers.BinaryConv(

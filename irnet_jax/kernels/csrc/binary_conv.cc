@@ -1,10 +1,11 @@
 // CPU kernels for the convolutions of a 1w1a binary layer, called from JAX through
-// the XLA FFI (see irnet_jax/cpu_kernels.py, which compiles this file on first use).
+// the XLA FFI (irnet_jax/kernels/build.py compiles this file on first use;
+// irnet_jax/kernels/avx512.py wraps the handlers).
 //
 // Why hand-written: XLA:CPU has no convolution that knows its operands are +-1, and
 // its float convolutions for the thin layers of CIFAR networks (16-64 channels) run
 // at well under half of the machine's GEMM throughput; the weight-gradient one also
-// makes XLA insert layout transposes. Three kernels:
+// makes XLA insert layout transposes. Two kernels and a marker:
 //
 //   irnet_binary_conv_fwd: y = conv(sign(x), w) for w in {0, +-s_o} (one magnitude
 //     s_o per output channel, as Libra-PB produces). Computed exactly with
@@ -12,20 +13,27 @@
 //     integer times a power of two, so it equals the float convolution bit for bit.
 //     Taking x rather than sign(x) makes XLA materialize x once (its elementwise
 //     producers would otherwise be re-fused, i.e. recomputed, into every consumer).
-//   irnet_conv_dx: the input gradient of a float convolution (transposed conv).
-//   irnet_conv_dw: the kernel gradient of a float convolution, of sign(x) or x.
 //   irnet_binary_conv_bwd: both gradients of conv(sign(x), w) in one pass.
+//   irnet_materialize: an identity XLA cannot fuse through (see avx512.materialize).
 //
 // Layouts: activations NHWC, kernels HWIO, all float32, symmetric zero padding.
-// Requirements (checked in Python before calling): C and K multiples of 16, an
-// x86-64 CPU with AVX-512 F/DQ/BW/VL and VPOPCNTDQ (irnet_kernels_available() says).
-// Work is split over images and run on XLA's intra-op thread pool.
+// Every handler checks its operands (rank 4, C and K multiples of 16, matching
+// channels and output size, stride >= 1, padding >= 0) and returns an
+// INVALID_ARGUMENT error instead of reading out of bounds. NaN behaves as in XLA's
+// float convolution of sign(x) with sign(NaN) = NaN: a NaN input makes every output
+// whose window covers it NaN, a NaN weight its whole output channel, and the kernel
+// gradient keeps the NaN of the input. The CPU needs AVX-512 F/DQ/BW/VL and
+// VPOPCNTDQ (build.py checks before loading; irnet_kernels_available() says whether
+// the compiler built the handlers). Work is split over images (rows for the
+// forward) and run on XLA's intra-op thread pool.
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -83,15 +91,70 @@ int64_t MaxWorkers(ffi::ThreadPool& pool) {
   return std::max<int64_t>(1, pool.num_threads());
 }
 
+// The geometry of a conv of x (N, H, W, C) with w (KH, KW, C, K) into y (N, HO, WO, K),
+// or an INVALID_ARGUMENT error naming the first operand that does not fit: the loops
+// below trust these sizes (16-channel blocks, the output size implied by the input).
+ffi::Error CheckConv(const char* handler, ffi::Span<const int64_t> xd,
+                     ffi::Span<const int64_t> wd, ffi::Span<const int64_t> yd,
+                     int64_t stride, int64_t pad, Geometry* g) {
+  auto fail = [handler](const std::string& what) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(handler) + ": " + what);
+  };
+  auto str = [](ffi::Span<const int64_t> d) {
+    std::string out = "(";
+    for (size_t i = 0; i < d.size(); ++i) out += (i ? ", " : "") + std::to_string(d[i]);
+    return out + ")";
+  };
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
+    return fail("expected rank-4 operands (x NHWC, kernel HWIO, output NHWC), got x " +
+                str(xd) + ", kernel " + str(wd) + ", output " + str(yd));
+  if (stride < 1 || pad < 0)
+    return fail("stride must be >= 1 and padding >= 0, got stride " +
+                std::to_string(stride) + ", padding " + std::to_string(pad));
+  if (wd[2] != xd[3])
+    return fail("kernel " + str(wd) + " expects " + std::to_string(wd[2]) +
+                " input channels, x " + str(xd) + " has " + std::to_string(xd[3]));
+  if (xd[3] % 16 != 0 || wd[3] % 16 != 0)
+    return fail("input and output channels must be multiples of 16, got " +
+                std::to_string(xd[3]) + " and " + std::to_string(wd[3]));
+  if (wd[0] < 1 || wd[1] < 1 || xd[1] + 2 * pad < wd[0] || xd[2] + 2 * pad < wd[1])
+    return fail("kernel " + str(wd) + " does not fit x " + str(xd) + " with padding " +
+                std::to_string(pad));
+  const int64_t ho = (xd[1] + 2 * pad - wd[0]) / stride + 1;
+  const int64_t wo = (xd[2] + 2 * pad - wd[1]) / stride + 1;
+  if (yd[0] != xd[0] || yd[1] != ho || yd[2] != wo || yd[3] != wd[3])
+    return fail("output " + str(yd) + " should be (" + std::to_string(xd[0]) + ", " +
+                std::to_string(ho) + ", " + std::to_string(wo) + ", " +
+                std::to_string(wd[3]) + ")");
+  *g = Geometry{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], ho, wo, stride, pad};
+  return ffi::Error::Success();
+}
+
+bool SameDims(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+// Whether one pixel's C channels hold a NaN.
+bool PixelHasNan(const float* px, int64_t c) {
+  __mmask16 nan = 0;
+  for (int64_t q = 0; q < c; q += 16) {
+    __m512 v = _mm512_loadu_ps(px + q);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  return nan != 0;
+}
+
 // ------------------------------------------------------------------ forward
 
 // One bit per channel, in 16-bit chunks: chunk q of a pixel holds channels
 // 16q..16q+15. Plane "pos" marks +1, plane "neg" marks -1; 0 is in neither. The
-// planes are zero-padded by `pad` pixels on every side, like the convolution.
-void PackImage(const Geometry& g, const float* x, int64_t hp, int64_t wp, uint16_t* pos,
+// planes are zero-padded by `pad` pixels on every side, like the convolution. NaN
+// is in neither plane; the return value says whether the image holds one.
+bool PackImage(const Geometry& g, const float* x, int64_t hp, int64_t wp, uint16_t* pos,
                uint16_t* neg) {
   const __m512 zero = _mm512_setzero_ps();
   const int64_t c16 = g.c / 16;
+  __mmask16 nan = 0;
   for (int64_t h = 0; h < g.h; ++h)
     for (int64_t w = 0; w < g.w; ++w)
       for (int64_t q = 0; q < c16; ++q) {
@@ -99,14 +162,35 @@ void PackImage(const Geometry& g, const float* x, int64_t hp, int64_t wp, uint16
         int64_t dst = ((h + g.pad) * wp + w + g.pad) * c16 + q;
         pos[dst] = _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
         neg[dst] = _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
       }
+  return nan != 0;
+}
+
+// NaN into every output of row oh of image n whose window covers a NaN input pixel
+// (XLA's conv of sign(x) with sign(NaN) = NaN). Only run on images that hold a NaN.
+void PropagateNanRow(const Geometry& g, const float* x, int64_t n, int64_t oh, float* y) {
+  const float qnan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t ow = 0; ow < g.wo; ++ow) {
+    bool hit = false;
+    for (int64_t i = 0; i < g.kh && !hit; ++i)
+      for (int64_t j = 0; j < g.kw && !hit; ++j) {
+        int64_t ih = oh * g.stride - g.pad + i, iw = ow * g.stride - g.pad + j;
+        if (ih >= 0 && ih < g.h && iw >= 0 && iw < g.w)
+          hit = PixelHasNan(x + ((n * g.h + ih) * g.w + iw) * g.c, g.c);
+      }
+    if (hit) std::fill_n(y + ((n * g.ho + oh) * g.wo + ow) * g.k, g.k, qnan);
+  }
 }
 
 ffi::Error BinaryConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y,
                              int64_t stride, int64_t pad) {
-  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], yd[1], yd[2], stride, pad};
+  Geometry g;
+  if (ffi::Error e = CheckConv("irnet_binary_conv_fwd", x.dimensions(), w.dimensions(),
+                               y->dimensions(), stride, pad, &g);
+      !e.success())
+    return e;
   const int64_t c16 = g.c / 16;
   // Kernel row i of an output pixel reads KW consecutive (padded) input pixels: one
   // contiguous run of KW * C bits in the packed planes, read as row_words unaligned
@@ -119,9 +203,11 @@ ffi::Error BinaryConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   float* yp = y->typed_data();
 
   // Weights in the same layout, transposed to [word][o] so that 8 output channels
-  // are one vector; s_o = max |w[..., o]| (every nonzero entry has that magnitude).
+  // are one vector; s_o = max |w[..., o]| (every nonzero entry has that magnitude),
+  // NaN if the channel holds a NaN (then all its outputs are NaN, as in XLA).
   std::vector<uint64_t> wpos(words * g.k, 0), wneg(words * g.k, 0);
   std::vector<float> scale(g.k, 0.f);
+  std::vector<uint8_t> nan_channel(g.k, 0);
   for (int64_t i = 0; i < g.kh; ++i)
     for (int64_t j = 0; j < g.kw; ++j)
       for (int64_t ci = 0; ci < g.c; ++ci) {
@@ -139,16 +225,22 @@ ffi::Error BinaryConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
           _mm512_storeu_si512(dn, _mm512_mask_or_epi64(old_n, n, old_n, m));
           __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), v);  // |v|
           _mm256_storeu_ps(&scale[o], _mm256_max_ps(_mm256_loadu_ps(&scale[o]), a));
+          __mmask8 nan = _mm256_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+          for (int b = 0; b < 8; ++b) nan_channel[o + b] |= (nan >> b) & 1;
         }
       }
+  for (int64_t o = 0; o < g.k; ++o)
+    if (nan_channel[o]) scale[o] = std::numeric_limits<float>::quiet_NaN();
 
   // Pack every image, then convolve output rows: rows, not images, are the unit of
   // work, so that a batch of one still uses every thread.
   const int64_t hp = g.h + 2 * g.pad, wpd = g.w + 2 * g.pad;
   const int64_t plane = hp * wpd * c16;
   std::vector<uint16_t> pos(g.n * plane + 4, 0), neg(g.n * plane + 4, 0);  // + read slack
+  std::vector<uint8_t> image_has_nan(g.n, 0);
   ParallelFor(pool, g.n, MaxWorkers(pool), [&](int64_t, int64_t n) {
-    PackImage(g, xp + n * g.h * g.w * g.c, hp, wpd, &pos[n * plane], &neg[n * plane]);
+    image_has_nan[n] =
+        PackImage(g, xp + n * g.h * g.w * g.c, hp, wpd, &pos[n * plane], &neg[n * plane]);
   });
   ParallelFor(pool, g.n * g.ho, MaxWorkers(pool), [&](int64_t, int64_t item) {
     const int64_t n = item / g.ho, oh = item % g.ho;
@@ -177,6 +269,7 @@ ffi::Error BinaryConvFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         _mm256_storeu_ps(out + o, _mm256_mul_ps(counts, _mm256_loadu_ps(&scale[o])));
       }
     }
+    if (image_has_nan[n]) PropagateNanRow(g, xp, n, oh, yp);
   });
   return ffi::Error::Success();
 }
@@ -258,18 +351,6 @@ void DxOfImage(const Geometry& g, const float* dy, const float* wt, int64_t n, f
   else DxImage<1, 16>(g, dy, wt, n, dx);
 }
 
-ffi::Error ConvDxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                      ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx,
-                      int64_t stride, int64_t pad) {
-  auto dd = dy.dimensions(), wd = w.dimensions(), xd = dx->dimensions();
-  Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], dd[1], dd[2], stride, pad};
-  std::vector<float> wt = TransposeKernel(g, w.typed_data());
-  ParallelFor(pool, g.n, MaxWorkers(pool), [&](int64_t, int64_t n) {
-    DxOfImage(g, dy.typed_data(), wt.data(), n, dx->typed_data());
-  });
-  return ffi::Error::Success();
-}
-
 // --------------------------------------------------------- kernel gradient
 
 // Adds image n's contribution to dw (HWIO): for each tap and each block of 8 input
@@ -313,26 +394,24 @@ void DwImage(const Geometry& g, const float* x, const float* dy, float* dw) {
   }
 }
 
-// Adds image n's contribution to the kernel gradient acc (HWIO); `signs` is scratch
-// of one image, used when the conv's input is sign(x).
+// Adds image n's contribution to the kernel gradient acc (HWIO) of a conv whose
+// input is sign(x) (sign(0) = 0, sign(NaN) = NaN); `signs` is scratch of one image.
 void DwOfImage(const Geometry& g, const float* x, const float* dy, int64_t n,
-               bool sign_input, std::vector<float>& signs, float* acc) {
+               std::vector<float>& signs, float* acc) {
   const int64_t image = g.h * g.w * g.c;
   const float* xi = x + n * image;
-  if (sign_input) {  // one pass over the (cached) image
-    signs.resize(image);
-    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
-    for (int64_t e = 0; e < image; e += 16) {
-      __m512 v = _mm512_loadu_ps(xi + e);
-      __m512 pos = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), one);
-      __m512 neg = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), one);
-      _mm512_storeu_ps(&signs[e], _mm512_sub_ps(pos, neg));
-    }
-    xi = signs.data();
+  signs.resize(image);  // one pass over the (cached) image
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
+  for (int64_t e = 0; e < image; e += 16) {
+    __m512 v = _mm512_loadu_ps(xi + e);
+    __m512 pos = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), one);
+    __m512 neg = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), one);
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    _mm512_storeu_ps(&signs[e], _mm512_mask_mov_ps(_mm512_sub_ps(pos, neg), nan, v));
   }
   const float* dyi = dy + n * g.ho * g.wo * g.k;
-  if (g.k % 32 == 0) DwImage<2>(g, xi, dyi, acc);
-  else DwImage<1>(g, xi, dyi, acc);
+  if (g.k % 32 == 0) DwImage<2>(g, signs.data(), dyi, acc);
+  else DwImage<1>(g, signs.data(), dyi, acc);
 }
 
 // Images are split into fixed contiguous chunks, one partial kernel gradient each,
@@ -342,6 +421,10 @@ template <typename F>
 void KernelGradChunks(ffi::ThreadPool& pool, const Geometry& g, float* dw, F&& per_image) {
   const int64_t size = g.kh * g.kw * g.c * g.k;
   const int64_t chunks = std::min<int64_t>(g.n, MaxWorkers(pool));
+  if (chunks == 0) {  // an empty batch
+    std::fill_n(dw, size, 0.f);
+    return;
+  }
   std::vector<float> partial(chunks * size, 0.f);
   ParallelFor(pool, chunks, chunks, [&](int64_t, int64_t chunk) {
     std::vector<float> signs;
@@ -353,38 +436,33 @@ void KernelGradChunks(ffi::ThreadPool& pool, const Geometry& g, float* dw, F&& p
     for (int64_t e = 0; e < size; ++e) dw[e] += partial[r * size + e];
 }
 
-ffi::Error ConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                      ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
-                      int64_t stride, int64_t pad, int64_t sign_input) {
-  auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
-  Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], dd[1], dd[2], stride, pad};
-  KernelGradChunks(pool, g, dw->typed_data(), [&](int64_t n, std::vector<float>& signs,
-                                                  float* acc) {
-    DwOfImage(g, x.typed_data(), dy.typed_data(), n, sign_input, signs, acc);
-  });
-  return ffi::Error::Success();
-}
-
 // Both gradients of conv(sign(x), w) in one pass over the images: each image's dy
 // is read from memory once and used from cache by both.
 ffi::Error BinaryConvBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> dy,
                              ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
                              int64_t stride, int64_t pad) {
-  auto xd = x.dimensions(), wd = w.dimensions(), dd = dy.dimensions();
-  Geometry g{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], dd[1], dd[2], stride, pad};
+  Geometry g;
+  if (ffi::Error e = CheckConv("irnet_binary_conv_bwd", x.dimensions(), w.dimensions(),
+                               dy.dimensions(), stride, pad, &g);
+      !e.success())
+    return e;
+  if (!SameDims(dx->dimensions(), x.dimensions()) || !SameDims(dw->dimensions(), w.dimensions()))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "irnet_binary_conv_bwd: the gradients must have the shapes of x and "
+                      "the kernel");
   std::vector<float> wt = TransposeKernel(g, w.typed_data());
   KernelGradChunks(pool, g, dw->typed_data(), [&](int64_t n, std::vector<float>& signs,
                                                   float* acc) {
     DxOfImage(g, dy.typed_data(), wt.data(), n, dx->typed_data());
-    DwOfImage(g, x.typed_data(), dy.typed_data(), n, true, signs, acc);
+    DwOfImage(g, x.typed_data(), dy.typed_data(), n, signs, acc);
   });
   return ffi::Error::Success();
 }
 
 // The output aliases the input (input_output_aliases in Python), so this does
 // nothing but force XLA to materialize its operand as a buffer; see
-// cpu_kernels.materialize.
+// avx512.materialize.
 ffi::Error IdentityImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
   if (x.untyped_data() != y->untyped_data())
     std::memcpy(y->untyped_data(), x.untyped_data(), x.size_bytes());
@@ -393,30 +471,25 @@ ffi::Error IdentityImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
 
 }  // namespace
 
-#define IRNET_BIND(first, second)                                       \
-  ffi::Ffi::Bind()                                                      \
-      .Ctx<ffi::ThreadPool>()                                           \
-      .Arg<ffi::Buffer<ffi::F32>>()                                     \
-      .Arg<ffi::Buffer<ffi::F32>>()                                     \
-      .Ret<ffi::Buffer<ffi::F32>>()                                     \
-      .Attr<int64_t>("stride")                                          \
-      .Attr<int64_t>("padding")
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_materialize, IdentityImpl,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_binary_conv_fwd, BinaryConvFwdImpl, IRNET_BIND(x, w));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_conv_dx, ConvDxImpl, IRNET_BIND(dy, w));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_binary_conv_fwd, BinaryConvFwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_binary_conv_bwd, BinaryConvBwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx (of sign(x))
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("padding"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(irnet_conv_dw, ConvDwImpl,
-                              IRNET_BIND(x, dy).Attr<int64_t>("sign_input"));
 
 #endif  // IRNET_HAVE_KERNELS
