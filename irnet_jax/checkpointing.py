@@ -348,6 +348,10 @@ def load_model(workdir: str, step: int | None = None,
     if restored is None:
       raise ValueError(f"no readable checkpoint in {ckpt.directory}.")
   else:
+    problems = ckpt.incompatibilities(step, template)
+    if problems:
+      raise IncompatibleCheckpointError(f"checkpoint {step} in {ckpt.directory} does not fit "
+                                        f"model {config.model.name!r}: " + "; ".join(problems))
     restored = ckpt.restore(step, template)
   nnx.update(model, restored[0])
   model.eval()

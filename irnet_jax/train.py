@@ -2,7 +2,9 @@
 
 ``train_and_evaluate(config, workdir)`` is what ``python -m irnet_jax.main`` runs.
 Sections, top to bottom: optimizer and schedules, EDE from the step counter, the
-jitted train/eval steps, host-side helpers (metrics, fingerprint), the loop.
+jitted train/eval steps, host-side helpers (metrics, fingerprint), the loop in named
+phases: :func:`prepare` (validate, resolve, check the workdir's run), :func:`build`,
+:func:`restore`, :class:`_Loop` and :func:`final_report`.
 
 Design (see the README): ``graphdef, state = nnx.split((model, optimizer))`` once;
 ``train_step(state, batch) -> (state, metrics)`` is pure, jitted with the batch

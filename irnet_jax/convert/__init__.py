@@ -127,8 +127,9 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> n
 
   ``state_dict`` may also be an official checkpoint dict (``{'state_dict': ...,
   'best_prec1': ...}``) and its keys may carry DataParallel's ``module.`` prefix
-  (see :func:`official_state_dict`). Checks everything before changing anything: every parameter and BN statistic of
-  the model must be present with the right shape, and no unknown key may remain;
+  (see :func:`official_state_dict`). Checks everything before changing anything: every
+  parameter and BN statistic of the model must be present with the right shape, and no
+  unknown key may remain;
   otherwise a ``ValueError`` lists the offending keys. Tensors are converted with
   ``np.asarray`` (pass ``t.detach().cpu().numpy()`` for torch tensors).
 
