@@ -214,7 +214,7 @@ def test_read_only_tree_caches_in_user_dir(tmp_path, monkeypatch):
 def _cfg(**kwargs):
   base = dict(name="imagefolder", data_dir="", path="", augment="imagenet",
               image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, num_threads=0,
-              train_split="train", test_split="")
+              num_workers=0, train_split="train", test_split="")
   base.update(kwargs)
   return ml_collections.ConfigDict(base)
 
@@ -532,7 +532,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SMALL_RUN = {"dataset.image_size": 32, "batch_size": 4, "eval_batch_size": 4,
               "num_train_steps": 2, "eval_every_steps": 2, "log_every_steps": 1,
               "optimizer.warmup_steps": 1, "dataset.num_threads": 0,
-              "num_devices": 1, "progress_bar": False}
+              "dataset.num_workers": 0, "num_devices": 1, "progress_bar": False}
 
 
 def _jpeg_imagenet(root):
@@ -569,7 +569,9 @@ def test_launcher_trains_resnet18_from_image_folder(tmp_path):
   cmd = [sys.executable, "-m", "irnet_jax.main",
          "--config=configs/imagenet_resnet18.py", f"--workdir={workdir}",
          "--config.dataset.name=imagefolder", f"--config.dataset.path={root}"]
-  cmd += [f"--config.{k}={v}" for k, v in _SMALL_RUN.items()]
+  # One worker process: files are read and decoded outside the main process.
+  cmd += [f"--config.{k}={v}" for k, v in
+          dict(_SMALL_RUN, **{"dataset.num_workers": 1}).items()]
   env = dict(os.environ, PYTHONPATH=REPO, XDG_CACHE_HOME=str(tmp_path / "cache"),
              JAX_COMPILATION_CACHE_DIR=os.environ.get(
                  "IRNET_TEST_JAX_CACHE", "/tmp/irnet_jax_test_cache"))
