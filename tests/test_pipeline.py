@@ -17,6 +17,8 @@ from irnet_jax import config as config_lib
 from irnet_jax import data
 from irnet_jax import train
 from irnet_jax.data import augment as aug
+from irnet_jax.data import decode
+from irnet_jax.data import decode_crop
 from irnet_jax.data import device
 from irnet_jax.data import pipeline
 
@@ -154,11 +156,11 @@ def _jpeg(width, height, seed=0):
 
 
 def test_draft_scale():
-  assert pipeline.draft_scale((0, 0, 100, 100), 16) == 4
-  assert pipeline.draft_scale((0, 0, 100, 300), 16) == 4
-  assert pipeline.draft_scale((0, 0, 127, 900), 16) == 4
-  assert pipeline.draft_scale((0, 0, 128, 900), 16) == 8
-  assert pipeline.draft_scale((0, 0, 31, 900), 16) == 1
+  assert decode_crop.draft_scale((0, 0, 100, 100), 16) == 4
+  assert decode_crop.draft_scale((0, 0, 100, 300), 16) == 4
+  assert decode_crop.draft_scale((0, 0, 127, 900), 16) == 4
+  assert decode_crop.draft_scale((0, 0, 128, 900), 16) == 8
+  assert decode_crop.draft_scale((0, 0, 31, 900), 16) == 1
 
 
 def test_decode_random_resized_crop_draft_close_to_full():
@@ -166,15 +168,15 @@ def test_decode_random_resized_crop_draft_close_to_full():
   full_image = np.asarray(Image.open(io.BytesIO(data_)).convert("RGB"))
   used_draft = 0
   for seed in range(12):
-    full = pipeline.decode_random_resized_crop(
+    full = decode_crop.random_resized_crop(
         data_, "x.jpg", np.random.default_rng(seed), 32, draft=False)
     # Without draft: exactly the array path (same draws, same box).
     np.testing.assert_array_equal(full, aug.random_resized_crop(
         full_image, np.random.default_rng(seed), 32))
-    draft = pipeline.decode_random_resized_crop(
+    draft = decode_crop.random_resized_crop(
         data_, "x.jpg", np.random.default_rng(seed), 32, draft=True)
     box = aug.random_resized_crop_box(480, 640, np.random.default_rng(seed))
-    used_draft += pipeline.draft_scale(box, 32) > 1
+    used_draft += decode_crop.draft_scale(box, 32) > 1
     assert np.abs(draft.astype(int) - full.astype(int)).mean() < 3
   assert used_draft >= 6
 
@@ -235,3 +237,74 @@ def test_train_step_device_jitter_one_compilation():
   again = [setup.train_step(jax.tree.map(jnp.copy, initial), batch)[1]["loss"]
            for _ in range(2)]
   assert float(again[0]) == float(again[1])
+
+
+# ----------------------------------------------------------------------------
+# image files: decode-and-crop, bad files
+
+
+def _encode(image: np.ndarray, mode: str, fmt: str = "JPEG") -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(image).convert(mode).save(buf, fmt)
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("L", "JPEG"),
+                                       ("CMYK", "JPEG"), ("P", "PNG"),
+                                       ("RGBA", "PNG")])
+def test_decode_crop_equals_decode_then_augment(mode, fmt):
+  rng = np.random.default_rng(0)
+  encoded = _encode(rng.integers(0, 256, (37, 51, 3), np.uint8), mode, fmt)
+  decoded = decode.decode_image(encoded)
+  for seed in range(3):
+    np.testing.assert_array_equal(
+        decode_crop.random_resized_crop(encoded, "f", np.random.default_rng(
+            seed), 16),
+        aug.random_resized_crop(decoded, np.random.default_rng(seed), 16))
+  np.testing.assert_array_equal(decode_crop.resize_center_crop(encoded, "f", 16),
+                                aug.resize_center_crop(decoded, 16))
+  with pytest.raises(decode.BadImageError, match="'dir/broken.jpg'"):
+    decode_crop.random_resized_crop(encoded[:len(encoded) // 2],
+                                    "dir/broken.jpg", rng, 16)
+
+
+def _tree(root, bad_in=("train",)):
+  """2 classes x 6 small JPEGs per split, plus one corrupt file per split in
+  ``bad_in`` (class b)."""
+  rng = np.random.default_rng(1)
+  for split in ("train", "val"):
+    for cls in ("a", "b"):
+      (root / split / cls).mkdir(parents=True)
+      for i in range(6):
+        (root / split / cls / f"{i}.JPEG").write_bytes(_encode(
+            rng.integers(0, 256, (30 + i, 40, 3), np.uint8), "RGB"))
+    if split in bad_in:
+      (root / split / "b" / "bad.JPEG").write_bytes(b"not a jpeg at all")
+  return str(root)
+
+
+@pytest.mark.slow
+def test_bad_files_with_workers(tmp_path, monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  root = _tree(tmp_path / "tree", bad_in=("train", "val"))
+  cfg = _cfg(name="imagefolder", path=root, num_workers=2, test_split="val")
+  ds = data.train_dataset(cfg, 13, seed=0, num_steps=2)  # 13 files: 1 epoch.
+  # Default: the worker's error reaches this process, naming file and fix.
+  with pytest.raises(decode.BadImageError) as e:
+    list(data.train_iterator(ds, 0, num_workers=2))
+  assert "tree/train/b/bad.JPEG" in str(e.value)
+  assert "skip_bad_files=True" in str(e.value)
+  # skip_bad_files: replaced (deterministically) and counted, once per epoch.
+  cfg.skip_bad_files = True
+  ds = data.train_dataset(cfg, 13, seed=0, num_steps=2)
+  got = list(data.train_iterator(ds, 0, num_workers=2))
+  assert [int(b["bad_files"].sum()) for b in got] == [1, 1]
+  for step, batch in enumerate(got):
+    assert _equal(batch, ds[step])
+  # Evaluation leaves the bad file out (masked) instead of failing.
+  cfg.num_workers = 0
+  evals = list(data.eval_batches(cfg, 13))
+  assert [int(b["mask"].sum()) for b in evals] == [12]
+  cfg.skip_bad_files = False
+  with pytest.raises(decode.BadImageError, match="val/b/bad.JPEG"):
+    list(data.eval_batches(cfg, 13))

@@ -281,6 +281,16 @@ def imagenet_augment(image: np.ndarray, rng: Draws, size: int,
   return color_jitter(image, rng) if jitter else image
 
 
+def eval_resize_shape(height: int, width: int, size: int,
+                      crop_fraction: float = 0.875) -> tuple[int, int]:
+  """``(new_h, new_w)`` of torchvision's ``Resize(round(size / crop_fraction))``:
+  the shorter side to that, the longer to ``int(short * longer / shorter)``."""
+  short = int(round(size / crop_fraction))
+  if height <= width:
+    return short, int(short * width / height)
+  return int(short * height / width), short
+
+
 def resize_center_crop(image: np.ndarray, size: int,
                        crop_fraction: float = 0.875) -> np.ndarray:
   """Eval transform as torchvision's ``Resize(short) + CenterCrop(size)`` on
@@ -295,11 +305,7 @@ def resize_center_crop(image: np.ndarray, size: int,
     uint8 ``(size, size, 3)``.
   """
   h, w = image.shape[:2]
-  short = int(round(size / crop_fraction))
-  if h <= w:
-    new_h, new_w = short, int(short * w / h)
-  else:
-    new_h, new_w = int(short * h / w), short
+  new_h, new_w = eval_resize_shape(h, w, size, crop_fraction)
   if (new_h, new_w) != (h, w):
     pil = Image.fromarray(np.ascontiguousarray(image))
     image = np.asarray(pil.resize((new_w, new_h), Image.Resampling.BILINEAR))

@@ -30,7 +30,6 @@ order, padding the last global batch with ``mask=False`` entries.
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -40,10 +39,10 @@ from typing import Any, Iterator, NamedTuple
 import grain
 import numpy as np
 from absl import flags
-from PIL import Image
 
 from irnet_jax.data import augment as augment_lib
 from irnet_jax.data import decode
+from irnet_jax.data import decode_crop
 from irnet_jax.data import sources
 
 log = logging.getLogger(__name__)
@@ -192,63 +191,12 @@ def _example_rng(seed: int, position: int) -> np.random.Generator:
   return np.random.default_rng([seed, _AUGMENT_TAG, position])
 
 
-def _image_size(data: bytes, path: str) -> tuple[int, int]:
-  """``(width, height)`` from the header only; BadImageError if unreadable."""
-  try:
-    with Image.open(io.BytesIO(data)) as img:
-      return img.size
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    raise decode.BadImageError(path, f"{type(e).__name__}: {e}") from e
-
-
-def draft_scale(box: tuple[int, int, int, int], size: int) -> int:
-  """Largest JPEG DCT reduction (1, 2, 4 or 8) that keeps the crop ``box =
-  (top, left, h, w)`` at least ``size`` pixels on both sides: the crop is then
-  still only shrunk (never enlarged) to ``size^2``."""
-  shorter = min(box[2], box[3])
-  for scale in (8, 4, 2):
-    if shorter >= scale * size:
-      return scale
-  return 1
-
-
-def decode_random_resized_crop(data: bytes, path: str, rng: Any, size: int,
-                               draft: bool) -> np.ndarray:
-  """RandomResizedCrop of an encoded image, decoding only what it needs.
-
-  The box is drawn in full-resolution pixels from the header's size (same
-  draws as :func:`augment.random_resized_crop` on the decoded image). With
-  ``draft``, JPEGs are decoded at the :func:`draft_scale` reduction and the
-  box is mapped onto the smaller image (PIL's ``Image.draft``); otherwise the
-  result is exactly the full decode's.
-
-  Returns:
-    uint8 ``(size, size, 3)``.
-  """
-  width, height = _image_size(data, path)
-  box = augment_lib.random_resized_crop_box(height, width, rng)
-  scale = draft_scale(box, size) if draft else 1
-  if scale == 1:
-    return augment_lib.resized_crop(decode.decode_image(data, path), box, size)
-  image = decode.decode_image(data, path, draft_to=(width // scale,
-                                                    height // scale))
-  # PNGs ignore the draft; a JPEG comes back ceil(side / scale) wide.
-  actual = width / image.shape[1]
-  actual = min((1, 2, 4, 8), key=lambda s: abs(s - actual))
-  top, left, h, w = box
-  pil = Image.fromarray(image)
-  return np.asarray(pil.resize(
-      (size, size), Image.Resampling.BILINEAR,
-      box=(left / actual, top / actual, (left + w) / actual,
-           (top + h) / actual)))
-
-
 class _TrainExample:
   """``position -> dict(image=uint8 (size, size, 3), label, bad)``: shuffle,
   read, decode, augment; a pure function of ``(seed, position)``.
 
   A file source (one with ``read(i) -> bytes``) is decoded here, so the
-  "imagenet" recipe can crop before decoding (:func:`decode_random_resized_crop`).
+  "imagenet" recipe can crop before decoding (:mod:`decode_crop`).
   With ``skip_bad_files`` an undecodable file is replaced by the next example
   of the epoch's permutation (then the next, ...) and flagged ``bad=1``.
   """
@@ -275,7 +223,8 @@ class _TrainExample:
     path = self.source.path(index)
     data = self.source.read(index)
     if self.augment == "imagenet":
-      image = decode_random_resized_crop(data, path, rng, self.size, self.draft)
+      image = decode_crop.random_resized_crop(data, path, rng, self.size,
+                                              self.draft)
       image = augment_lib.random_flip(image, rng)
     else:
       image = self.transform(decode.decode_image(data, path), rng)
@@ -477,14 +426,24 @@ class _EvalBatch:
 
   def __init__(self, source: Any, transform: augment_lib.EvalTransform,
                global_batch: int, local_batch: int, process_index: int,
-               size: int, skip_bad_files: bool):
+               size: int, skip_bad_files: bool, imagenet: bool):
     self.source = source
+    self.imagenet = imagenet
     self.transform = transform
     self.global_batch = global_batch
     self.local_batch = local_batch
     self.process_index = process_index
     self.size = size
     self.skip_bad_files = skip_bad_files
+
+  def _load(self, index: int) -> tuple[np.ndarray, int]:
+    if hasattr(self.source, "read") and self.imagenet:
+      data = self.source.read(index)
+      image = decode_crop.resize_center_crop(data, self.source.path(index),
+                                             self.size)
+      return image, self.source.label(index)
+    example = self.source[index]
+    return self.transform(example["image"]), example["label"]
 
   def __call__(self, step: int) -> Batch:
     start = step * self.global_batch + self.process_index * self.local_batch
@@ -494,15 +453,13 @@ class _EvalBatch:
     mask = np.zeros(self.local_batch, bool)
     for row, index in enumerate(range(start, min(start + self.local_batch, n))):
       try:
-        example = self.source[index]
+        images[row], labels[row] = self._load(index)
       except decode.BadImageError as e:
         if not self.skip_bad_files:
           raise
         log.warning("Skipping bad image %s (%s): left out of the evaluation "
                     "(dataset.skip_bad_files=True).", e.path, e.reason)
         continue
-      images[row] = self.transform(example["image"])
-      labels[row] = example["label"]
       mask[row] = True
     return {"image": images, "label": labels, "mask": mask}
 
@@ -525,7 +482,8 @@ def eval_dataset(ds_cfg: Any, global_batch_size: int, process_index: int = 0,
   make_batch = _EvalBatch(
       test_source, augment_lib.eval_transform(augment, size),
       global_batch_size, local_batch, process_index, size,
-      bool(sources.cfg_get(ds_cfg, "skip_bad_files", False)))
+      bool(sources.cfg_get(ds_cfg, "skip_bad_files", False)),
+      imagenet=augment == "imagenet")
   return grain.MapDataset.range(num_steps).map(make_batch)
 
 
