@@ -9,7 +9,8 @@ RandomResizedCrop(224), RandomHorizontalFlip, ColorJitter(0.2, 0.2, 0.2, 0.1),
 ToTensor, Normalize; eval: Resize(256), CenterCrop(224), ToTensor, Normalize;
 ``DataLoader(shuffle=True, num_workers=--workers)``. Timed after ``--warmup``
 batches (worker start-up included there). Last line: JSON with
-``train_images_per_sec`` and ``eval_images_per_sec``.
+``train_images_per_sec``, ``eval_images_per_sec`` and ``cpu_ms_per_image``
+(one worker's work timed with ``process_time`` in this process).
 """
 import argparse
 import json
@@ -33,6 +34,21 @@ def _rate(loader, warmup: int, count: int) -> float:
   return images / (time.perf_counter() - start)
 
 
+def _cpu_per_image(dataset, batch: int, count: int) -> float:
+  """CPU ms per image of what one DataLoader worker does (load, transforms,
+  collate), in this process with one torch thread (as in a worker)."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  order = torch.randperm(len(dataset)).tolist()
+  collate = torch.utils.data.default_collate
+  collate([dataset[i] for i in order[:batch]])  # Warm-up.
+  start = time.process_time()
+  for k in range(1, count):
+    collate([dataset[i] for i in order[k * batch:(k + 1) * batch]])
+  torch.set_num_threads(threads)
+  return (time.process_time() - start) / ((count - 1) * batch) * 1e3
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--data", required=True)
@@ -54,12 +70,17 @@ def main() -> None:
          "num_batches": a.num_batches, "torch_threads": torch.get_num_threads()}
   out["train_images_per_sec"] = _rate(loader(train, True), warmup,
                                       a.num_batches)
-  count = min(a.num_batches, len(val) // a.batch_size - warmup)
-  out["eval_images_per_sec"] = _rate(loader(val, False), warmup, count)
+  eval_batch = max(1, min(a.batch_size, len(val) // (warmup + 2)))
+  count = min(a.num_batches, len(val) // eval_batch - warmup)
+  out["eval_images_per_sec"] = _rate(torch.utils.data.DataLoader(
+      val, batch_size=eval_batch, num_workers=a.workers), warmup, count)
+  out["cpu_ms_per_image"] = _cpu_per_image(train, a.batch_size, 5)
   print(f"{'torchvision pipeline':44s} {'img/s':>8s} {'img/s/worker':>13s}")
   for name, key in (("train (official transforms)", "train_images_per_sec"),
                     ("eval (Resize 256, CenterCrop 224)", "eval_images_per_sec")):
     print(f"{name:44s} {out[key]:8.0f} {out[key] / max(1, a.workers):13.0f}")
+  print(f"CPU per image, one worker's work: {out['cpu_ms_per_image']:.2f} ms "
+        f"({1e3 / out['cpu_ms_per_image']:.0f} img/s per core)")
   print(json.dumps(out))
 
 

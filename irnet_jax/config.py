@@ -68,7 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
                                     # 0 (threads) for the small-image recipes.
   c.dataset.prefetch_mb = 1024      # Host prefetch budget (uint8 batches; >= 1 per worker).
   c.dataset.color_jitter_on = "device"  # imagenet recipe: "device" (in the step) or "host".
-  c.dataset.jpeg_draft = False      # Reduced-DCT JPEG decode when the crop allows.
+  c.dataset.jpeg_draft = True       # Reduced-DCT JPEG decode where the crop stays >= 224
+                                    # (experiments/README.md, "Input pipeline").
   c.dataset.skip_bad_files = False  # True: replace undecodable image files (counted in logs).
 
   c.model = ml_collections.ConfigDict()

@@ -358,7 +358,7 @@ def train_dataset(ds_cfg: Any, global_batch_size: int, seed: int,
   example = _TrainExample(
       train_source, _EpochShuffle(len(train_source), int(seed)), int(seed),
       augment, size, jitter=jitter,
-      draft=bool(sources.cfg_get(ds_cfg, "jpeg_draft", False)),
+      draft=bool(sources.cfg_get(ds_cfg, "jpeg_draft", True)),
       skip_bad_files=skip)
   stream = grain.MapDataset.range(num_steps * global_batch_size).map(example)
   # Local batch j holds positions [j B, (j + 1) B); global step s is local
