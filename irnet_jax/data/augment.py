@@ -218,12 +218,15 @@ def adjust_hue(x, f, xp=np):
   cr_div = xp.where(eqc, 1.0, cr)
   rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
   h = xp.where(r_max, bc - gc, xp.where(g_max, 2.0 + rc - bc, 4.0 + gc - rc))
-  h = xp.fmod(h / 6.0 + 1.0, 1.0)
-  h = xp.mod(h + f, 1.0)
+  # torchvision's fmod(., 1) and % 1 as a - floor(a) (exact; no libm call).
+  h = h / 6.0 + 1.0
+  h = h - xp.floor(h)
+  h = h + f
+  h = h - xp.floor(h)
   v = maxc
   i6 = xp.floor(h * 6.0)
   fr = h * 6.0 - i6
-  i6 = xp.mod(i6, 6.0)
+  i6 = xp.where(i6 >= 6.0, i6 - 6.0, i6)  # h rounded up to 1.0: sector 0.
   p = xp.clip(v * (1.0 - s), 0.0, 1.0)
   q = xp.clip(v * (1.0 - s * fr), 0.0, 1.0)
   t = xp.clip(v * (1.0 - s * (1.0 - fr)), 0.0, 1.0)
