@@ -9,8 +9,20 @@ epoch, batch 128, weight decay 1e-4, pad-4 crop + flip) with the schedule scaled
 ``--epochs``: full precision, IR-Net (Libra-PB + EDE), Libra-PB only (STE backward),
 EDE only (plain-sign weights) and the sign + STE baseline. Same seed, data and budget.
 Each run is an ordinary training run in ``WORKDIR/<run>_s<seed>`` (so a killed
-ablation resumes where it stopped). Writes ``WORKDIR/results.md`` and
-``results.json``: test accuracy, wall time and training img/s per run.
+ablation resumes where it stopped; a finished run is only re-read). Writes
+``OUT.md`` and ``OUT.json`` (``--out``, default ``WORKDIR/results``): final and best
+test accuracy, wall time and training img/s per run, and in the JSON the per-epoch
+test accuracy and train loss read from each run's ``metrics.jsonl``.
+
+Learning curves (IR-Net against the sign + STE baseline over a longer budget):
+
+  python experiments/cifar10_ablation.py --data=~/cifar10_q75.npz --epochs=20 \\
+      --runs=irnet,baseline --workdir=runs/curves \\
+      --out=experiments/results/cifar10_curves_20ep --plot=docs/cifar10_curves.png
+
+``--plot`` draws test accuracy per epoch and train loss (per logged interval) for
+every run in the table into one PNG. Rerunning the same command after the runs have
+finished only re-reads the workdirs, rewrites the tables and redraws the plot.
 """
 from __future__ import annotations
 
@@ -20,6 +32,7 @@ import os
 from absl import app, flags
 
 from irnet_jax import config as config_lib
+from irnet_jax import data as data_lib
 from irnet_jax import train
 
 FLAGS = flags.FLAGS
@@ -29,6 +42,12 @@ flags.DEFINE_string("workdir", "results/ablation", "Output directory.")
 flags.DEFINE_list("seeds", ["0"], "Seeds; every run is repeated for each.")
 flags.DEFINE_list("runs", ["fp", "irnet", "libra_pb", "ede", "baseline"], "Which runs.")
 flags.DEFINE_string("label", "CIFAR-10 (q75 copy)", "Data label for the table.")
+flags.DEFINE_string("out", None, "Prefix of the result tables OUT.md / OUT.json "
+                    "(default WORKDIR/results).")
+flags.DEFINE_string("plot", None, "If set, a PNG of test accuracy per epoch and train loss.")
+flags.DEFINE_integer("max_steps", -1, "> 0: train every run for this many steps instead (smoke "
+                     "tests; the schedules follow it).")
+flags.DEFINE_string("note", "", "Extra sentence for the Markdown table (e.g. machine load).")
 flags.mark_flags_as_required(["data"])
 
 # run -> (weight_bits, act_bits, weight_quantizer, estimator, description)
@@ -41,7 +60,7 @@ RUNS = {
 }
 
 
-def run_config(run: str, seed: int, data: str, epochs: int):
+def run_config(run: str, seed: int, data: str, epochs: int, max_steps: int = -1):
   wb, ab, quantizer, estimator, _ = RUNS[run]
   c = config_lib.base_config()  # The official CIFAR-10 ResNet-20 1w1a recipe.
   c.seed = seed
@@ -51,14 +70,69 @@ def run_config(run: str, seed: int, data: str, epochs: int):
   c.model.weight_bits, c.model.act_bits = wb, ab
   c.model.weight_quantizer, c.model.estimator = quantizer, estimator
   c.progress_bar = False
+  if max_steps > 0:
+    c.num_train_steps = max_steps
   return c
 
 
-def _train_images_per_sec(workdir: str) -> float:
+def _records(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rates = [r["images_per_sec"] for r in map(json.loads, f) if r["split"] == "train"]
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _train_images_per_sec(records: list[dict]) -> float:
+  rates = [r["images_per_sec"] for r in records if r["split"] == "train"]
   rates = rates[1:] or rates  # The first interval includes compilation.
   return sum(rates) / max(len(rates), 1)
+
+
+def curves(records: list[dict], steps_per_epoch: int) -> dict:
+  """Per-epoch curves of one run's ``metrics.jsonl`` records.
+
+  Returns lists: ``epoch`` (completed epochs, float: the last eval of a run cut by
+  ``--max_steps`` may fall mid-epoch), ``test_accuracy`` (fraction) at each eval;
+  ``train_epoch`` / ``train_loss``: every logged train interval (mean loss over it).
+  """
+  test = [r for r in records if r["split"] == "test"]
+  train = [r for r in records if r["split"] == "train"]
+  return dict(epoch=[r["step"] / steps_per_epoch for r in test],
+              test_accuracy=[r["accuracy"] for r in test],
+              train_epoch=[r["step"] / steps_per_epoch for r in train],
+              train_loss=[r["loss"] for r in train])
+
+
+def _finished(workdir: str, c) -> dict | None:
+  """``final_metrics.json`` of a finished run of ``c`` in ``workdir``, else None."""
+  path = os.path.join(workdir, "final_metrics.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    final = json.load(f)
+  total, _ = config_lib.num_train_steps(c, data_lib.dataset_info(c.dataset).num_train)
+  return final if final.get("train_steps") == total and final.get("seed") == c.seed else None
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+  """Test accuracy per epoch (left) and train loss (right) of every row, one PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
+  for r in rows:
+    label = f"{r['description']}, seed {r['seed']}"
+    acc.plot(r["curves"]["epoch"], [100 * a for a in r["curves"]["test_accuracy"]],
+             marker="o", markersize=3, label=label)
+    loss.plot(r["curves"]["train_epoch"], r["curves"]["train_loss"], label=label)
+  acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+  loss.set(xlabel="epoch", ylabel="cross-entropy", title="train loss (per logged interval)")
+  for ax in (acc, loss):
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def main(argv) -> None:
@@ -68,23 +142,36 @@ def main(argv) -> None:
   for seed in map(int, FLAGS.seeds):
     for run in FLAGS.runs:
       workdir = os.path.join(FLAGS.workdir, f"{run}_s{seed}")
-      final = train.train_and_evaluate(run_config(run, seed, data, FLAGS.epochs), workdir)
+      c = run_config(run, seed, data, FLAGS.epochs, FLAGS.max_steps)
+      final = _finished(workdir, c) or train.train_and_evaluate(c, workdir)
+      _, steps_per_epoch = config_lib.num_train_steps(
+          c, data_lib.dataset_info(c.dataset).num_train)
+      records = _records(workdir)
+      curve = curves(records, steps_per_epoch)
       rows.append(dict(run=run, description=RUNS[run][4], seed=seed, epochs=FLAGS.epochs,
+                       train_steps=final["train_steps"],
                        test_accuracy=final["test_accuracy"],
+                       best_test_accuracy=max(curve["test_accuracy"] +
+                                              [final["test_accuracy"]]),
                        train_seconds=final["train_seconds"],
-                       train_images_per_sec=_train_images_per_sec(workdir)))
-      print(json.dumps(rows[-1]), flush=True)
-  lines = [f"ResNet-20, {FLAGS.label}, {FLAGS.epochs} epochs (cosine recipe scaled), "
-           "batch 128, same seed and budget per row.", "",
-           "| run | seed | test accuracy | wall time (min) | train img/s |",
-           "|---|---|---|---|---|"]
+                       train_images_per_sec=_train_images_per_sec(records), curves=curve))
+      print(json.dumps({k: v for k, v in rows[-1].items() if k != "curves"}), flush=True)
+  title = (f"ResNet-20, {FLAGS.label}, {FLAGS.epochs} epochs (cosine recipe scaled), "
+           "batch 128")
+  lines = [f"{title}, same seed and budget per row. {FLAGS.note}".rstrip(), "",
+           "| run | seed | final test accuracy | best test accuracy | wall time (min) "
+           "| train img/s |", "|---|---|---|---|---|---|"]
   lines += [f"| {r['description']} | {r['seed']} | {100 * r['test_accuracy']:.2f}% | "
-            f"{r['train_seconds'] / 60:.1f} | {r['train_images_per_sec']:.0f} |" for r in rows]
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  with open(os.path.join(FLAGS.workdir, "results.md"), "w") as f:
+            f"{100 * r['best_test_accuracy']:.2f}% | {r['train_seconds'] / 60:.1f} | "
+            f"{r['train_images_per_sec']:.0f} |" for r in rows]
+  out = FLAGS.out or os.path.join(FLAGS.workdir, "results")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
-  with open(os.path.join(FLAGS.workdir, "results.json"), "w") as f:
+  with open(out + ".json", "w") as f:
     json.dump(rows, f, indent=2)
+  if FLAGS.plot:
+    plot(rows, FLAGS.plot, title)
   print("\n".join(lines))
 
 
