@@ -77,7 +77,9 @@ def main(argv) -> None:
   eval_once = lambda: setup.eval_step(state[0], eval_batch)
   _time(eval_once, FLAGS.warmup)
   eval_s = _time(eval_once, FLAGS.steps)
-  result = dict(config=c.model.name, batch=c.batch_size, image_size=c.dataset.image_size,
+  result = dict(config=c.model.name, bits=f"{c.model.weight_bits}w{c.model.act_bits}a",
+                compute_dtype=c.compute_dtype, batch=c.batch_size,
+                image_size=c.dataset.image_size,
                 devices=jax.device_count(), backend=jax.default_backend(),
                 conv_impl=setup.conv_impl,
                 jax_version=jax.__version__, cpu=platform.processor() or platform.machine(),

@@ -1,0 +1,53 @@
+"""The experiment scripts run end to end (tiny settings), so they do not rot."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_mode_prints_every_figure(tmp_path):
+  rng = np.random.default_rng(0)
+  data = tmp_path / "tiny.npz"
+  np.savez(data, x_train=rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8),
+           y_train=rng.integers(0, 10, 256), x_test=rng.integers(0, 256, (50, 32, 32, 3),
+                                                                 dtype=np.uint8),
+           y_test=rng.integers(0, 10, 50))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device, as a user.
+  env.update(PYTHONPATH=REPO, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu",
+             GPU_CHECK_STEPS="1", GPU_CHECK_WARMUP="1", GPU_CHECK_R20_BATCH="8",
+             GPU_CHECK_R18_BATCH="2", GPU_CHECK_R18_SIZE="32", GPU_CHECK_TRAIN_STEPS="4",
+             GPU_CHECK_DTYPES="bfloat16",  # float32 is the 1-epoch run's compute.
+             JAX_COMPILATION_CACHE_DIR=os.environ.get("IRNET_TEST_JAX_CACHE",
+                                                      "/tmp/irnet_jax_test_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  proc = subprocess.run(["bash", "experiments/gpu_check.sh", "--cpu", f"--data={data}"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["mode"] == "cpu" and out["failed"] == []
+  assert out["devices"]["backend"] == "cpu"
+  for name, bits, batch in [("resnet20", "1w1a", 8), ("resnet20_fp", "32w32a", 8),
+                            ("resnet18", "1w1a", 2), ("resnet18_fp", "32w32a", 2)]:
+    bench = out[f"throughput_{name}_bfloat16"]
+    assert bench["config"] == name.removesuffix("_fp") and bench["bits"] == bits
+    assert (bench["batch"], bench["image_size"], bench["compute_dtype"]) == (
+        batch, 32, "bfloat16")
+    assert bench["train_images_per_sec"] > 0 and bench["eval_images_per_sec"] > 0
+  run = out["cifar10_resnet20_1epoch"]
+  assert run["train_steps"] == 4 and 0 <= run["test_accuracy"] <= 1
+  assert run["train_images_per_sec"] > 0 and np.isfinite(run["test_loss"])
+
+
+def test_gpu_check_rejects_missing_data(tmp_path):
+  proc = subprocess.run(["bash", "experiments/gpu_check.sh", "--cpu",
+                         f"--data={tmp_path}/none.npz"], cwd=REPO, capture_output=True,
+                        text=True, timeout=60)
+  assert proc.returncode == 2
+  assert "--data=CIFAR.npz is required and must exist" in proc.stderr
+  assert "cifar10_q75.py" in proc.stderr
