@@ -22,7 +22,8 @@ Learning curves (IR-Net against the sign + STE baseline over a longer budget):
 
 ``--plot`` draws test accuracy per epoch and train loss (per logged interval) for
 every run in the table into one PNG. Rerunning the same command after the runs have
-finished only re-reads the workdirs, rewrites the tables and redraws the plot.
+finished only re-reads the workdirs, rewrites the tables and redraws the plot;
+``--no_train`` does that while runs are still going (partial curves, labelled).
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ flags.DEFINE_string("out", None, "Prefix of the result tables OUT.md / OUT.json 
 flags.DEFINE_string("plot", None, "If set, a PNG of test accuracy per epoch and train loss.")
 flags.DEFINE_integer("max_steps", -1, "> 0: train every run for this many steps instead (smoke "
                      "tests; the schedules follow it).")
+flags.DEFINE_bool("no_train", False, "Train nothing: tabulate and plot what the workdirs "
+                  "hold now (runs still going, or stopped, show their epochs so far).")
 flags.DEFINE_string("note", "", "Extra sentence for the Markdown table (e.g. machine load).")
 flags.mark_flags_as_required(["data"])
 
@@ -120,12 +123,15 @@ def plot(rows: list[dict], path: str, title: str) -> None:
   fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
   for r in rows:
     label = f"{r['description']}, seed {r['seed']}"
+    if not r["finished"]:
+      label += f" ({r['epochs_completed']:g} of {r['epochs']} epochs so far)"
     acc.plot(r["curves"]["epoch"], [100 * a for a in r["curves"]["test_accuracy"]],
              marker="o", markersize=3, label=label)
     loss.plot(r["curves"]["train_epoch"], r["curves"]["train_loss"], label=label)
   acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
   loss.set(xlabel="epoch", ylabel="cross-entropy", title="train loss (per logged interval)")
   for ax in (acc, loss):
+    ax.set_xlim(0, max(r["epochs"] for r in rows))  # The whole budget, even if unfinished.
     ax.grid(alpha=0.3)
     ax.legend()
   fig.suptitle(title)
@@ -133,6 +139,42 @@ def plot(rows: list[dict], path: str, title: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def _row(run: str, seed: int, workdir: str, c, final: dict | None) -> dict:
+  """One table row; ``final`` None: an unfinished run, read from its metrics.jsonl."""
+  _, steps_per_epoch = config_lib.num_train_steps(
+      c, data_lib.dataset_info(c.dataset).num_train)
+  records = _records(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else []
+  curve = curves(records, steps_per_epoch)
+  accs = curve["test_accuracy"] + ([final["test_accuracy"]] if final else [])
+  return dict(run=run, description=RUNS[run][4], seed=seed, epochs=FLAGS.epochs,
+              finished=final is not None,
+              epochs_completed=(final["train_steps"] if final else
+                                max([r["step"] for r in records if r["split"] == "test"],
+                                    default=0)) / steps_per_epoch,
+              test_accuracy=accs[-1] if accs else None,
+              best_test_accuracy=max(accs, default=None),
+              train_seconds=final["train_seconds"] if final else None,
+              train_images_per_sec=_train_images_per_sec(records) if records else None,
+              curves=curve)
+
+
+def _table(rows: list[dict], title: str) -> list[str]:
+  pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"
+  lines = [f"{title}, same seed and budget per row. {FLAGS.note}".rstrip(), "",
+           "| run | seed | epochs done | final test accuracy | best test accuracy "
+           "| wall time (min) | train img/s |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    minutes = "-" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f}"
+    rate = "-" if r["train_images_per_sec"] is None else f"{r['train_images_per_sec']:.0f}"
+    lines.append(f"| {r['description']} | {r['seed']} | "
+                 f"{r['epochs_completed']:g} / {r['epochs']} | {pct(r['test_accuracy'])} | "
+                 f"{pct(r['best_test_accuracy'])} | {minutes} | {rate} |")
+  if not all(r["finished"] for r in rows):
+    lines += ["", "Unfinished runs (epochs done < budget) show their latest evaluation; "
+              "wall time is known only when a run ends."]
+  return lines
 
 
 def main(argv) -> None:
@@ -143,27 +185,14 @@ def main(argv) -> None:
     for run in FLAGS.runs:
       workdir = os.path.join(FLAGS.workdir, f"{run}_s{seed}")
       c = run_config(run, seed, data, FLAGS.epochs, FLAGS.max_steps)
-      final = _finished(workdir, c) or train.train_and_evaluate(c, workdir)
-      _, steps_per_epoch = config_lib.num_train_steps(
-          c, data_lib.dataset_info(c.dataset).num_train)
-      records = _records(workdir)
-      curve = curves(records, steps_per_epoch)
-      rows.append(dict(run=run, description=RUNS[run][4], seed=seed, epochs=FLAGS.epochs,
-                       train_steps=final["train_steps"],
-                       test_accuracy=final["test_accuracy"],
-                       best_test_accuracy=max(curve["test_accuracy"] +
-                                              [final["test_accuracy"]]),
-                       train_seconds=final["train_seconds"],
-                       train_images_per_sec=_train_images_per_sec(records), curves=curve))
+      final = _finished(workdir, c)
+      if final is None and not FLAGS.no_train:
+        final = train.train_and_evaluate(c, workdir)
+      rows.append(_row(run, seed, workdir, c, final))
       print(json.dumps({k: v for k, v in rows[-1].items() if k != "curves"}), flush=True)
   title = (f"ResNet-20, {FLAGS.label}, {FLAGS.epochs} epochs (cosine recipe scaled), "
            "batch 128")
-  lines = [f"{title}, same seed and budget per row. {FLAGS.note}".rstrip(), "",
-           "| run | seed | final test accuracy | best test accuracy | wall time (min) "
-           "| train img/s |", "|---|---|---|---|---|---|"]
-  lines += [f"| {r['description']} | {r['seed']} | {100 * r['test_accuracy']:.2f}% | "
-            f"{100 * r['best_test_accuracy']:.2f}% | {r['train_seconds'] / 60:.1f} | "
-            f"{r['train_images_per_sec']:.0f} |" for r in rows]
+  lines = _table(rows, title)
   out = FLAGS.out or os.path.join(FLAGS.workdir, "results")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out + ".md", "w") as f:

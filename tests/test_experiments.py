@@ -1,8 +1,8 @@
 """The experiment scripts run end to end (tiny settings), so they do not rot."""
 import json
 import os
+import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,10 +26,17 @@ def test_gpu_check_cpu_mode_prints_every_figure(tmp_path):
              JAX_COMPILATION_CACHE_DIR=os.environ.get("IRNET_TEST_JAX_CACHE",
                                                       "/tmp/irnet_jax_test_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-  proc = subprocess.run(["bash", "experiments/gpu_check.sh", "--cpu", f"--data={data}"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  # ~2 minutes on 2 idle cores (6 processes, each compiling its steps).
+  proc = subprocess.Popen(["bash", "experiments/gpu_check.sh", "--cpu", f"--data={data}"],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True)
+  try:
+    stdout, stderr = proc.communicate(timeout=1800)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)  # The script and every step it started.
+    raise
+  assert proc.returncode == 0, stderr[-3000:]
+  out = json.loads(stdout.strip().splitlines()[-1])
   assert out["mode"] == "cpu" and out["failed"] == []
   assert out["devices"]["backend"] == "cpu"
   for name, bits, batch in [("resnet20", "1w1a", 8), ("resnet20_fp", "32w32a", 8),
