@@ -25,7 +25,7 @@
 #   GPU_CHECK_R18_BATCH, GPU_CHECK_R18_SIZE  ResNet-18 batch and image size (256 x 224)
 #   GPU_CHECK_DTYPES                      compute dtypes (default "float32 bfloat16")
 #   GPU_CHECK_TRAIN_STEPS                 steps of the CIFAR run (-1: one epoch)
-#   GPU_CHECK_STEP_TIMEOUT                seconds allowed per step (default 300)
+#   GPU_CHECK_STEP_TIMEOUT                seconds allowed per step (default 600)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -56,7 +56,7 @@ else
   : "${GPU_CHECK_STEPS:=50}" "${GPU_CHECK_WARMUP:=5}" "${GPU_CHECK_R20_BATCH:=1024}"
   : "${GPU_CHECK_R18_BATCH:=256}" "${GPU_CHECK_R18_SIZE:=224}" "${GPU_CHECK_TRAIN_STEPS:=-1}"
 fi
-: "${GPU_CHECK_DTYPES:=float32 bfloat16}" "${GPU_CHECK_STEP_TIMEOUT:=300}"
+: "${GPU_CHECK_DTYPES:=float32 bfloat16}" "${GPU_CHECK_STEP_TIMEOUT:=600}"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 if [[ -z "$PY" ]]; then
