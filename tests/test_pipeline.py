@@ -106,6 +106,8 @@ def test_loader_options():
   assert small["num_workers"] == 0  # In-memory recipes read in-process.
   assert small["prefetch_batches"] == 3  # 1024 MB of 308 MB batches.
   assert data.loader_options(_cfg(num_workers=3), 8)["num_workers"] == 3
+  with pytest.raises(ValueError, match="prefetch_mb=0 must be positive"):
+    data.dataset_info(_cfg(prefetch_mb=0, path="unused.npz"))
 
 
 # ----------------------------------------------------------------------------

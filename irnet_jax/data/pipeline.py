@@ -97,7 +97,8 @@ def _check_cfg(ds_cfg: Any) -> tuple[sources.SourceInfo, str, int]:
   if np.any(np.asarray(sources.cfg_get(ds_cfg, "std")) <= 0):
     raise ValueError(f"ds_cfg.std={sources.cfg_get(ds_cfg, 'std')!r} must be "
                      f"positive.")
-  color_jitter_on(ds_cfg)  # Validates ds_cfg.color_jitter_on.
+  color_jitter_on(ds_cfg)  # Validates ds_cfg.color_jitter_on,
+  loader_options(ds_cfg, 1)  # ... prefetch_mb.
   info = sources.inspect_sources(ds_cfg)
   h, w = info.stored_shape[:2]
   if augment != "imagenet":
@@ -308,7 +309,8 @@ def loader_options(ds_cfg: Any, local_batch_size: int) -> dict[str, int]:
     workers = usable_cpus() if imagenet else 0
   size = int(sources.cfg_get(ds_cfg, "image_size"))
   batch_bytes = local_batch_size * size * size * 3
-  megabytes = sources.cfg_get(ds_cfg, "prefetch_mb", 1024) or 1024
+  megabytes = sources.cfg_get(ds_cfg, "prefetch_mb", 1024)
+  megabytes = 1024 if megabytes is None else megabytes
   if megabytes <= 0:
     raise ValueError(f"ds_cfg.prefetch_mb={megabytes} must be positive.")
   prefetch = max(1, workers, int(megabytes * 2**20 // batch_bytes))
