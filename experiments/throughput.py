@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import time
 
 if __name__ == "__main__":
   # Measure what the launcher runs: it re-executes with huge pages where they help
   # (irnet_jax/hugepages.py); IRNET_JAX_HUGEPAGES=0 measures without.
   from irnet_jax import hugepages
-  hugepages.reexec([sys.argv[0], *sys.argv[1:]])
+  hugepages.reexec(__name__)
 
 import jax  # pylint: disable=wrong-import-position
 import numpy as np

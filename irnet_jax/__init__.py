@@ -3,7 +3,7 @@ __version__ = "0.1.0"
 
 # Submodules load lazily so that ``import irnet_jax`` stays light and
 # ``python -m irnet_jax.summary`` does not find its module pre-imported.
-_LAZY_SUBMODULES = ("analysis", "summary")
+_LAZY_SUBMODULES = ("diagnostics", "summary")
 
 
 def __getattr__(name: str):

@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = -1         # -1: at the end of every epoch (and at the end).
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
-  c.analysis_every_steps = 0      # 0: off. Diagnostics of irnet_jax.analysis.
+  c.analysis_every_steps = 0      # 0: off. Logs irnet_jax.diagnostics.measure().
   c.compute_dtype = "float32"     # Or "bfloat16" on GPU/TPU (params stay float32).
   c.progress_bar = True
   c.num_devices = -1              # -1: every device of every process; N: the first N (1 host).

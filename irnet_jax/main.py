@@ -8,12 +8,11 @@ on every process (``jax.distributed.initialize``; on CPU, gloo collectives).
 from __future__ import annotations
 
 import logging
-import sys
 
 if __name__ == "__main__":
   # Before the heavy imports: maybe re-execute with huge pages (see hugepages.py).
   from irnet_jax import hugepages
-  hugepages.reexec(["-m", "irnet_jax.main", *sys.argv[1:]])
+  hugepages.reexec(__name__)
 
 import jax  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position

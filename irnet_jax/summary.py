@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from irnet_jax import layers
-from irnet_jax.analysis import record_calls
+from irnet_jax.diagnostics import record_calls
 
 _LAYER_TYPES = (layers.BinaryConv, layers.BatchNorm, nnx.Linear)
 
@@ -69,6 +69,12 @@ class LayerRow:
     return self.params_1bit / 8 + 4.0 * (self.params_32bit + self.batch_stats)
 
 
+def _total(field: str, kind: type = int) -> property:
+  """A read-only property: ``field`` of :class:`LayerRow` summed over ``rows``."""
+  return property(lambda self: kind(sum(getattr(r, field) for r in self.rows)),
+                  doc=f"``{field}`` summed over the rows.")
+
+
 @dataclasses.dataclass
 class Summary:
   """Rows in execution order (unused layers last) and totals over them."""
@@ -76,32 +82,15 @@ class Summary:
   input_shape: tuple[int, ...]
   rows: list[LayerRow]
 
-  def _sum(self, field: str) -> float:
-    return sum(getattr(r, field) for r in self.rows)
-
-  @property
-  def params_1bit(self) -> int:
-    return int(self._sum("params_1bit"))
-
-  @property
-  def params_32bit(self) -> int:
-    return int(self._sum("params_32bit"))
+  params_1bit = _total("params_1bit")
+  params_32bit = _total("params_32bit")
+  batch_stats = _total("batch_stats")
+  macs_binary = _total("macs_binary")
+  macs_float = _total("macs_float")
 
   @property
   def params(self) -> int:
     return self.params_1bit + self.params_32bit
-
-  @property
-  def batch_stats(self) -> int:
-    return int(self._sum("batch_stats"))
-
-  @property
-  def macs_binary(self) -> int:
-    return int(self._sum("macs_binary"))
-
-  @property
-  def macs_float(self) -> int:
-    return int(self._sum("macs_float"))
 
   @property
   def binary_mac_share(self) -> float:
@@ -109,15 +98,9 @@ class Summary:
     total = self.macs_binary + self.macs_float
     return self.macs_binary / total if total else 0.0
 
-  @property
-  def memory_float32(self) -> float:
-    """Bytes with every parameter and statistic in float32."""
-    return self._sum("memory_float32")
-
-  @property
-  def memory_packed(self) -> float:
-    """Bytes with 1-bit params packed 8 per byte."""
-    return self._sum("memory_packed")
+  # Bytes with every parameter and statistic in float32 / with 1-bit params packed.
+  memory_float32 = _total("memory_float32", float)
+  memory_packed = _total("memory_packed", float)
 
   @property
   def compression(self) -> float:
@@ -296,7 +279,7 @@ def _main(argv: Sequence[str]) -> None:
   if f["model"].present:
     name = f.model
   if f["image_size"].present or not image_size:
-    image_size = f.image_size or models.INPUT_SIZE.get(name, 32)
+    image_size = f.image_size or models.spec(name).input_size
   model = nnx.eval_shape(lambda: models.create(name, **kw))  # Shapes only.
   print(format_summary(summary(model, (1, image_size, image_size, 3))))
 

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from irnet_jax import analysis, checkpointing, data, kernels, ops
+from irnet_jax import checkpointing, data, diagnostics, kernels, ops
 from irnet_jax import config as config_lib
 from irnet_jax.data import device as data_device
 
@@ -159,15 +159,15 @@ def make_eval_step(graphdef: nnx.GraphDef, dataset: ml_collections.ConfigDict
 def make_diagnose(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
                   steps_per_epoch: int, total_steps: int) -> Callable:
   """``(model_state, step, prev_signs, x) -> (metrics, signs)`` for jit: the compact
-  information-retention diagnostics of :mod:`irnet_jax.analysis` at the step's EDE,
+  information-retention diagnostics of :mod:`irnet_jax.diagnostics` at the step's EDE,
   next to the train step (one fused computation, no host loop over layers)."""
 
   def diagnose(model_state, step, prev_signs, x):
     model = nnx.merge(graphdef, model_state)  # Eval mode: BN statistics untouched.
     ede = ede_at(c, step, steps_per_epoch, total_steps)
     x = data_device.model_input(x, c.dataset.mean, c.dataset.std)
-    metrics = analysis.diagnostics(model, ede, prev_signs, x)
-    return metrics, analysis.weight_signs(model)
+    metrics = diagnostics.measure(model, ede, prev_signs, x)
+    return metrics, diagnostics.weight_signs(model)
 
   return diagnose
 
@@ -477,7 +477,7 @@ class _Loop:
     if c.analysis_every_steps > 0 and done % c.analysis_every_steps == 0:
       diag, self.prev_signs = self.setup.diagnose(state[0], jnp.asarray(done),
                                                   self.prev_signs, batch["image"])
-      self.writer.write(dict(step=done, split="analysis", **analysis.to_floats(diag)))
+      self.writer.write(dict(step=done, split="analysis", **diagnostics.to_floats(diag)))
 
 
 def final_report(plan: Plan, setup: Setup, state: nnx.State, train_seconds: float,

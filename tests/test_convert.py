@@ -205,7 +205,7 @@ def test_imported_workdir_evaluates_exports_and_fine_tunes(tmp_path):
   import json
   import os
 
-  from irnet_jax import analyze, checkpointing, evaluate, train
+  from irnet_jax import checkpointing, evaluate, report, train
   from irnet_jax.convert import workdir as workdir_lib
   from test_train import make_npz, tiny_config
 
@@ -239,8 +239,8 @@ def test_imported_workdir_evaluates_exports_and_fine_tunes(tmp_path):
                              float(train.cross_entropy(jnp.asarray(logits), y).mean()),
                              rtol=1e-5)
   assert json.load(open(os.path.join(w, "eval_metrics.json")))["step"] == 0
-  report = analyze.analyze(w).read_text()
-  assert "eval_metrics.json" in report and "| test_examples | 21 |" in report
+  text = report.write_report(w).read_text()
+  assert "eval_metrics.json" in text and "| test_examples | 21 |" in text
   # Fine-tuning: init_from in a new workdir and training W itself start from the same
   # imported weights with a fresh optimizer, so they end identical; from scratch differs.
   tuned = train.train_and_evaluate(tiny_config(npz, num_train_steps=2, init_from=w),

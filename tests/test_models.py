@@ -1,4 +1,6 @@
 """Every model builds, runs forward/backward, and has the expected size and dtype."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,13 +9,13 @@ from flax import nnx
 
 from irnet_jax import layers, models, ops
 
-CASES = [
-    ("resnet20", {}), ("resnet20", {"structure": "plain"}),
+# Every registered model as registered, and variants of the options on two of them.
+CASES = [(name, {}) for name in models.REGISTRY] + [
+    ("resnet20", {"structure": "plain"}),
     ("resnet20", {"act_bits": 32}), ("resnet20", {"weight_bits": 32, "act_bits": 32}),
     ("resnet20", {"estimator": "ste", "weight_quantizer": "sign"}),
     ("resnet20", {"estimator": "approx_sign"}),
-    ("resnet18_cifar", {}), ("vgg_small", {}), ("resnet18", {}), ("resnet34", {}),
-    ("resnet18", {"act_bits": 32}), ("resnet20_1w32a", {}), ("resnet18_1w32a", {}),
+    ("resnet18", {"act_bits": 32}),
 ]
 
 
@@ -24,20 +26,32 @@ def _param_count(model):
 @pytest.mark.parametrize("name,kw", CASES)
 def test_forward_backward_shapes(name, kw):
   model = models.create(name, num_classes=7, rngs=nnx.Rngs(0), **kw)
-  size = 32 if name == "vgg_small" else 16  # VGG's FC needs 32x32; others take any size.
+  size = models.spec(name).min_input_size
   x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
   model.eval()
   assert model(x).shape == (2, 7)
   model.train()
 
-  def loss_fn(m):
-    return jnp.mean(m(x, ede=ops.EDE(0.3, 3.3)) ** 2)
+  def grads_at(k):
+    return nnx.grad(lambda m: jnp.mean(m(x, ede=ops.EDE(0.3, k)) ** 2))(model)
 
-  grads = nnx.grad(loss_fn)(model)
+  grads = grads_at(3.3)
   leaves = jax.tree.leaves(grads)
   assert leaves and all(np.all(np.isfinite(g)) for g in leaves)
-  # Binary convs must receive gradient (through the estimators) in every config.
-  assert float(jnp.abs(grads["conv1"]["kernel"][...]).sum()) > 0
+  convs = [(path, m) for path, m in nnx.iter_graph(model)
+           if isinstance(m, layers.BinaryConv) and m.kernel_size == 3]
+  assert len(convs) >= 5
+  # Every binary-weight kernel gets gradient through the weight estimator.
+  for path, conv in convs:
+    g = functools.reduce(lambda s, key: s[key], path, grads)["kernel"][...]
+    assert float(jnp.abs(g).sum()) > 0 or not conv.binary_weights, path
+  # The FP stem gets gradient through the activation estimators, not only through the
+  # shortcuts: EDE's k scales its backward, and k = 0 leaves only the shortcut paths.
+  _, last = convs[-1]  # a binary conv in every model (the stem may be 3x3 too)
+  if last.binary_acts and last.estimator == "ede":
+    stem = "conv0" if "conv0" in grads else "conv1"
+    g, g0 = (np.asarray(gr[stem]["kernel"][...]) for gr in (grads, grads_at(0.0)))
+    assert np.abs(g - g0).max() > 1e-3 * np.abs(g).max()
 
 
 def test_resnet20_param_count_is_027m():
@@ -101,6 +115,19 @@ def test_max_pool_gradient_under_jit():
           ref_g[n, 2 * i + a, 2 * j + b, c] += 1.5
   np.testing.assert_allclose(float(y), ref_y, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(g), ref_g[:, 1:-1, 1:-1])
+
+
+def test_registry_entries_describe_their_models():
+  for name, spec in models.REGISTRY.items():
+    assert spec.name == name
+    model = nnx.eval_shape(lambda s=spec: s.build(rngs=nnx.Rngs(0)))
+    assert type(model) is spec.family and callable(model.export_program)
+    # The designed input size gives logits; VGG-Small accepts no other.
+    x = jax.ShapeDtypeStruct((1, spec.input_size, spec.input_size, 3), jnp.float32)
+    assert nnx.eval_shape(lambda m, x: m(x), model, x).shape[0] == 1
+  vgg = nnx.eval_shape(lambda: models.create("vgg_small"))
+  with pytest.raises(TypeError, match="8192"):
+    nnx.eval_shape(lambda m: m(jnp.zeros((1, 16, 16, 3))), vgg)
 
 
 def test_unknown_model_name():

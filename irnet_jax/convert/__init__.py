@@ -81,22 +81,21 @@ def torch_key(path: tuple) -> str:
   return ".".join([*prefix, _LEAF_TO_TORCH[leaf]])
 
 
+def _relayout(value: np.ndarray, conv_axes: tuple[int, int, int, int]) -> np.ndarray:
+  """4-d kernels transposed by ``conv_axes``, 2-d ones transposed; others unchanged."""
+  if value.ndim == 4:
+    return np.transpose(value, conv_axes)
+  return value.T if value.ndim == 2 else value
+
+
 def to_torch_layout(value: np.ndarray) -> np.ndarray:
   """Flax kernel layout -> torch: HWIO -> OIHW, (in, out) -> (out, in); others unchanged."""
-  if value.ndim == 4:
-    return np.transpose(value, (3, 2, 0, 1))
-  if value.ndim == 2:
-    return value.T
-  return value
+  return _relayout(value, (3, 2, 0, 1))
 
 
 def from_torch_layout(value: np.ndarray) -> np.ndarray:
   """torch layout -> Flax: OIHW -> HWIO, (out, in) -> (in, out); others unchanged."""
-  if value.ndim == 4:
-    return np.transpose(value, (2, 3, 1, 0))
-  if value.ndim == 2:
-    return value.T
-  return value
+  return _relayout(value, (2, 3, 1, 0))
 
 
 def _flat_variables(state: Any) -> Iterator[tuple[tuple, Any]]:

@@ -3,8 +3,8 @@
 A binary convolution (binary weights and binary activations) becomes, per output
 position ``p`` and output channel ``o``, a dot product of two {-1, 0, +1} vectors of
 length ``K = kh * kw * in`` (the im2col patch and the kernel column). Each vector is
-two bit-planes in the layout of :mod:`.pack` (element ``k`` in word ``k // 32``,
-bit ``k % 32``):
+two bit-planes in the library layout of :mod:`irnet_jax.bits` (element ``k`` in
+word ``k // 32``, bit ``k % 32``):
 
 * sign: bit set where the value is negative;
 * mask: bit set where the value is nonzero (and inside the image).
@@ -50,7 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from irnet_jax import layers, ops
-from irnet_jax.export.pack import INPUT, PackedModel, pack_bits, scale_from_exponent
+from irnet_jax.bits import pack_bits
+from irnet_jax.export.pack import INPUT, PackedModel, binary_kernel, scale_from_exponent
 from irnet_jax.models.blocks import option_a_shortcut
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -115,7 +116,7 @@ def activation_words(x: jax.Array, k: int, stride: int,
   """Sign and nonzero bit-planes of the im2col patches of ``sign(x)``, per word.
 
   ``x (N, H, W, C)`` float -> two lists of ``ceil(k*k*C / 32)`` uint32 arrays
-  ``(N, Ho, Wo, 1)``: word ``q`` of every patch, in the layout of :mod:`.pack`.
+  ``(N, Ho, Wo, 1)``: word ``q`` of every patch, in the layout of :mod:`irnet_jax.bits`.
   Padded taps have mask 0. The channels are packed once per pixel (not k*k times
   per patch) and words are assembled from shifted views:
 
@@ -151,22 +152,6 @@ def activation_words(x: jax.Array, k: int, stride: int,
   return out[0], out[1]
 
 
-def _unpacked_kernel(ins: dict[str, Any], p: dict[str, jax.Array]) -> jax.Array:
-  """The float ``+-2^e`` (or 0) HWIO kernel of a binary-weight layer (traced)."""
-  k, cin, cout = ins["kernel_size"], ins["in_features"], ins["out_features"]
-  shifts = jnp.arange(32, dtype=jnp.uint32)
-
-  def bits(words):  # (O, W) -> (O, K) in {0, 1}
-    b = (words[..., None] >> shifts) & jnp.uint32(1)
-    return b.reshape(cout, -1)[:, :k * k * cin].astype(jnp.float32)
-
-  val = 1.0 - 2.0 * bits(p["sign"])
-  if ins["has_zeros"]:
-    val = val * bits(p["nonzero"])
-  val = val * scale_from_exponent(p["exp"])[:, None]
-  return val.T.reshape(k, k, cin, cout)
-
-
 def _conv(ins, p, x):
   k, s, pad = ins["kernel_size"], ins["strides"], ins["padding"]
   if ins["binary_weights"] and ins["binary_acts"]:
@@ -188,7 +173,7 @@ def _conv(ins, p, x):
     return dot.astype(jnp.float32) * scale_from_exponent(p["exp"])
   # Float convolution (float layers, 1w32a weight-only layers, 32w1a layers): the
   # exact lax call of BinaryConv.__call__, on the same kernel values.
-  kernel = _unpacked_kernel(ins, p) if ins["binary_weights"] else p["kernel"]
+  kernel = binary_kernel(ins, p) if ins["binary_weights"] else p["kernel"]
   if ins["binary_acts"]:
     x = jnp.sign(x)
   return jax.lax.conv_general_dilated(

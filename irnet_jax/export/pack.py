@@ -10,13 +10,10 @@ The kernel the model uses, ``q = layer.quantized_kernel()`` (HWIO), is
 ``sign(w_std) * 2^e[o]`` with ``w_std = standardize(kernel)`` for Libra-PB
 (``e = 0`` for the plain "sign" quantizer). It is stored as
 
-* ``<name>/sign``: ``uint32 (out, n_words)``, the sign bits of ``q`` along the
-  reduction axis. The reduction axis is the HWIO kernel flattened to
-  ``K = kh * kw * in`` in row-major order, i.e. element ``k = (i * kw + j) * in + c``
-  for tap ``(i, j)`` and input channel ``c``. Element ``k`` lives in word
-  ``k // 32`` at bit ``k % 32`` (least significant bit first). A set bit means
-  ``-1``; a clear bit ``+1`` (or 0, see below). ``n_words = ceil(K / 32)``; the
-  unused high bits of the last word are 0.
+* ``<name>/sign``: ``uint32 (out, n_words)``, the sign bits of ``q`` in the library's
+  bit layout (:mod:`irnet_jax.bits`): along the HWIO kernel's reduction axis
+  flattened to ``K = kh * kw * in``, LSB first in uint32 words. A set bit means
+  ``-1``; a clear bit ``+1`` (or 0, see below). ``n_words = ceil(K / 32)``.
 * ``<name>/exp``: ``int8 (out,)``, the Libra-PB scale of each output channel as an
   exponent: ``scale = 2^exp``.
 * ``<name>/nonzero``: ``uint32 (out, n_words)``, same layout, only present when some
@@ -43,8 +40,10 @@ every value feeding a ``sign`` bitwise identical to the float model's.
 
 Layer program
 -------------
-Instructions ``{"op", "inputs": [registers], "out": register, ...attributes}``
-executed in order, starting from register ``"input"`` (NHWC images):
+Each model family writes its own program next to its forward: ``export_program(b)``
+(see :class:`ProgramBuilder`), so the two change together. Instructions
+``{"op", "inputs": [registers], "out": register, ...attributes}`` are executed in
+order, starting from register ``"input"`` (NHWC images):
 ``conv`` (kernel_size, strides, padding, in/out_features, binary_weights,
 binary_acts, has_zeros), ``bn``, ``act`` (fn: "hardtanh" | "relu"), ``add``,
 ``max_pool`` (window, stride, padding), ``avg_pool`` (global), ``shortcut_a``
@@ -63,12 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from irnet_jax import layers, ops
-from irnet_jax.models.blocks import BasicBlock
-from irnet_jax.models.resnet_cifar import CifarResNet
-from irnet_jax.models.resnet_imagenet import ImageNetResNet
-from irnet_jax.models.vgg_small import POOL_AFTER as VGG_POOL_AFTER
-from irnet_jax.models.vgg_small import VGGSmall
+from irnet_jax import layers, models, ops
+from irnet_jax.bits import num_words, pack_bits, unpack_bits
 
 # Register holding the network input in every program.
 INPUT = "input"
@@ -108,33 +103,6 @@ class PackedModel:
     return [i["name"] for i in self.program if i["op"] == "conv" and i["binary_weights"]]
 
 
-def num_words(k: int) -> int:
-  """uint32 words holding ``k`` bits."""
-  return -(-k // 32)
-
-
-def pack_bits(bits: jax.Array | np.ndarray) -> jax.Array:
-  """Packs booleans along the last axis: ``(..., K) -> (..., ceil(K/32))`` uint32.
-
-  Element ``k`` goes to word ``k // 32``, bit ``k % 32`` (LSB first); the padding
-  bits of the last word are 0. Works on traced arrays (used by :mod:`.infer`).
-  """
-  bits = jnp.asarray(bits)
-  k = bits.shape[-1]
-  nw = num_words(k)
-  pad = [(0, 0)] * (bits.ndim - 1) + [(0, nw * 32 - k)]
-  b = jnp.pad(bits, pad).reshape(*bits.shape[:-1], nw, 32).astype(jnp.uint32)
-  # Distinct bits: the sum is a bitwise OR and cannot carry.
-  return jnp.sum(b << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-
-
-def unpack_bits(words: jax.Array | np.ndarray, k: int) -> np.ndarray:
-  """Inverse of :func:`pack_bits`: ``(..., n_words)`` uint32 -> ``(..., k)`` bool."""
-  words = np.asarray(words, np.uint32)
-  bits = (words[..., None] >> np.arange(32, dtype=np.uint32)) & np.uint32(1)
-  return bits.reshape(*words.shape[:-1], -1)[..., :k].astype(bool)
-
-
 def _exponents(q: np.ndarray, name: str) -> np.ndarray:
   """Per output channel ``e`` with ``|q| == 2^e`` wherever ``q != 0`` (q: ``(K, O)``)."""
   if not np.all(np.isfinite(q)):
@@ -156,13 +124,32 @@ def _exponents(q: np.ndarray, name: str) -> np.ndarray:
   return e.astype(np.int8)
 
 
-class _Builder:
-  """Emits instructions and collects arrays while walking a model like its __call__."""
+class ProgramBuilder:
+  """Emits instructions and collects arrays; what ``export_program`` methods call.
 
-  def __init__(self):
+  A model's ``export_program(b)`` mirrors its ``__call__`` in eval mode with these
+  methods: each takes input register(s) (strings; :attr:`input` holds the images)
+  and returns the register of its result. Layers are named by their module path in
+  the model being packed (e.g. ``layer2.0.conv1``), the prefix of their arrays.
+  """
+
+  input = INPUT
+
+  def __init__(self, names: dict[int, str]):
     self.program: list[dict[str, Any]] = []
     self.arrays: dict[str, np.ndarray] = {}
+    self._names = names  # id(module) -> its path
     self._count = 0
+
+  @classmethod
+  def for_model(cls, model: nnx.Module) -> ProgramBuilder:
+    return cls({id(m): ".".join(map(str, path)) for path, m in nnx.iter_graph(model)
+                if isinstance(m, nnx.Module)})
+
+  def _name(self, module: nnx.Module) -> str:
+    if id(module) not in self._names:
+      raise ValueError(f"{type(module).__name__} is not a submodule of the packed model")
+    return self._names[id(module)]
 
   def emit(self, op: str, inputs: list[str], **attrs) -> str:
     out = f"r{self._count}"
@@ -170,14 +157,14 @@ class _Builder:
     self.program.append(dict(op=op, inputs=list(inputs), out=out, **attrs))
     return out
 
-  def conv(self, x: str, conv: layers.BinaryConv, name: str) -> str:
+  def conv(self, x: str, conv: layers.BinaryConv) -> str:
+    name = self._name(conv)
     if conv.dtype is not None:
       raise ValueError(f"{name}: pack() supports float32 compute only (dtype=None), got "
                        f"dtype={conv.dtype}")
-    kh = conv.kernel_size
-    attrs = dict(name=name, kernel_size=kh, strides=conv.strides, padding=conv.padding,
-                 in_features=conv.in_features, out_features=conv.out_features,
-                 binary_weights=bool(conv.binary_weights),
+    attrs = dict(name=name, kernel_size=conv.kernel_size, strides=conv.strides,
+                 padding=conv.padding, in_features=conv.in_features,
+                 out_features=conv.out_features, binary_weights=bool(conv.binary_weights),
                  binary_acts=bool(conv.binary_acts), has_zeros=False)
     q = np.asarray(conv.quantized_kernel(), np.float32)  # HWIO; eval forward: no EDE
     if conv.binary_weights:
@@ -191,7 +178,8 @@ class _Builder:
       self.arrays[f"{name}/kernel"] = q
     return self.emit("conv", [x], **attrs)
 
-  def bn(self, x: str, bn: layers.BatchNorm, name: str) -> str:
+  def bn(self, x: str, bn: layers.BatchNorm) -> str:
+    name = self._name(bn)
     f32 = jnp.float32
     # Same expression, dtype and op order as BatchNorm.__call__ (eval), so that the
     # precomputed multiplier is bitwise the one the float model uses.
@@ -202,97 +190,59 @@ class _Builder:
     self.arrays[f"{name}/bias"] = np.asarray(bn.bias[...].astype(f32))
     return self.emit("bn", [x], name=name)
 
+  def linear(self, x: str, lin: nnx.Linear) -> str:
+    name = self._name(lin)
+    self.arrays[f"{name}/kernel"] = np.asarray(lin.kernel[...], np.float32)
+    self.arrays[f"{name}/bias"] = np.asarray(lin.bias[...], np.float32)
+    return self.emit("linear", [x], name=name)
+
   def act(self, x: str, fn) -> str:
+    """``fn``: one of :data:`irnet_jax.ops.ACTIVATIONS`."""
     names = [k for k, v in ops.ACTIVATIONS.items() if v is fn]
     if not names:
       raise ValueError(f"unsupported activation {fn!r}; expected one of "
                        f"{sorted(ops.ACTIVATIONS)}")
     return self.emit("act", [x], fn=names[0])
 
-  def linear(self, x: str, lin: nnx.Linear, name: str) -> str:
-    self.arrays[f"{name}/kernel"] = np.asarray(lin.kernel[...], np.float32)
-    self.arrays[f"{name}/bias"] = np.asarray(lin.bias[...], np.float32)
-    return self.emit("linear", [x], name=name)
+  def add(self, x: str, y: str) -> str:
+    return self.emit("add", [x, y])
 
-  def block(self, x: str, block: BasicBlock, name: str) -> str:
-    """Mirrors :meth:`BasicBlock.__call__`."""
-    if block.option is None:
-      res = x
-    elif block.option == "A":
-      res = self.emit("shortcut_a", [x], planes=block.planes)
-    else:
-      conv, bn = getattr(block, block.shortcut_attr)
-      path = f"{name}.{block.shortcut_attr}"
-      res = self.bn(self.conv(x, conv, f"{path}.0"), bn, f"{path}.1")
-    y = self.bn(self.conv(x, block.conv1, f"{name}.conv1"), block.bn1, f"{name}.bn1")
-    if block.structure == "bireal":
-      out = self.act(self.emit("add", [y, res]), block.act)
-      y = self.bn(self.conv(out, block.conv2, f"{name}.conv2"), block.bn2, f"{name}.bn2")
-      return self.act(self.emit("add", [y, out]), block.act)
-    out = self.act(y, block.act)
-    y = self.bn(self.conv(out, block.conv2, f"{name}.conv2"), block.bn2, f"{name}.bn2")
-    return self.act(self.emit("add", [y, res]), block.act)
+  def max_pool(self, x: str, window: int, stride: int, padding: int = 0) -> str:
+    return self.emit("max_pool", [x], window=window, stride=stride, padding=padding)
 
-  def stages(self, x: str, model, num_stages: int) -> str:
-    for i in range(num_stages):
-      for j, block in enumerate(getattr(model, f"layer{i + 1}")):
-        x = self.block(x, block, f"layer{i + 1}.{j}")
-    return x
+  def avg_pool(self, x: str) -> str:
+    """Global average pool: ``(N, H, W, C) -> (N, C)``."""
+    return self.emit("avg_pool", [x])
+
+  def shortcut_a(self, x: str, planes: int) -> str:
+    """CIFAR option-A shortcut (:func:`irnet_jax.models.blocks.option_a_shortcut`)."""
+    return self.emit("shortcut_a", [x], planes=planes)
+
+  def flatten_chw(self, x: str) -> str:
+    """``(N, H, W, C) -> (N, C*H*W)`` in torch's (C, H, W) order."""
+    return self.emit("flatten_chw", [x])
 
 
 def pack_layer(module: nnx.Module, name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Packs one BinaryConv, BatchNorm or nnx.Linear on its own: its instruction (input
   register :data:`INPUT`) and its arrays keyed by field (``"sign"``, ``"mean"``, ...)."""
-  b = _Builder()
+  b = ProgramBuilder({id(module): name})
   if isinstance(module, layers.BinaryConv):
-    b.conv(INPUT, module, name)
+    b.conv(INPUT, module)
   elif isinstance(module, layers.BatchNorm):
-    b.bn(INPUT, module, name)
+    b.bn(INPUT, module)
   elif isinstance(module, nnx.Linear):
-    b.linear(INPUT, module, name)
+    b.linear(INPUT, module)
   else:
     raise ValueError(f"pack_layer: unsupported module {type(module).__name__}")
   return b.program[0], {k[len(name) + 1:]: v for k, v in b.arrays.items()}
-
-
-def _cifar_resnet(b: _Builder, m: CifarResNet) -> str:
-  x = b.bn(b.conv(INPUT, m.conv1, "conv1"), m.bn1, "bn1")
-  if m.stem_act:
-    x = b.act(x, m.act)
-  x = b.stages(x, m, m.num_stages)
-  x = b.bn(b.emit("avg_pool", [x]), m.bn2, "bn2")
-  if m.head_act:
-    x = b.act(x, m.act)
-  return b.linear(x, m.linear, "linear")
-
-
-def _imagenet_resnet(b: _Builder, m: ImageNetResNet) -> str:
-  x = b.act(b.bn(b.conv(INPUT, m.conv1, "conv1"), m.bn1, "bn1"), m.act)
-  x = b.emit("max_pool", [x], window=3, stride=2, padding=1)
-  x = b.stages(x, m, 4)
-  # bn3 is never called by the model (see ImageNetResNet) and is not exported.
-  x = b.bn(b.emit("avg_pool", [x]), m.bn2, "bn2")
-  return b.linear(x, m.fc, "fc")
-
-
-def _vgg_small(b: _Builder, m: VGGSmall) -> str:
-  x = b.act(b.bn(b.conv(INPUT, m.conv0, "conv0"), m.bn0, "bn0"), ops.hardtanh)
-  for i in range(1, 6):
-    x = b.conv(x, getattr(m, f"conv{i}"), f"conv{i}")
-    if i in VGG_POOL_AFTER:
-      x = b.emit("max_pool", [x], window=2, stride=2, padding=0)
-    x = b.act(b.bn(x, getattr(m, f"bn{i}"), f"bn{i}"), ops.hardtanh)
-  return b.linear(b.emit("flatten_chw", [x]), m.fc, "fc")
-
-
-_WALKERS = ((CifarResNet, _cifar_resnet), (ImageNetResNet, _imagenet_resnet),
-            (VGGSmall, _vgg_small))
 
 
 def pack(model: nnx.Module, *, name: str | None = None,
          kwargs: dict[str, Any] | None = None, **meta) -> PackedModel:
   """Packs ``model`` (any network of :mod:`irnet_jax.models`) for deployment.
 
+  The program is the model's own ``export_program`` (every registry family has one).
   Always exports eval-mode semantics (BatchNorm running statistics), whatever
   mode ``model`` is in. ``name`` and ``kwargs`` (the ``models.create`` call) are
   recorded in ``meta`` when given; ``infer`` only needs the program. Extra
@@ -302,19 +252,28 @@ def pack(model: nnx.Module, *, name: str | None = None,
     ValueError: unsupported model class or compute dtype, or a binary kernel that
       is not ``+-2^e`` per channel (e.g. NaN from a constant channel).
   """
-  for cls, walk in _WALKERS:
-    if isinstance(model, cls):
-      break
-  else:
-    raise ValueError(f"cannot pack {type(model).__name__}; supported: "
-                     f"{[c.__name__ for c, _ in _WALKERS]}")
-  b = _Builder()
-  out = walk(b, model)
+  if not hasattr(model, "export_program"):
+    raise ValueError(f"cannot pack {type(model).__name__}: it has no export_program "
+                     f"method; models that do: {[c.__name__ for c in models.FAMILIES]}")
+  b = ProgramBuilder.for_model(model)
+  out = model.export_program(b)
   last = b.program[-1]
-  info = dict(arch=cls.__name__, name=name, kwargs=dict(kwargs or {}),
+  info = dict(arch=type(model).__name__, name=name, kwargs=dict(kwargs or {}),
               num_classes=int(b.arrays[f"{last['name']}/bias"].shape[0]),
               in_channels=int(b.program[0]["in_features"]), **meta)
   return PackedModel(program=b.program, output=out, arrays=b.arrays, meta=info)
+
+
+def binary_kernel(ins: dict[str, Any], arrays: dict[str, jax.Array]) -> jax.Array:
+  """The ``+-2^e`` (or 0) HWIO float32 kernel of binary-weight conv ``ins`` from its
+  packed ``arrays`` (keyed by field: ``sign``, ``exp``, ``nonzero``); traceable."""
+  k, cin, cout = ins["kernel_size"], ins["in_features"], ins["out_features"]
+  kk = k * k * cin
+  val = 1.0 - 2.0 * unpack_bits(arrays["sign"], kk).astype(jnp.float32)  # (O, K)
+  if ins["has_zeros"]:
+    val = val * unpack_bits(arrays["nonzero"], kk).astype(jnp.float32)
+  val = val * scale_from_exponent(jnp.asarray(arrays["exp"]))[:, None]
+  return val.T.reshape(k, k, cin, cout)
 
 
 def unpack(packed: PackedModel) -> dict[str, np.ndarray]:
@@ -331,15 +290,9 @@ def unpack(packed: PackedModel) -> dict[str, np.ndarray]:
     if not ins["binary_weights"]:
       kernels[name] = packed.arrays[f"{name}/kernel"]
       continue
-    k = ins["kernel_size"]
-    kk = k * k * ins["in_features"]
-    neg = unpack_bits(packed.arrays[f"{name}/sign"], kk)  # (O, K)
-    val = np.where(neg, -1.0, 1.0).astype(np.float32)
-    if ins["has_zeros"]:
-      val *= unpack_bits(packed.arrays[f"{name}/nonzero"], kk)
-    scale = np.ldexp(np.float32(1), packed.arrays[f"{name}/exp"].astype(np.int32))
-    kernels[name] = (val * scale[:, None].astype(np.float32)).T.reshape(
-        k, k, ins["in_features"], ins["out_features"])
+    fields = {f: packed.arrays[f"{name}/{f}"] for f in ("sign", "exp", "nonzero")
+              if f"{name}/{f}" in packed.arrays}
+    kernels[name] = np.asarray(binary_kernel(ins, fields))
   return kernels
 
 

@@ -1,4 +1,4 @@
-"""Model registry: ``models.create(name, **kw)``.
+"""Model registry: ``models.create(name, **kw)`` and one :class:`ModelSpec` per name.
 
 Names: "resnet20", "resnet18_cifar", "vgg_small" (CIFAR, 32x32 inputs) and
 "resnet18", "resnet34" (ImageNet). Keyword arguments common to all:
@@ -16,9 +16,14 @@ networks, which differ in structure (plain blocks, ReLU); see their docstrings.
 ``create`` resolves it once (:func:`irnet_jax.kernels.resolve`) for ``devices`` (default:
 JAX's default device) and the model keeps the result as ``model.conv_impl``. The
 model classes themselves take a resolved name (default "xla").
+
+Adding a model = one :class:`ModelSpec` in :data:`REGISTRY`. Everything else reads it:
+the config check, ``python -m irnet_jax.summary``, export (the family's
+``export_program`` method, next to its ``__call__``) and the test lists.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import jax
@@ -32,20 +37,49 @@ from irnet_jax.models.resnet_imagenet import (ImageNetResNet, resnet18, resnet18
                                               resnet34, resnet34_1w32a)
 from irnet_jax.models.vgg_small import VGGSmall, vgg_small
 
-REGISTRY: dict[str, Callable[..., nnx.Module]] = {
-    "resnet20": resnet20,
-    "resnet20_1w32a": resnet20_1w32a,
-    "resnet18_cifar": resnet18_cifar,
-    "vgg_small": vgg_small,
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet18_1w32a": resnet18_1w32a,
-    "resnet34_1w32a": resnet34_1w32a,
-}
 
-# Input resolution each network is designed for (height = width).
-INPUT_SIZE = {"resnet20": 32, "resnet20_1w32a": 32, "resnet18_cifar": 32, "vgg_small": 32,
-              "resnet18": 224, "resnet34": 224, "resnet18_1w32a": 224, "resnet34_1w32a": 224}
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Everything the library knows about one registered model.
+
+  Attributes:
+    name: the registry key (``config.model.name``).
+    build: constructor ``build(*, rngs, **kw) -> nnx.Module``; its defaults are the
+      official network's (e.g. ``act_bits=32`` for the ``*_1w32a`` names).
+    family: the class ``build`` returns. Its ``export_program(builder)`` method emits
+      the deployable layer program (:mod:`irnet_jax.export.pack`).
+    input_size: the input height = width the network is designed for (pixels).
+    min_input_size: the smallest input it is meant for (tests run there): the CIFAR
+      ResNets' global average pool takes any size; the ImageNet ResNets' five
+      stride-2 stages want >= 32 (smaller inputs leave 1x1 maps whose BatchNorm
+      statistics over a tiny batch are degenerate); VGG-Small's classifier fixes 32.
+  """
+  name: str
+  build: Callable[..., nnx.Module]
+  family: type[nnx.Module]
+  input_size: int
+  min_input_size: int
+
+
+_SPECS = (
+    ModelSpec("resnet20", resnet20, CifarResNet, 32, 8),
+    ModelSpec("resnet20_1w32a", resnet20_1w32a, CifarResNet, 32, 8),
+    ModelSpec("resnet18_cifar", resnet18_cifar, CifarResNet, 32, 8),
+    ModelSpec("vgg_small", vgg_small, VGGSmall, 32, 32),
+    ModelSpec("resnet18", resnet18, ImageNetResNet, 224, 32),
+    ModelSpec("resnet34", resnet34, ImageNetResNet, 224, 32),
+    ModelSpec("resnet18_1w32a", resnet18_1w32a, ImageNetResNet, 224, 32),
+    ModelSpec("resnet34_1w32a", resnet34_1w32a, ImageNetResNet, 224, 32),
+)
+REGISTRY: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
+FAMILIES: tuple[type[nnx.Module], ...] = tuple(dict.fromkeys(s.family for s in _SPECS))
+
+
+def spec(name: str) -> ModelSpec:
+  """The registry entry of ``name``; a ValueError listing the names if unknown."""
+  if name not in REGISTRY:
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(REGISTRY)}")
+  return REGISTRY[name]
 
 
 def create(name: str, *, rngs: nnx.Rngs | None = None, conv_impl: str = "auto",
@@ -55,13 +89,12 @@ def create(name: str, *, rngs: nnx.Rngs | None = None, conv_impl: str = "auto",
   ``conv_impl`` is resolved for ``devices`` (the devices the model will run on; None:
   JAX's default device), see :func:`irnet_jax.kernels.resolve`.
   """
-  if name not in REGISTRY:
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(REGISTRY)}")
+  build = spec(name).build
   if kw.get("structure") is None:
     kw.pop("structure", None)
-  return REGISTRY[name](rngs=rngs if rngs is not None else nnx.Rngs(0),
-                        conv_impl=kernels.resolve(conv_impl, devices), **kw)
+  return build(rngs=rngs if rngs is not None else nnx.Rngs(0),
+               conv_impl=kernels.resolve(conv_impl, devices), **kw)
 
 
-__all__ = ["create", "REGISTRY", "INPUT_SIZE", "CifarResNet", "ImageNetResNet",
-           "VGGSmall"]
+__all__ = ["create", "spec", "ModelSpec", "REGISTRY", "FAMILIES", "CifarResNet",
+           "ImageNetResNet", "VGGSmall"]

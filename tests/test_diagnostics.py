@@ -1,5 +1,4 @@
-"""Diagnostics (irnet_jax.analysis), model summary and the metrics report."""
-import json
+"""Information-retention diagnostics (irnet_jax.diagnostics) and the model summary."""
 import math
 
 import jax
@@ -9,7 +8,7 @@ import pytest
 from flax import nnx
 
 import irnet_jax
-from irnet_jax import analysis, analyze, layers, models, ops
+from irnet_jax import diagnostics, layers, models, ops
 from irnet_jax import summary as summary_lib
 
 
@@ -20,10 +19,10 @@ from irnet_jax import summary as summary_lib
 def test_entropy_balanced_and_constant():
   @jax.jit
   def values():
-    return (analysis.entropy_bits(jnp.array([1.0, -1.0] * 50)),
-            analysis.entropy_bits(jnp.ones(64)), analysis.entropy_bits(-jnp.ones(64)),
-            analysis.entropy_bits(jnp.array([1.0, 0.0, 0.0, 0.0])),
-            analysis.entropy_bits(jnp.array([[1.0, 1.0], [-1.0, 1.0]]), axis=0))
+    return (diagnostics.entropy_bits(jnp.array([1.0, -1.0] * 50)),
+            diagnostics.entropy_bits(jnp.ones(64)), diagnostics.entropy_bits(-jnp.ones(64)),
+            diagnostics.entropy_bits(jnp.array([1.0, 0.0, 0.0, 0.0])),
+            diagnostics.entropy_bits(jnp.array([[1.0, 1.0], [-1.0, 1.0]]), axis=0))
 
   balanced, ones, minus_ones, with_zeros, per_col = values()
   assert float(balanced) == pytest.approx(1.0, abs=1e-6)
@@ -37,9 +36,9 @@ def test_entropy_balanced_and_constant():
 def test_libra_pb_has_higher_entropy_than_sign_on_skewed_kernel():
   @jax.jit
   def values(key):
-    kernel = analysis.skewed_gaussian_kernel(key, (3, 3, 16, 8), mean=0.5)
-    return (analysis.weight_entropy_by_quantizer(kernel),
-            analysis.sign_balance(ops.libra_pb(kernel)))
+    kernel = diagnostics.skewed_gaussian_kernel(key, (3, 3, 16, 8), mean=0.5)
+    return (diagnostics.weight_entropy_by_quantizer(kernel),
+            diagnostics.sign_balance(ops.libra_pb(kernel)))
 
   h, balance = values(jax.random.key(0))
   assert float(h["libra_pb"]) > float(h["sign"]) + 0.05
@@ -53,11 +52,11 @@ def test_flip_ratio_and_quantization_error():
   def values(key):
     w = jax.random.normal(key, (3, 3, 4, 4))
     s = jnp.sign(w).astype(jnp.int8)
-    return (analysis.flip_ratio(s, s), analysis.flip_ratio(s, -s),
-            analysis.quantization_error(w, "libra_pb"),
-            analysis.quantization_error(jnp.sign(w), "sign"),
-            analysis.quantization_error(w, "none"),
-            analysis.ede_grad_scale(jnp.zeros(3), ops.EDE(0.5, 2.0)))
+    return (diagnostics.flip_ratio(s, s), diagnostics.flip_ratio(s, -s),
+            diagnostics.quantization_error(w, "libra_pb"),
+            diagnostics.quantization_error(jnp.sign(w), "sign"),
+            diagnostics.quantization_error(w, "none"),
+            diagnostics.ede_grad_scale(jnp.zeros(3), ops.EDE(0.5, 2.0)))
 
   same, negated, err_libra, err_sign, err_none, grad0 = map(float, values(jax.random.key(1)))
   assert same == 0.0 and negated == 1.0
@@ -74,22 +73,22 @@ def resnet20():
 
 
 def test_binary_layers_and_weight_signs(resnet20):
-  names = list(analysis.binary_layers(resnet20))
+  names = list(diagnostics.binary_layers(resnet20))
   assert len(names) == 18 and "layer1.0.conv1" in names and "conv1" not in names
-  signs = nnx.jit(analysis.weight_signs)(resnet20)
+  signs = nnx.jit(diagnostics.weight_signs)(resnet20)
   assert signs["layer1.0.conv1"].dtype == jnp.int8
   assert signs["layer1.0.conv1"].shape == (3, 3, 16, 16)
 
 
 def test_diagnostics_jit_compiles_once_and_is_finite(resnet20):
   model = resnet20
-  prev = analysis.weight_signs(model)
+  prev = diagnostics.weight_signs(model)
   x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
   traces = []
 
   def fn(m, ede, prev_signs, acts):
     traces.append(1)
-    return analysis.diagnostics(m, ede, prev_signs, acts)
+    return diagnostics.measure(m, ede, prev_signs, acts)
 
   jitted = nnx.jit(fn)
   bn_mean = np.asarray(model.bn1.mean[...])
@@ -108,18 +107,18 @@ def test_diagnostics_jit_compiles_once_and_is_finite(resnet20):
   # The forward pass for activations must not touch the model's BN statistics.
   np.testing.assert_array_equal(model.bn1.mean[...], bn_mean)
   assert layers.BinaryConv.__call__.__name__ == "__call__"  # Patch removed.
-  assert set(analysis.to_floats(out)) == set(out)
+  assert set(diagnostics.to_floats(out)) == set(out)
 
 
-def test_pure_diagnostics_under_jax_jit(resnet20):
+def test_measure_state_under_jax_jit(resnet20):
   graphdef, state = nnx.split(resnet20)
-  fn = jax.jit(analysis.pure_diagnostics, static_argnums=0)
+  fn = jax.jit(diagnostics.measure_state, static_argnums=0)
   out = fn(graphdef, state, ops.EDE(1.0, 1.0))
   assert "flip_ratio_mean" not in out and "act_entropy_mean" not in out
   assert all(np.isfinite(float(v)) for v in out.values())
   # 32w1a: no binary weights, so no (misleadingly zero) weight keys at all.
   fp_weights = nnx.eval_shape(lambda: models.create("resnet20", weight_bits=32))
-  assert analysis.diagnostics(fp_weights) == {}
+  assert diagnostics.measure(fp_weights) == {}
 
 
 def test_summary_resnet20_counts(resnet20):
@@ -153,54 +152,3 @@ def test_summary_cli_resolves_config_defaults():
   name, kw, image_size = summary_lib._config_kwargs(c)
   assert name == "resnet20" and image_size == 32
   assert kw["num_classes"] == 10 and "structure" not in kw
-
-
-def _write_metrics(path, steps=(100, 200, 300, 400, 500)):
-  layer_names = ["layer1.0.conv1", "layer1.0.conv2", "layer10.0.conv1"]
-  with open(path, "w") as f:
-    for i, step in enumerate(steps):
-      f.write(json.dumps({"step": step, "split": "train", "loss": 2.0 / (i + 1),
-                          "accuracy": 0.2 + 0.1 * i, "lr": 0.1 * (1 - i / 5),
-                          "ede_t": 0.1 * 10 ** i, "ede_k": max(10 / 10 ** i, 1.0),
-                          "images_per_sec": 800.0}) + "\n")
-      if step % 200 == 0:
-        f.write(json.dumps({"step": step, "split": "test", "loss": 1.5 / (i + 1),
-                            "accuracy": 0.3 + 0.1 * i}) + "\n")
-        rec = {"step": step, "split": "analysis", "weight_entropy_mean": 0.99,
-               "flip_ratio_mean": 0.01, "ede_grad_scale_w": 1.0 / (i + 1)}
-        for name in layer_names:
-          rec[f"weight_entropy/{name}"] = 0.98 + 0.001 * i
-          rec[f"flip_ratio/{name}"] = 0.02 / (i + 1)
-        f.write(json.dumps(rec) + "\n")
-    f.write("not json\n")
-
-
-def test_analyze_writes_pngs_and_report(tmp_path):
-  run_a, run_b = tmp_path / "run_a", tmp_path / "run_b"
-  run_a.mkdir()
-  run_b.mkdir()
-  _write_metrics(run_a / "metrics.jsonl")
-  _write_metrics(run_b / "metrics.jsonl", steps=(100, 200, 300))
-  (run_a / "final_metrics.json").write_text(json.dumps(
-      {"test_accuracy": 0.71, "train_seconds": 12.5}))
-  report = analyze.analyze(run_a, compare=run_b)
-  out = run_a / "report"
-  for name in ("curves.png", "ede.png", "weight_entropy.png", "flip_ratio.png",
-               "compare.png"):
-    png = out / name
-    assert png.exists() and png.stat().st_size > 1000, name
-    assert png.read_bytes()[:4] == b"\x89PNG"
-  text = report.read_text()
-  assert "test_accuracy" in text and "0.71" in text
-  assert "unparsable" in text  # The bad line is reported, not fatal.
-  assert "act_entropy" in text  # Missing family reported as skipped.
-  assert text.index("layer1.0.conv2") < text.index("layer10.0.conv1")
-
-
-def test_analyze_survives_train_only_metrics(tmp_path):
-  (tmp_path / "metrics.jsonl").write_text(
-      json.dumps({"step": 1, "split": "train", "loss": 1.0}) + "\n")
-  report = analyze.analyze(tmp_path)
-  text = report.read_text()
-  assert "No 'test' records" in text and "No final_metrics.json" in text
-  assert (tmp_path / "report" / "curves.png").exists()

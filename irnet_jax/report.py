@@ -1,6 +1,6 @@
 """Plots and a Markdown report from a training run's ``metrics.jsonl``.
 
-    python -m irnet_jax.analyze --workdir=DIR [--compare=DIR2] [--out=DIR/report]
+    python -m irnet_jax.report --workdir=DIR [--compare=DIR2] [--out=DIR/report]
 
 Reads ``DIR/metrics.jsonl`` (one JSON object per line, each with ``step`` and
 ``split``; written by the training loop) and, if present, ``DIR/final_metrics.json``,
@@ -14,7 +14,7 @@ and writes into ``DIR/report/``:
 * ``report.md`` -- tables of final/best values and the figures.
 
 Splits: "train" (loss, accuracy, lr, ede_t, ede_k, images_per_sec), "test" (loss,
-accuracy) and "analysis" (the keys of :func:`irnet_jax.analysis.diagnostics`,
+accuracy) and "analysis" (the keys of :func:`irnet_jax.diagnostics.measure`,
 ``name/<layer>`` per layer). Missing splits or keys skip their plot and the report
 says so; unparsable lines are skipped and counted. Only matplotlib (Agg) is needed.
 """
@@ -121,6 +121,23 @@ def _plot(ax, xs, ys, **kw) -> None:
   ax.plot(xs, ys, **kw)
 
 
+def _panel(ax, title: str, lines: Sequence[tuple[str, tuple[list, list]]],
+           legend: dict | None = None, log: bool = False) -> None:
+  """One axes: ``(label, (steps, values))`` lines (empty ones skipped) against step;
+  a log y axis if ``log`` and every value is positive; a legend if ``legend``
+  (its keyword arguments) is not None."""
+  for label, (xs, ys) in lines:
+    if xs:
+      _plot(ax, xs, ys, label=label)
+  if log and all(y > 0 for _, (_, ys) in lines for y in ys):
+    ax.set_yscale("log")
+  ax.set_title(title)
+  ax.set_xlabel("step")
+  ax.grid(alpha=0.3)
+  if legend is not None:
+    ax.legend(**legend)
+
+
 def _save(fig, out_dir: Path, name: str) -> str:
   fig.tight_layout()
   fig.savefig(out_dir / name, dpi=110)
@@ -140,15 +157,8 @@ def plot_curves(records: Records, out_dir: Path) -> str | None:
   plt = _plt()
   fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
   for ax, (_, title, lines) in zip(axes[0], panels):
-    for split, key in lines:
-      xs, ys = series(records, split, key)
-      if xs:
-        _plot(ax, xs, ys, label=split)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    if len(lines) > 1:
-      ax.legend()
+    _panel(ax, title, [(split, series(records, split, key)) for split, key in lines],
+           legend={} if len(lines) > 1 else None)
   return _save(fig, out_dir, "curves.png")
 
 
@@ -168,15 +178,7 @@ def plot_ede(records: Records, out_dir: Path) -> str | None:
   plt = _plt()
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False)
   for ax, (title, lines, log) in zip(axes[0], panels):
-    for label, (xs, ys) in lines:
-      if xs:
-        _plot(ax, xs, ys, label=label)
-    if log and all(y > 0 for _, (_, ys) in lines for y in ys):
-      ax.set_yscale("log")
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _panel(ax, title, lines, legend={}, log=log)
   return _save(fig, out_dir, "ede.png")
 
 
@@ -223,14 +225,8 @@ def plot_compare(runs: Sequence[tuple[str, Records]], out_dir: Path) -> str | No
   rows = math.ceil(len(panels) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
   for ax, (split, key, title) in zip(axes.ravel(), panels):
-    for label, recs in runs:
-      xs, ys = series(recs, split, key)
-      if xs:
-        _plot(ax, xs, ys, label=label)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _panel(ax, title, [(label, series(recs, split, key)) for label, recs in runs],
+           legend={"fontsize": 7})
   for ax in axes.ravel()[len(panels):]:
     ax.axis("off")
   return _save(fig, out_dir, "compare.png")
@@ -312,7 +308,7 @@ def _read_final(workdir: Path, name: str = "final_metrics.json") -> dict[str, An
   return _flatten(data) if isinstance(data, dict) else None
 
 
-def analyze(workdir: str | os.PathLike, compare: str | os.PathLike | None = None,
+def write_report(workdir: str | os.PathLike, compare: str | os.PathLike | None = None,
             out_dir: str | os.PathLike | None = None) -> Path:
   """Writes the plots and ``report.md`` for ``workdir`` (and ``compare``); returns the
   report path. Raises ``FileNotFoundError`` if ``workdir/metrics.jsonl`` is missing,
@@ -417,7 +413,7 @@ def _main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags
   f = flags.FLAGS
-  report = analyze(f.workdir, f.compare, f.out)
+  report = write_report(f.workdir, f.compare, f.out)
   print(f"wrote {report}")
 
 
@@ -431,5 +427,5 @@ if __name__ == "__main__":
   app.run(_main)
 
 
-__all__ = ["analyze", "load_metrics", "series", "layer_names", "headline", "plot_curves",
+__all__ = ["write_report", "load_metrics", "series", "layer_names", "headline", "plot_curves",
            "plot_ede", "plot_layer_family", "plot_compare"]

@@ -14,10 +14,14 @@ Statistics (all dimensionless; entropies in bits):
 * :func:`flip_ratio` -- fraction of binary weights whose sign changed.
 * :func:`ede_grad_scale` -- mean magnitude of the EDE's backward multiplier.
 
-Model-level: :func:`binary_layers`, :func:`weight_signs` and :func:`diagnostics`
+Model-level: :func:`binary_layers`, :func:`weight_signs` and :func:`measure`
 (a flat ``dict[str, scalar]`` for the metrics log; see its docstring for keys).
 :func:`record_calls` captures the inputs and outputs of chosen layer classes during
 one forward pass; :mod:`irnet_jax.summary` uses it for output shapes.
+
+Training logs :func:`measure` every ``config.analysis_every_steps`` steps as the
+"analysis" split of ``metrics.jsonl`` (names kept so that old configs and runs
+still read); :mod:`irnet_jax.report` plots them.
 """
 from __future__ import annotations
 
@@ -179,7 +183,7 @@ def weight_signs(model: nnx.Module) -> dict[str, jax.Array]:
   """``sign`` of the quantized kernel of every binary-weight layer, int8 HWIO.
 
   Keyed like :func:`binary_layers`; keep the result to pass as ``prev_signs`` to
-  the next :func:`diagnostics` call (1 byte per weight).
+  the next :func:`measure` call (1 byte per weight).
   """
   return {name: jnp.sign(_sign_input(layer)).astype(jnp.int8)
           for name, layer in binary_layers(model).items() if layer.binary_weights}
@@ -266,7 +270,7 @@ def binary_conv_inputs(model: nnx.Module, x: jax.Array,
   return out
 
 
-def diagnostics(model: nnx.Module, ede: ops.EDE | None = None,
+def measure(model: nnx.Module, ede: ops.EDE | None = None,
                 prev_signs: Mapping[str, jax.Array] | None = None,
                 activations: jax.Array | None = None) -> dict[str, jax.Array]:
   """Compact information-retention metrics for logging; float32 scalars.
@@ -287,7 +291,7 @@ def diagnostics(model: nnx.Module, ede: ops.EDE | None = None,
   no flip ratios for layers missing from ``prev_signs``). The "ede_grad_scale" keys
   evaluate the EDE multiplier whatever the layer's estimator is.
 
-  Jit with ``nnx.jit(diagnostics)`` or :func:`pure_diagnostics`; it recompiles
+  Jit with ``nnx.jit(measure)`` or :func:`measure_state`; it recompiles
   only if the presence of ``prev_signs``/``activations`` or a shape changes.
   Nothing of ``model`` is modified (the activation pass runs on a clone).
   """
@@ -329,15 +333,15 @@ def diagnostics(model: nnx.Module, ede: ops.EDE | None = None,
   return out
 
 
-def pure_diagnostics(graphdef: nnx.GraphDef, state: nnx.State, ede: ops.EDE | None = None,
-                     prev_signs: Mapping[str, jax.Array] | None = None,
-                     activations: jax.Array | None = None) -> dict[str, jax.Array]:
-  """:func:`diagnostics` on ``nnx.merge(graphdef, state)``, for ``jax.jit``:
+def measure_state(graphdef: nnx.GraphDef, state: nnx.State, ede: ops.EDE | None = None,
+                  prev_signs: Mapping[str, jax.Array] | None = None,
+                  activations: jax.Array | None = None) -> dict[str, jax.Array]:
+  """:func:`measure` on ``nnx.merge(graphdef, state)``, for ``jax.jit``:
 
-      fn = jax.jit(pure_diagnostics, static_argnums=0)
+      fn = jax.jit(measure_state, static_argnums=0)
       metrics = fn(graphdef, state, ede, prev_signs, x)
   """
-  return diagnostics(nnx.merge(graphdef, state), ede, prev_signs, activations)
+  return measure(nnx.merge(graphdef, state), ede, prev_signs, activations)
 
 
 def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -348,4 +352,4 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
 __all__ = ["entropy_bits", "sign_balance", "quantization_error", "flip_ratio",
            "ede_grad_scale", "skewed_gaussian_kernel", "weight_entropy_by_quantizer",
            "binary_layers", "weight_signs", "record_calls", "Call", "binary_conv_inputs",
-           "diagnostics", "pure_diagnostics", "to_floats"]
+           "measure", "measure_state", "to_floats"]
