@@ -3,7 +3,7 @@
 :func:`import_state_dict` makes a normal workdir from official weights: ``config.json``,
 ``run.json`` and an Orbax checkpoint at step 0 (the converted model state and a fresh
 optimizer state) whose meta says ``imported``. Everything that reads workdirs takes it:
-``python -m irnet_jax.evaluate``, ``python -m irnet_jax.export``, ``analyze`` (after
+``python -m irnet_jax.evaluate``, ``python -m irnet_jax.export``, ``report`` (after
 an evaluation), and training, in two ways:
 
 * ``python -m irnet_jax.main --config=<the same config> --workdir=W`` continues W as a
