@@ -2,7 +2,8 @@
 
 Every packed binary tensor that leaves a function -- the weights and activations of
 an exported model (:mod:`irnet_jax.export`) and the saved residual of the XLA:CPU
-convolution variant (:func:`pack_ternary`) -- uses this layout:
+convolution backend (:mod:`irnet_jax.kernels.xla_cpu`, via :func:`pack_ternary`) --
+uses this layout:
 
 * Bits run along the **last axis** of the unpacked tensor: for activations (NHWC)
   the channels; for an exported kernel, the reduction axis of the HWIO kernel
@@ -23,7 +24,7 @@ Why uint32: it is the widest word that ``jax.lax.population_count`` and shifts r
 on without ``jax_enable_x64``, and XLA vectorizes elementwise uint32 ops well.
 
 The one other packing in the library is private and transient: the AVX-512 kernel
-(``irnet_jax/csrc/binary_conv.cc``) packs each call's float operands itself, channels
+(``irnet_jax/kernels/csrc/binary_conv.cc``) packs each call's float operands itself, channels
 LSB-first (the same bit order) in 16-bit chunks -- one AVX-512 compare mask per 16
 float32 -- and reads them as unaligned 64-bit words, as ``pos``/``neg`` planes (+1, -1)
 whose AND/OR fit its agree/disagree count. Those planes live only inside one call

@@ -140,8 +140,8 @@ def test_plain_xla_backend_is_plain_conv(x64):
 
 def test_pack_ternary_round_trip_incl_zeros_and_odd_channels():
   b = jnp.asarray(np.random.default_rng(4).integers(-1, 2, size=(2, 3, 5, 13)), jnp.float32)
-  planes = xla_cpu.pack_ternary(b)
-  assert planes[0].dtype == jnp.uint8 and planes[0].shape == (2, 3, 5, 2)
+  planes = xla_cpu.pack_ternary(b)  # the library layout (irnet_jax.bits): uint32 words
+  assert planes[0].dtype == jnp.uint32 and planes[0].shape == (2, 3, 5, 1)
   np.testing.assert_array_equal(xla_cpu.unpack_ternary(planes, 13, jnp.float32), b)
 
 

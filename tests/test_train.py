@@ -203,16 +203,16 @@ def test_corrupt_newest_checkpoint_falls_back(npz, tmp_path, caplog):
 
 
 def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(npz, tmp_path):
+  # lr 1e15: step 1 is still finite (and checkpointed), step 2 overflows.
   c = tiny_config(npz, num_train_steps=8, checkpoint_every_steps=1,
-                  **{"optimizer.learning_rate": 1e38, "optimizer.schedule": "constant"})
-  with pytest.raises(FloatingPointError, match="last good checkpoint"):
+                  **{"optimizer.learning_rate": 1e15, "optimizer.schedule": "constant"})
+  with pytest.raises(FloatingPointError, match="last good checkpoint") as err:
     train.train_and_evaluate(c, str(tmp_path))
-  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
-  steps = ckpt.all_steps()
-  if steps:  # Whatever was kept must be finite.
-    model, _ = checkpointing.load_model(str(tmp_path))
-    leaves = jax.tree.leaves(nnx.state(model))
-    assert all(np.all(np.isfinite(np.asarray(l))) for l in leaves)
+  steps = checkpointing.Checkpointer(str(tmp_path / "checkpoints")).all_steps()
+  assert steps and f"(step {steps[-1]})" in str(err.value), (steps, str(err.value))
+  model, _ = checkpointing.load_model(str(tmp_path))  # the kept one is finite
+  leaves = jax.tree.leaves(nnx.state(model))
+  assert all(np.all(np.isfinite(np.asarray(l))) for l in leaves)
   assert not os.path.exists(tmp_path / "final_metrics.json")
 
 

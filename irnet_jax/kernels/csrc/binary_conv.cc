@@ -146,7 +146,8 @@ bool PixelHasNan(const float* px, int64_t c) {
 
 // ------------------------------------------------------------------ forward
 
-// One bit per channel, in 16-bit chunks: chunk q of a pixel holds channels
+// A private, per-call packing (irnet_jax/bits.py documents the library's layout and why
+// this one differs). One bit per channel, in 16-bit chunks: chunk q of a pixel holds channels
 // 16q..16q+15. Plane "pos" marks +1, plane "neg" marks -1; 0 is in neither. The
 // planes are zero-padded by `pad` pixels on every side, like the convolution. NaN
 // is in neither plane; the return value says whether the image holds one.
