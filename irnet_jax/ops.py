@@ -96,38 +96,27 @@ def _ede_bwd(res, g):
 ede_sign.defvjp(_ede_fwd, _ede_bwd)
 
 
-@jax.custom_vjp
-def ste_sign(x: jax.Array) -> jax.Array:
-  """Sign with the clipped straight-through estimator: ``g * (|x| <= 1)``."""
-  return jnp.sign(x)
+def _sign_with_backward(name: str, doc: str, backward):
+  """``sign(x)`` (sign(0) = 0) whose backward pass is ``backward(x, g)``."""
+
+  def sign(x: jax.Array) -> jax.Array:
+    return jnp.sign(x)
+
+  sign.__name__ = sign.__qualname__ = name
+  sign.__doc__ = doc
+  fn = jax.custom_vjp(sign)
+  fn.defvjp(lambda x: (jnp.sign(x), x), lambda x, g: (backward(x, g),))
+  return fn
 
 
-def _ste_fwd(x):
-  return jnp.sign(x), x
+ste_sign = _sign_with_backward(
+    "ste_sign", "Sign with the clipped straight-through estimator: ``g * (|x| <= 1)``.",
+    lambda x, g: jnp.where(jnp.abs(x) <= 1.0, g, jnp.zeros_like(g)))
 
-
-def _ste_bwd(x, g):
-  return (jnp.where(jnp.abs(x) <= 1.0, g, jnp.zeros_like(g)),)
-
-
-ste_sign.defvjp(_ste_fwd, _ste_bwd)
-
-
-@jax.custom_vjp
-def approx_sign(x: jax.Array) -> jax.Array:
-  """Sign with Bi-Real Net's piecewise-quadratic estimator: ``g * max(2 - 2|x|, 0)``."""
-  return jnp.sign(x)
-
-
-def _approx_fwd(x):
-  return jnp.sign(x), x
-
-
-def _approx_bwd(x, g):
-  return (g * jnp.maximum(2.0 - 2.0 * jnp.abs(x), 0.0).astype(g.dtype),)
-
-
-approx_sign.defvjp(_approx_fwd, _approx_bwd)
+approx_sign = _sign_with_backward(
+    "approx_sign",
+    "Sign with Bi-Real Net's piecewise-quadratic estimator: ``g * max(2 - 2|x|, 0)``.",
+    lambda x, g: g * jnp.maximum(2.0 - 2.0 * jnp.abs(x), 0.0).astype(g.dtype))
 
 
 def binarize(x: jax.Array, estimator: str = "ede", ede: EDE | None = None) -> jax.Array:
