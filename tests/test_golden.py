@@ -73,7 +73,7 @@ def _eval_pass(model, x):
 
 def _cases():
   # ImageNet networks compile for ~10-20 s each on 2 cores: marked slow (still run by default).
-  return [pytest.param(name, marks=[pytest.mark.slow] if models.INPUT_SIZE.get(name, 32) > 32
+  return [pytest.param(name, marks=[pytest.mark.slow] if models.REGISTRY[name].input_size > 32
                        else []) for name in sorted(models.REGISTRY)]
 
 
