@@ -299,14 +299,20 @@ def record_run(workdir: str, config: ml_collections.ConfigDict,
   save_config(workdir, config)
   record = dict(fingerprint=fingerprint, fields=spec, derived=derived,
                 resumable_fields=list(RESUMABLE_FIELDS))
-  with open(os.path.join(workdir, RUN_FILE), "w") as f:
-    json.dump(record, f, indent=2)
+  _write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(record, indent=2))
   return fingerprint
 
 
+def _write_atomic(path: str, text: str) -> None:
+  """Readers (other processes of the run) see the old file or the new one, never half."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json(indent=2))
+  _write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json(indent=2))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
