@@ -130,10 +130,12 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     loss.plot(r["curves"]["train_epoch"], r["curves"]["train_loss"], label=label)
   acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
   loss.set(xlabel="epoch", ylabel="cross-entropy", title="train loss (per logged interval)")
-  for ax in (acc, loss):
+  for ax, where in ((acc, "lower right"), (loss, "upper right")):
     ax.set_xlim(0, max(r["epochs"] for r in rows))  # The whole budget, even if unfinished.
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc=where)
+  if not all(r["finished"] for r in rows):
+    title += " -- unfinished runs, curves so far"
   fig.suptitle(title)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -163,7 +165,7 @@ def _row(run: str, seed: int, workdir: str, c, final: dict | None) -> dict:
 def _table(rows: list[dict], title: str) -> list[str]:
   pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"
   lines = [f"{title}, same seed and budget per row. {FLAGS.note}".rstrip(), "",
-           "| run | seed | epochs done | final test accuracy | best test accuracy "
+           "| run | seed | epochs done | last test accuracy | best test accuracy "
            "| wall time (min) | train img/s |", "|---|---|---|---|---|---|---|"]
   for r in rows:
     minutes = "-" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f}"
