@@ -124,7 +124,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
   for r in rows:
     label = f"{r['description']}, seed {r['seed']}"
     if not r["finished"]:
-      label += f" ({r['epochs_completed']:g} of {r['epochs']} epochs so far)"
+      label += f" ({r['epochs_completed']:.3g} of {r['epochs']} epochs so far)"
     acc.plot(r["curves"]["epoch"], [100 * a for a in r["curves"]["test_accuracy"]],
              marker="o", markersize=3, label=label)
     loss.plot(r["curves"]["train_epoch"], r["curves"]["train_loss"], label=label)
@@ -171,7 +171,7 @@ def _table(rows: list[dict], title: str) -> list[str]:
     minutes = "-" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f}"
     rate = "-" if r["train_images_per_sec"] is None else f"{r['train_images_per_sec']:.0f}"
     lines.append(f"| {r['description']} | {r['seed']} | "
-                 f"{r['epochs_completed']:g} / {r['epochs']} | {pct(r['test_accuracy'])} | "
+                 f"{r['epochs_completed']:.3g} / {r['epochs']} | {pct(r['test_accuracy'])} | "
                  f"{pct(r['best_test_accuracy'])} | {minutes} | {rate} |")
   if not all(r["finished"] for r in rows):
     lines += ["", "Unfinished runs (epochs done < budget) show their latest evaluation; "
