@@ -8,6 +8,7 @@ on every process (``jax.distributed.initialize``; on CPU, gloo collectives).
 from __future__ import annotations
 
 import logging
+import sys
 
 if __name__ == "__main__":
   # Before the heavy imports: maybe re-execute with huge pages (see hugepages.py).
