@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from irnet_jax import ops
 from irnet_jax.bits import pack_ternary, unpack_ternary
