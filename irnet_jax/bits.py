@@ -19,6 +19,11 @@ uses this layout:
   and the sign plane is a subset of it. A dot product of two ternary vectors is then
   ``popcount(m) - 2 * popcount((sign_a XOR sign_b) AND m)`` with
   ``m = nonzero_a AND nonzero_b``.
+* NaN (``sign(NaN)`` is NaN in jnp and torch) is the one combination a ternary value
+  never takes: sign bit set, nonzero bit clear. :func:`unpack_ternary` gives NaN back,
+  so a backward pass that saved its input this way propagates NaN exactly as the float
+  computation would; a popcount dot product ignores it (``m`` is clear), which is why
+  the exporter refuses non-finite weights before packing.
 
 Why uint32: it is the widest word that ``jax.lax.population_count`` and shifts run
 on without ``jax_enable_x64``, and XLA vectorizes elementwise uint32 ops well.
@@ -65,12 +70,17 @@ def unpack_bits(words: jax.Array, k: int) -> jax.Array:
 
 
 def pack_ternary(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """{-1, 0, +1} values ``(..., C)`` -> (sign, nonzero) planes ``(..., ceil(C/32))``."""
-  return pack_bits(x < 0), pack_bits(x != 0)
+  """{-1, 0, +1} (or NaN) values ``(..., C)`` -> (sign, nonzero) planes ``(..., ceil(C/32))``.
+
+  NaN is stored as sign set, nonzero clear (see the module docstring).
+  """
+  # ``~(x >= 0)`` is true for negatives and NaN; ``x != 0`` would be true for NaN.
+  return pack_bits(~(x >= 0)), pack_bits((x < 0) | (x > 0))
 
 
 def unpack_ternary(planes: tuple[jax.Array, jax.Array], k: int,
                    dtype: jnp.dtype) -> jax.Array:
   """Inverse of :func:`pack_ternary`: ``(..., ceil(C/32))`` planes -> ``(..., k)`` values."""
-  sign, nonzero = (unpack_bits(p, k).astype(dtype) for p in planes)
-  return nonzero - 2 * sign
+  sign, nonzero = (unpack_bits(p, k) for p in planes)
+  value = nonzero.astype(dtype) - 2 * sign.astype(dtype)
+  return jnp.where(sign & ~nonzero, jnp.asarray(jnp.nan, dtype), value)

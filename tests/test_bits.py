@@ -34,3 +34,12 @@ def test_ternary_planes_round_trip_traced():
   np.testing.assert_array_equal(nonzero, _np_pack(x != 0))
   back = jax.jit(bits.unpack_ternary, static_argnums=(1, 2))((sign, nonzero), 13, jnp.float32)
   np.testing.assert_array_equal(back, x)
+
+
+def test_nan_is_kept_in_the_unused_plane_combination():
+  x = jnp.asarray([[1.0, np.nan, -1.0, 0.0, np.nan, -1.0]])
+  sign, nonzero = bits.pack_ternary(x)
+  # NaN: sign set, nonzero clear -- the combination no ternary value uses.
+  np.testing.assert_array_equal(sign, _np_pack(np.asarray([[0, 1, 1, 0, 1, 1]], bool)))
+  np.testing.assert_array_equal(nonzero, _np_pack(np.asarray([[1, 0, 1, 0, 0, 1]], bool)))
+  np.testing.assert_array_equal(bits.unpack_ternary((sign, nonzero), 6, jnp.float32), x)

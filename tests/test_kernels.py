@@ -158,6 +158,20 @@ def test_sign_input_conv_matches_plain_conv_values_and_gradients(x64):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
 
 
+def test_sign_input_conv_propagates_nan_like_plain_conv():
+  rng = np.random.default_rng(6)
+  x_b = jnp.asarray(rng.integers(-1, 2, size=(2, 6, 6, 5)), jnp.float32)
+  x_b = x_b.at[1, 2, 3, 4].set(jnp.nan)  # sign(NaN) = NaN upstream
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 5, 4)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.float32)
+  got = jax.vjp(lambda a, k: xla_cpu.sign_input_conv(a, k, 1, 1), x_b, kernel)[1](g)
+  want = jax.vjp(lambda a, k: ops.conv2d(a, k, 1, 1), x_b, kernel)[1](g)
+  assert np.isnan(want[1]).any() and not np.isnan(want[1]).all()
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # NaN == NaN here
+
+
 # ------------------------------------------------------------------ the CPU kernels
 
 
