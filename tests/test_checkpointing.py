@@ -12,12 +12,7 @@ from irnet_jax import checkpointing, config as config_lib, models
 def _config(**overrides):
   c = config_lib.base_config()
   c.model.num_classes = 10
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)  # dotted keys, e.g. **{"model.name": ...}
   return c
 
 

@@ -43,12 +43,7 @@ def tiny_config(npz, **overrides):
   c.eval_every_steps = 6
   c.progress_bar = False
   c.ede.schedule_by = "step"
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)  # dotted keys, e.g. **{"dataset.augment": ...}
   return c
 
 
