@@ -1,0 +1,300 @@
+"""What a run directory holds besides checkpoints: its lock and its metrics.
+
+* ``WORKDIR/.lock`` (``.lock.<process_index>`` for processes other than 0 of a
+  multi-host run): :class:`WorkdirLock`, an OS file lock held for the life of a run,
+  so that two runs never write one workdir. The file records the holder (pid, host,
+  start time) for the message that refuses the second run.
+* ``WORKDIR/metrics.jsonl`` and ``WORKDIR/tensorboard/<split>/``: :class:`MetricsWriter`,
+  one writer for both. ``metrics.jsonl`` is the record (one JSON object a line, on
+  disk before :meth:`MetricsWriter.write` returns); the TensorBoard event files
+  carry the same numeric scalars, one run per ``split`` ("train", "test",
+  "analysis", ...), for ``tensorboard --logdir WORKDIR/tensorboard``.
+
+Checkpoints, ``config.json`` and ``run.json`` are :mod:`irnet_jax.checkpointing`'s.
+"""
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+LOCK_FILE = ".lock"
+
+# Records without a ``split`` field go to this TensorBoard run.
+_DEFAULT_SPLIT = "other"
+
+
+# ------------------------------------------------------------------ metrics
+
+
+class MetricsWriter:
+  """Appends records to ``WORKDIR/metrics.jsonl`` and their scalars to TensorBoard.
+
+  Each :meth:`write` appends one JSON line (flushed and fsynced: a kill loses nothing
+  written) and, with ``tensorboard``, adds every numeric field but ``step`` as a scalar
+  (tag = key) at ``global_step=record["step"]`` to ``WORKDIR/tensorboard/<split>/``.
+  Strings, booleans and other non-numbers reach only the JSON line.
+
+  Call order on resume: :meth:`truncate_after` (the checkpoint's step) before the first
+  :meth:`write`, then :meth:`close` at the end of the run (it drains TensorBoard's
+  queue; event files otherwise lag by up to about a second, the JSON lines never).
+  A writer with ``enabled=False`` (processes other than 0) writes nothing at all.
+  """
+
+  def __init__(self, workdir: str, enabled: bool, tensorboard: bool = True):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR)
+    self.enabled = enabled
+    self.tensorboard = tensorboard and enabled
+    if self.tensorboard:
+      _summary_writer_class()  # A missing tensorboardX fails now, not at the first record.
+    self._tb_writers: dict[str, Any] = {}  # split -> tensorboardX SummaryWriter, lazily.
+    # TensorBoard drops, per run, the events at steps >= the step of a new writer's
+    # session-start event; None = not resumed (each split starts at its first record).
+    self._purge_step: int | None = None
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records past ``step`` (a resumed run re-logs what followed its checkpoint):
+    from ``metrics.jsonl`` now, and from what TensorBoard shows through a new event
+    file per split already on disk, opened now, whose session-start event carries
+    the purge step ``step + 1``."""
+    if not self.enabled:
+      return
+    self._close_tensorboard()  # Writers opened from now on carry the purge step.
+    self._purge_step = step + 1
+    if self.tensorboard and os.path.isdir(self.tensorboard_dir):
+      # Every split already on disk gets its purge now, even one this run never
+      # writes again (else TensorBoard would keep its records past ``step``).
+      for split in sorted(os.listdir(self.tensorboard_dir)):
+        if os.path.isdir(os.path.join(self.tensorboard_dir, split)):
+          self._tb_writer(split, self._purge_step)
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = f.readlines()
+    kept = []
+    for line in lines:
+      try:
+        if json.loads(line).get("step", 0) <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+      except json.JSONDecodeError:  # A line cut by a kill.
+        continue
+    _write_atomic(self.path, "".join(kept))
+
+  def write(self, record: dict[str, Any]) -> None:
+    """Appends ``record`` (JSON-able values, numpy/JAX scalars included; ``step`` an
+    int, ``split`` a name) to ``metrics.jsonl`` and its scalars to TensorBoard."""
+    if not self.enabled:
+      return
+    record = {k: _jsonable(v) for k, v in record.items()}
+    scalars = {k: float(v) for k, v in record.items() if k != "step" and _is_number(v)}
+    split = str(record.get("split", _DEFAULT_SPLIT))
+    if self.tensorboard and scalars:  # Checked before anything is written.
+      if "step" not in record:
+        raise ValueError(f"metrics record {record} has no 'step'; TensorBoard needs one: "
+                         "add step=<training step> to the record.")
+      if not split or split in (".", "..") or os.sep in split:
+        raise ValueError(f"metrics split {split!r} is not a plain directory name; "
+                         "use a name like 'train' or 'test'.")
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    if self.tensorboard and scalars:  # An "event" of strings opens no empty run directory.
+      step = int(record["step"])
+      writer = self._tb_writer(split, step)
+      for tag, value in scalars.items():
+        writer.add_scalar(tag, value, global_step=step)
+
+  def flush(self) -> None:
+    """Pushes written TensorBoard events to disk (``metrics.jsonl`` needs no flush)."""
+    for writer in self._tb_writers.values():
+      writer.flush()
+
+  def close(self) -> None:
+    """Writes every pending TensorBoard event and closes the event files; a later
+    :meth:`write` opens new ones."""
+    self._close_tensorboard()
+
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def _tb_writer(self, split: str, first_step: int):
+    writer = self._tb_writers.get(split)
+    if writer is None:
+      # Every event file starts with a session-start event: TensorBoard ignores a run's
+      # first one and purges on any later one, so a resume only purges if the first
+      # session of the run had one too.
+      purge = self._purge_step if self._purge_step is not None else first_step
+      # TensorBoard reads a run's event files in name order and tensorboardX names them
+      # by the second: the nanosecond suffix keeps two files of one second in order.
+      # flush_secs=1: its writer thread has the events on disk within about a second,
+      # so a kill costs the event files no more than that (metrics.jsonl nothing).
+      writer = _summary_writer_class()(
+          os.path.join(self.tensorboard_dir, split), purge_step=purge, flush_secs=1,
+          filename_suffix=f".{time.time_ns():020d}")
+      self._tb_writers[split] = writer
+    return writer
+
+  def _close_tensorboard(self) -> None:
+    for writer in self._tb_writers.values():
+      writer.close()
+    self._tb_writers.clear()
+
+
+def _summary_writer_class():
+  # Imported here: a run with tensorboard=False (or a process other than 0) never needs it.
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError as e:
+    raise ImportError("tensorboardX is not installed: pip install tensorboardX, or set "
+                      "--config.tensorboard=False") from e
+  return SummaryWriter
+
+
+def _jsonable(v: Any) -> Any:
+  return v.item() if hasattr(v, "item") else v
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _write_atomic(path: str, text: str) -> None:
+  """A kill leaves the old file or the new one, never half (fsynced before the swap)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ the lock
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live process holds the workdir's lock; ``holder`` is what it recorded
+  (``pid``, ``host``, ``started``; empty if it had not written it yet)."""
+
+  def __init__(self, message: str, holder: dict[str, Any]):
+    super().__init__(message)
+    self.holder = holder
+
+
+class WorkdirLock:
+  """An exclusive ``fcntl.flock`` on ``WORKDIR/.lock`` (``.lock.<process_index>`` for
+  process_index > 0: one lock per process of a multi-host run), held from
+  :meth:`acquire` to :meth:`release` (or the ``with`` block) and released by the OS
+  when the process ends, however it ends: a lock file left behind is simply taken.
+
+  After acquiring, the file records ``{"pid", "host", "started", "process_index"}``
+  (JSON) so that a refused run can name the holder. Nothing else is written to the
+  workdir (which is created if missing). Processes forked while the lock is held
+  (``fork`` without ``exec``) share it and keep it after the holder exits.
+  """
+
+  def __init__(self, workdir: str, process_index: int = 0):
+    self.workdir = workdir
+    self.process_index = process_index
+    name = LOCK_FILE if process_index == 0 else f"{LOCK_FILE}.{process_index}"
+    self.path = os.path.join(workdir, name)
+    self._fd: int | None = None
+
+  @property
+  def held(self) -> bool:
+    return self._fd is not None
+
+  def acquire(self) -> WorkdirLock:
+    """Takes the lock now or raises :class:`WorkdirBusyError` (never waits)."""
+    if self._fd is not None:
+      return self
+    os.makedirs(self.workdir, exist_ok=True)
+    # O_CLOEXEC: a program this run starts (subprocess) must not inherit the lock.
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      os.close(fd)
+      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        raise
+      holder = _read_holder(self.path)
+      raise WorkdirBusyError(self._busy_message(holder), holder) from None
+    previous = _read_holder(self.path)
+    if previous and _is_dead_here(previous):
+      log.info("%s: taking over the lock left by pid %s on %s (no longer running).",
+               self.path, previous.get("pid"), previous.get("host"))
+    me = dict(pid=os.getpid(), host=socket.gethostname(), process_index=self.process_index,
+              started=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                  timespec="seconds"))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    os.fsync(fd)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    """Unlocks; the file (and its record of the last holder) stays."""
+    if self._fd is None:
+      return
+    fd, self._fd = self._fd, None
+    try:
+      fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+      os.close(fd)
+
+  def __enter__(self) -> WorkdirLock:
+    return self.acquire()
+
+  def __exit__(self, *exc_info) -> None:
+    self.release()
+
+  def _busy_message(self, holder: dict[str, Any]) -> str:
+    where = (f"pid {holder.get('pid')} on {holder.get('host')}"
+             f" (since {holder.get('started')})" if holder
+             else "another process (it has not recorded its pid yet)")
+    if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+      where += ", this very process (a second WorkdirLock on the same workdir)"
+    elif holder and _is_dead_here(holder):
+      where += (", which has exited: a process it forked still holds the lock, stop "
+                "that one")
+    return (f"workdir {self.workdir} is in use: {self.path} is locked by {where}; wait "
+            "for that run to finish, stop it, or use another --workdir.")
+
+
+def _read_holder(path: str) -> dict[str, Any]:
+  """The holder a lock file records; empty if none (new, or written half)."""
+  try:
+    with open(path) as f:
+      holder = json.loads(f.read() or "{}")
+  except (OSError, json.JSONDecodeError):
+    return {}
+  return holder if isinstance(holder, dict) else {}
+
+
+def _is_dead_here(holder: dict[str, Any]) -> bool:
+  """Whether ``holder`` was a process of this host that no longer runs (False when
+  it cannot be known: another host, or no pid recorded)."""
+  pid = holder.get("pid")
+  if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:  # Alive, another user's.
+    return False
+  return False

@@ -1,0 +1,208 @@
+"""irnet_jax.workdir: metrics.jsonl and TensorBoard agree (as TensorBoard's own reader
+sees them, resume included), and the workdir lock refuses a second run."""
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from irnet_jax import workdir as workdir_lib
+from irnet_jax.workdir import MetricsWriter, WorkdirBusyError, WorkdirLock
+
+
+def _jsonl(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _tensorboard(workdir) -> dict:
+  """{(split, tag): [(step, value), ...]} as TensorBoard's backend reads the event files."""
+  from tensorboard.backend.event_processing import plugin_event_multiplexer as event_multiplexer
+  from tensorboard.util import tensor_util
+  mux = event_multiplexer.EventMultiplexer()
+  mux.AddRunsFromDirectory(os.path.join(workdir, "tensorboard"))
+  mux.Reload()
+  out = {}
+  for run, content in mux.Runs().items():
+    for tag in content["tensors"]:
+      points = [(e.step, tensor_util.make_ndarray(e.tensor_proto).item())
+                for e in mux.Tensors(run, tag)]
+      if points:  # A purge empties a tag's series but keeps its name.
+        out[run, tag] = points
+  return out
+
+
+def _scalars_of(records) -> dict:
+  """The same mapping, built from metrics.jsonl's records."""
+  out = {}
+  for r in records:
+    for k, v in r.items():
+      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        out.setdefault((r["split"], k), []).append((r["step"], v))
+  return out
+
+
+def _assert_same(tensorboard: dict, records) -> None:
+  expected = _scalars_of(records)
+  assert sorted(tensorboard) == sorted(expected)
+  for key, points in expected.items():
+    got = tensorboard[key]
+    assert [s for s, _ in got] == [s for s, _ in points], key
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in points], rtol=1e-6,
+                               err_msg=str(key))  # Event files hold float32.
+
+
+def _train(step, loss):
+  return dict(step=step, split="train", loss=loss, accuracy=0.5 + step / 1e4, lr=0.1 / step,
+              ede_t=np.float32(step / 300), ede_k=np.array(2.0), images_per_sec=1234.5)
+
+
+def test_tensorboard_matches_metrics_jsonl(tmp_path):
+  wd = str(tmp_path)
+  with MetricsWriter(wd, enabled=True) as writer:
+    for step in (100, 200, 300):
+      writer.write(_train(step, loss=3.0 - step / 200))
+    writer.write(dict(step=300, split="test", loss=2.5, accuracy=0.25, top5_accuracy=0.6,
+                      count=10000))
+    writer.write(dict(step=300, split="event", what="preempted", final=True))  # No scalar.
+  records = _jsonl(wd)
+  assert [r["step"] for r in records] == [100, 200, 300, 300, 300]
+  assert records[0]["ede_k"] == 2.0 and isinstance(records[0]["ede_t"], float)
+  assert sorted(os.listdir(os.path.join(wd, "tensorboard"))) == ["test", "train"]
+  tensorboard = _tensorboard(wd)
+  assert ("train", "loss") in tensorboard and ("test", "top5_accuracy") in tensorboard
+  _assert_same(tensorboard, [r for r in records if r["split"] != "event"])
+
+
+def test_truncate_after_on_resume_drops_later_records_in_both(tmp_path):
+  wd = str(tmp_path)
+  first = MetricsWriter(wd, enabled=True)  # The run that is killed after step 400.
+  for step in (100, 200, 300, 400):
+    first.write(_train(step, loss=float(step)))
+  first.write(dict(step=200, split="test", loss=9.0, accuracy=0.1))
+  first.write(dict(step=400, split="test", loss=8.0, accuracy=0.2))
+  first.write(dict(step=300, split="analysis", mean_abs_w=0.3))  # Not re-logged below.
+  first.close()
+  with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 500, "split": "tra')  # A line cut by the kill.
+
+  resumed = MetricsWriter(wd, enabled=True)  # Resumes from the checkpoint of step 200.
+  resumed.truncate_after(200)
+  assert [(r["step"], r["split"]) for r in _jsonl(wd)] == [
+      (100, "train"), (200, "train"), (200, "test")]
+  for step in (300, 400):
+    resumed.write(_train(step, loss=-float(step)))  # Other values: the new ones must win.
+  resumed.write(dict(step=400, split="test", loss=7.0, accuracy=0.3))
+  resumed.close()
+
+  records = _jsonl(wd)
+  assert [(r["step"], r["split"]) for r in records] == [
+      (100, "train"), (200, "train"), (200, "test"), (300, "train"), (400, "train"),
+      (400, "test")]
+  tensorboard = _tensorboard(wd)
+  assert tensorboard["train", "loss"] == [(100, 100.0), (200, 200.0), (300, -300.0),
+                                          (400, -400.0)]
+  assert ("analysis", "mean_abs_w") not in tensorboard  # Purged although never re-written.
+  _assert_same(tensorboard, records)
+
+
+def test_resume_in_a_fresh_workdir_and_without_truncate(tmp_path):
+  # truncate_after(0) before anything exists, as a fresh run does; then a second writer
+  # that never calls truncate_after appends after it.
+  wd = str(tmp_path)
+  with MetricsWriter(wd, enabled=True) as writer:
+    writer.truncate_after(0)
+    writer.write(_train(100, loss=1.0))
+  with MetricsWriter(wd, enabled=True) as writer:
+    writer.write(_train(200, loss=2.0))
+  _assert_same(_tensorboard(wd), _jsonl(wd))
+
+
+def test_tensorboard_false_writes_only_jsonl_and_disabled_writes_nothing(tmp_path):
+  on, off = tmp_path / "on", tmp_path / "off"
+  on.mkdir()
+  off.mkdir()
+  with MetricsWriter(str(on), enabled=True, tensorboard=False) as writer:
+    writer.truncate_after(0)
+    writer.write(_train(100, loss=1.0))
+  assert os.listdir(on) == ["metrics.jsonl"]
+  with MetricsWriter(str(off), enabled=False) as writer:
+    writer.truncate_after(0)
+    writer.write(_train(100, loss=1.0))
+  assert os.listdir(off) == []
+
+
+def test_missing_tensorboardx_is_one_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)  # Makes the import fail.
+  with pytest.raises(ImportError, match="--config.tensorboard=False"):
+    MetricsWriter(str(tmp_path), enabled=True)
+  MetricsWriter(str(tmp_path), enabled=True, tensorboard=False)  # Needs no tensorboardX.
+  MetricsWriter(str(tmp_path), enabled=False)
+
+
+def test_records_tensorboard_cannot_place_are_refused_before_any_write(tmp_path):
+  with MetricsWriter(str(tmp_path), enabled=True) as writer:
+    with pytest.raises(ValueError, match="no 'step'"):
+      writer.write(dict(split="train", loss=1.0))
+    with pytest.raises(ValueError, match="plain directory name"):
+      writer.write(dict(step=1, split="../up", loss=1.0))
+    writer.write(dict(split="event", what="started"))  # No scalar: no step needed.
+  assert [r.get("split") for r in _jsonl(str(tmp_path))] == ["event"]
+
+
+# ------------------------------------------------------------------ the lock
+
+_TRY_LOCK = """
+import sys
+from irnet_jax.workdir import WorkdirLock, WorkdirBusyError
+try:
+  WorkdirLock(sys.argv[1], int(sys.argv[2])).acquire()
+except WorkdirBusyError as e:
+  print("busy", e)
+else:
+  print("ok")
+"""
+
+
+def _try_lock_elsewhere(workdir, process_index=0) -> str:
+  """Another process's attempt: "ok" or "busy <message>"."""
+  out = subprocess.run([sys.executable, "-c", _TRY_LOCK, str(workdir), str(process_index)],
+                       capture_output=True, text=True, timeout=60, check=True)
+  return out.stdout.strip()
+
+
+def test_lock_refuses_a_second_process_until_released(tmp_path):
+  wd = tmp_path / "run"  # Created by the lock.
+  lock = WorkdirLock(str(wd))
+  with lock:
+    assert lock.held and os.listdir(wd) == [".lock"]  # Nothing else in the workdir.
+    with open(wd / ".lock") as f:
+      holder = json.load(f)
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    answer = _try_lock_elsewhere(wd)
+    assert answer.startswith("busy") and f"pid {os.getpid()} on {socket.gethostname()}" in answer
+    assert "--workdir" in answer and "\n" not in answer
+    # Another process index of a multi-host run has its own lock.
+    assert _try_lock_elsewhere(wd, process_index=1) == "ok"
+    assert sorted(os.listdir(wd)) == [".lock", ".lock.1"]
+    with pytest.raises(WorkdirBusyError, match="this very process") as e:
+      WorkdirLock(str(wd)).acquire()
+    assert e.value.holder["pid"] == os.getpid()
+  assert not lock.held
+  assert _try_lock_elsewhere(wd) == "ok"
+
+
+def test_lock_left_by_a_dead_process_is_taken(tmp_path, caplog):
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  with open(tmp_path / ".lock", "w") as f:
+    json.dump(dict(pid=dead.pid, host=socket.gethostname(), started="then"), f)
+  with caplog.at_level(logging.INFO, logger=workdir_lib.__name__):
+    with WorkdirLock(str(tmp_path)):
+      with open(tmp_path / ".lock") as f:
+        assert json.load(f)["pid"] == os.getpid()
+  assert f"pid {dead.pid}" in caplog.text and "no longer running" in caplog.text
