@@ -304,11 +304,19 @@ def record_run(workdir: str, config: ml_collections.ConfigDict,
 
 
 def _write_atomic(path: str, text: str) -> None:
-  """Readers (other processes of the run) see the old file or the new one, never half."""
+  """Readers (other processes of the run) see the old file or the new one, never half;
+  fsync before the rename, so a power cut cannot leave an empty file behind either."""
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """``obj`` as indented JSON at ``path``, atomically (see :func:`_write_atomic`)."""
+  _write_atomic(path, json.dumps(obj, indent=2))
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

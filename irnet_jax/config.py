@@ -44,6 +44,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = -1              # -1: every device of every process; N: the first N (1 host).
   c.init_from = ""                # A workdir whose newest model state starts this run
                                   # (fine-tuning; e.g. one made by irnet_jax.convert).
+  c.steps_per_call = 1            # K optimizer steps per device call (one lax.scan); the
+                                  # log/eval/checkpoint cadences must be multiples of K.
+  c.grad_accum_steps = 1          # Micro-batches per optimizer step (batch_size is the
+                                  # global batch of one update; BN per micro-batch).
+  c.tensorboard = True            # Also write every logged scalar as TensorBoard events.
+  c.profile_steps = ""            # "START,STOP": a jax.profiler trace of those steps,
+                                  # in WORKDIR/tensorboard (profile plugin layout).
 
   c.dataset = ml_collections.ConfigDict()
   # Sources (irnet_jax/data/sources.py): cifar10 | cifar100 (python archives, downloaded
@@ -71,6 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.jpeg_draft = True       # Reduced-DCT JPEG decode where the crop stays >= 224
                                     # (experiments/README.md, "Input pipeline").
   c.dataset.skip_bad_files = False  # True: replace undecodable image files (counted in logs).
+  c.dataset.cache_on_device = False  # In-memory sets (cifar, npz, digits): hold the uint8
+                                     # data on the device(s); shuffle/crop/flip in the step.
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "resnet20"
@@ -225,10 +234,57 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   for field in ("log_every_steps", "checkpoint_every_steps"):
     if c[field] <= 0:
       raise ValueError(f"config.{field}={c[field]} must be > 0.")
+  _check_steps_per_call(c)
+  accumulate = c.get("grad_accum_steps", 1)
+  if accumulate < 1 or c.batch_size % (accumulate * num_devices):
+    raise ValueError(f"config.grad_accum_steps={accumulate} must be >= 1 and divide "
+                     f"batch_size={c.batch_size} into micro-batches that split over the "
+                     f"{num_devices} device(s): batch_size must be a multiple of "
+                     f"grad_accum_steps x devices = {max(accumulate, 1) * num_devices}.")
+  profile_range(c)
   if c.dataset.name == "npz" and not c.dataset.path:
     raise ValueError("config.dataset.name='npz' needs config.dataset.path; pass "
                      "--config.dataset.path=/path/to/arrays.npz (x_train, y_train, x_test, "
                      "y_test).")
+
+
+def nearest_multiples(value: int, k: int) -> str:
+  """``"8 or 16"``: the multiples of ``k`` around ``value`` (for error messages)."""
+  low = max(k, value // k * k)
+  return f"{low}" if low == value else f"{low} or {low + k}"
+
+
+def check_multiple_of_call(field: str, value: int, k: int) -> None:
+  """Raises when a cadence of ``value`` steps does not fall on a call boundary."""
+  if value > 0 and value % k:
+    raise ValueError(f"config.{field}={value} is not a multiple of config.steps_per_call="
+                     f"{k} (logging, evaluation and checkpoints happen between device "
+                     f"calls); set --config.{field}={nearest_multiples(value, k)}, or "
+                     "another steps_per_call.")
+
+
+def _check_steps_per_call(c: ml_collections.ConfigDict) -> None:
+  k = c.get("steps_per_call", 1)
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f"config.steps_per_call={k!r} must be an integer >= 1.")
+  for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps",
+                "analysis_every_steps"):
+    check_multiple_of_call(field, c[field], k)
+
+
+def profile_range(c: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """``(start, stop)`` steps of ``config.profile_steps="START,STOP"``, or None if unset."""
+  spec = c.get("profile_steps", "")
+  if spec in ("", None):
+    return None
+  try:
+    start, stop = (int(v) for v in str(spec).strip("()[] ").split(","))
+  except ValueError:
+    start = stop = -1
+  if not 0 <= start < stop:
+    raise ValueError(f"config.profile_steps={spec!r} must be 'START,STOP' with "
+                     "0 <= START < STOP, e.g. --config.profile_steps=20,25.")
+  return start, stop
 
 
 def model_kwargs(c: ml_collections.ConfigDict) -> dict:

@@ -20,7 +20,8 @@ from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 from irnet_jax import config as config_lib  # pylint: disable=wrong-import-position
-from irnet_jax import checkpointing, train  # pylint: disable=wrong-import-position
+from irnet_jax import checkpointing, preemption, train  # pylint: disable=wrong-import-position
+from irnet_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -56,8 +57,12 @@ def main(argv) -> None:
   init_distributed()
   try:
     final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (checkpointing.RunMismatchError, checkpointing.IncompatibleCheckpointError) as e:
-    sys.exit(f"error: {e}")  # A refused restart: the message is the whole story.
+  except (checkpointing.RunMismatchError, checkpointing.IncompatibleCheckpointError,
+          workdir_lib.WorkdirBusyError) as e:
+    sys.exit(f"error: {e}")  # A refused (re)start: the message is the whole story.
+  except preemption.Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_CODE)
   if jax.process_index() == 0:
     print(f"test_accuracy={final['test_accuracy']:.4f} test_loss={final['test_loss']:.4f} "
           f"train_seconds={final['train_seconds']:.1f} workdir={FLAGS.workdir}")

@@ -1,176 +1,43 @@
-"""The training loop: one jitted step over a device mesh, eval, metrics, checkpoints.
+"""The training loop: jitted steps over a device mesh, eval, metrics, checkpoints.
 
 ``train_and_evaluate(config, workdir)`` is what ``python -m irnet_jax.main`` runs.
-Sections, top to bottom: optimizer and schedules, EDE from the step counter, the
-jitted train/eval steps, host-side helpers (metrics, fingerprint), the loop in named
-phases: :func:`prepare` (validate, resolve, check the workdir's run), :func:`build`,
+Sections, top to bottom: host helpers (fingerprint, evaluation), :func:`build` (model,
+optimizer, mesh, the jitted functions of :mod:`irnet_jax.steps`, resident data), the
+input feeds (host pipeline or data held on the device), and the loop in named phases:
+:func:`prepare` (validate, resolve, check the workdir's run), :func:`build`,
 :func:`restore`, :class:`_Loop` and :func:`final_report`.
 
-Design (see the README): ``graphdef, state = nnx.split((model, optimizer))`` once;
-``train_step(state, batch) -> (state, metrics)`` is pure, jitted with the batch
-sharded over the mesh's ``data`` axis and the state replicated (BN statistics are
-therefore over the global batch) and donated. EDE's (t, k) come from the optimizer's
-step counter inside the step: one compilation for the whole run. Every random draw
-is a function of (seed, step), so a resumed run is the same run.
+Design: ``graphdef, state = nnx.split((model, optimizer))`` once; the step is pure,
+jitted with the batch sharded over the mesh's ``data`` axis and the state replicated
+(BN statistics are therefore over the global batch) and donated. One device call runs
+``config.steps_per_call`` = K steps (a ``lax.scan`` of the same step); logging,
+evaluation, checkpoints, preemption checks and the profiler act between calls, and the
+host reads a call's metrics while the next call runs. EDE's (t, k) and the learning rate
+come from the optimizer's step counter inside the step: one compilation for the whole
+run. Every random draw is a function of (seed, step), so a resumed run is the same run.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from irnet_jax import checkpointing, data, diagnostics, kernels, ops
+from irnet_jax import checkpointing, data, diagnostics, kernels, optim, preemption, steps
 from irnet_jax import config as config_lib
-from irnet_jax.data import device as data_device
+from irnet_jax import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
-
-# ------------------------------------------------------------------ optimizer
-
-
-def learning_rate_schedule(c: ml_collections.ConfigDict, steps_per_epoch: int,
-                           total_steps: int) -> optax.Schedule:
-  """optax schedule of ``c.optimizer.schedule`` as a function of the step."""
-  o = c.optimizer
-  lr = o.learning_rate
-  if o.schedule == "constant":
-    return optax.constant_schedule(lr)
-  if o.schedule == "cosine":
-    return optax.cosine_decay_schedule(lr, max(total_steps, 1))
-  if o.schedule == "cosine_epoch":
-    # torch CosineAnnealingLR(T_max=epochs) stepped once per epoch, as the official code.
-    num_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
-    per_epoch = optax.cosine_decay_schedule(lr, num_epochs)
-    return lambda step: per_epoch(step // steps_per_epoch)
-  # "warmup_multistep": the official ImageNet recipe (linear warm-up, then x0.1 steps).
-  warmup = optax.linear_schedule(o.warmup_init_lr, lr, max(o.warmup_steps, 1))
-  boundaries = {int(f * total_steps) - o.warmup_steps: o.decay_factor
-                for f in o.decay_fractions}
-  decay = optax.piecewise_constant_schedule(lr, boundaries)
-  return optax.join_schedules([warmup, decay], [o.warmup_steps])
-
-
-def make_optimizer(c: ml_collections.ConfigDict, schedule: optax.Schedule
-                   ) -> optax.GradientTransformation:
-  """SGD / Nesterov / Adam with torch-style L2 weight decay (added to the gradient)."""
-  o = c.optimizer
-  if o.name == "adam":
-    opt = optax.adam(schedule)
-  else:
-    opt = optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.name == "nesterov")
-  if o.weight_decay:
-    opt = optax.chain(optax.add_decayed_weights(o.weight_decay), opt)
-  return opt
-
-
-# ------------------------------------------------------------------ EDE
-
-
-def ede_at(c: ml_collections.ConfigDict, step: jax.Array, steps_per_epoch: int,
-           total_steps: int) -> ops.EDE:
-  """EDE (t, k) for a (traced) step: per epoch like the official CIFAR code, or every
-  ``ede.every_steps`` steps by progress like the official ImageNet code."""
-  step = step.astype(jnp.float32)
-  if c.ede.schedule_by == "epoch":
-    num_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
-    progress = jnp.floor(step / steps_per_epoch) / num_epochs
-  else:
-    every = c.ede.every_steps
-    progress = jnp.floor(step / every) * every / max(total_steps, 1)
-  return ops.ede_schedule(jnp.minimum(progress, 1.0), c.ede.t_min, c.ede.t_max)
-
-
-# ------------------------------------------------------------------ steps
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy in float32; logits (N, C), labels (N,) int."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-
-
-def make_train_step(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
-                    schedule: optax.Schedule, steps_per_epoch: int, total_steps: int
-                    ) -> Callable[[nnx.State, dict], tuple[nnx.State, dict]]:
-  """``step(state, batch) -> (state, metrics)``: pure, for ``jax.jit``.
-
-  ``batch["image"]`` is uint8 NHWC from the input pipeline (normalized, and
-  colour-jittered when ``dataset.color_jitter_on="device"``, here) or already
-  normalized floats (used as they are).
-  """
-  device_jitter = data.color_jitter_on(c.dataset) == "device"
-
-  def train_step(state, batch):
-    model, optimizer = nnx.merge(graphdef, state)
-    step = optimizer.step[...]
-    ede = ede_at(c, step, steps_per_epoch, total_steps)
-    jitter = data_device.jitter_key(c.seed, step) if device_jitter else None
-    images = data_device.model_input(batch["image"], c.dataset.mean, c.dataset.std,
-                                     jitter)
-
-    def loss_fn(m):
-      logits = m(images, ede=ede)
-      return cross_entropy(logits, batch["label"]).mean(), logits
-
-    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
-    metrics = dict(loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-                   param_norm=optax.tree.norm(nnx.state(model, nnx.Param)),
-                   lr=jnp.asarray(schedule(step), jnp.float32), ede_t=ede.t, ede_k=ede.k)
-    if "bad_files" in batch:  # dataset.skip_bad_files: replaced files in this batch.
-      metrics["bad_files"] = jnp.sum(batch["bad_files"])
-    return nnx.state((model, optimizer)), metrics
-
-  return train_step
-
-
-def make_eval_step(graphdef: nnx.GraphDef, dataset: ml_collections.ConfigDict
-                   ) -> Callable[[nnx.State, dict], dict]:
-  """``step(model_state, batch) -> sums`` (loss, correct, correct5 = label in the top 5,
-  count) over the unmasked examples of a padded batch. uint8 images are normalized
-  with ``dataset.mean/std`` here; floats are used as they are."""
-
-  def eval_step(model_state, batch):
-    model = nnx.merge(graphdef, model_state)
-    logits = model(data_device.model_input(batch["image"], dataset.mean, dataset.std))
-    mask = batch["mask"].astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    correct5 = jnp.any(top5 == batch["label"][:, None], axis=-1).astype(jnp.float32)
-    return dict(loss=jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-                correct=jnp.sum(correct * mask), correct5=jnp.sum(correct5 * mask),
-                count=jnp.sum(mask))
-
-  return eval_step
-
-
-def make_diagnose(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
-                  steps_per_epoch: int, total_steps: int) -> Callable:
-  """``(model_state, step, prev_signs, x) -> (metrics, signs)`` for jit: the compact
-  information-retention diagnostics of :mod:`irnet_jax.diagnostics` at the step's EDE,
-  next to the train step (one fused computation, no host loop over layers)."""
-
-  def diagnose(model_state, step, prev_signs, x):
-    model = nnx.merge(graphdef, model_state)  # Eval mode: BN statistics untouched.
-    ede = ede_at(c, step, steps_per_epoch, total_steps)
-    x = data_device.model_input(x, c.dataset.mean, c.dataset.std)
-    metrics = diagnostics.measure(model, ede, prev_signs, x)
-    return metrics, diagnostics.weight_signs(model)
-
-  return diagnose
-
 
 # ------------------------------------------------------------------ host helpers
 
@@ -188,76 +55,86 @@ def params_fingerprint(model_state: Any) -> str:
   return h.hexdigest()
 
 
-class MetricsWriter:
-  """Appends one JSON object per line to ``metrics.jsonl`` (process 0 only)."""
-
-  def __init__(self, workdir: str, enabled: bool):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.enabled = enabled
-
-  def truncate_after(self, step: int) -> None:
-    """Drops records past ``step``: a resumed run re-logs what followed its checkpoint."""
-    if not (self.enabled and os.path.exists(self.path)):
-      return
-    with open(self.path) as f:
-      lines = f.readlines()
-    kept = []
-    for line in lines:
-      try:
-        if json.loads(line).get("step", 0) <= step:
-          kept.append(line)
-      except json.JSONDecodeError:  # A line cut by a kill.
-        continue
-    with open(self.path, "w") as f:
-      f.writelines(kept)
-
-  def write(self, record: dict) -> None:
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
-
-
-def _jsonable(v):
-  return v.item() if hasattr(v, "item") else v
-
-
 def _global_batch(local: dict, sharding: NamedSharding) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local.items()}
 
 
+def _totals_to_result(totals: dict) -> dict:
+  n = max(float(totals["count"]), 1.0)
+  return dict(loss=float(totals["loss"]) / n, accuracy=float(totals["correct"]) / n,
+              top5_accuracy=float(totals["correct5"]) / n, count=int(totals["count"]))
+
+
 def evaluate(eval_step, model_state, c: ml_collections.ConfigDict,
              sharding: NamedSharding) -> dict:
   """Loss, top-1 and top-5 accuracy over every test image (padded last batch masked
-  out): ``dict(loss, accuracy, top5_accuracy, count)``."""
+  out) through the host pipeline: ``dict(loss, accuracy, top5_accuracy, count)``."""
   totals = dict(loss=0.0, correct=0.0, correct5=0.0, count=0.0)
   for local in data.eval_batches(c.dataset, c.eval_batch_size, jax.process_index(),
                                  jax.process_count()):
     out = jax.device_get(eval_step(model_state, _global_batch(local, sharding)))
     for k in totals:
       totals[k] += float(out[k])
-  n = max(totals["count"], 1.0)
-  return dict(loss=totals["loss"] / n, accuracy=totals["correct"] / n,
-              top5_accuracy=totals["correct5"] / n, count=int(totals["count"]))
+  return _totals_to_result(totals)
 
 
-# ------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------ build
+
+
+class Resident(NamedTuple):
+  """The data set held on the device(s) (``dataset.cache_on_device``)."""
+  train: dict          # train_image uint8 (N, H, W, 3), train_label int32 (N,): replicated.
+  test: dict           # image (M, E, H, W, 3), label, mask (M, E): batches split on "data".
+  num_train: int
 
 
 class Setup(NamedTuple):
   """Everything the loop (and experiments/throughput.py) needs, built once."""
   state: nnx.State                 # (model, optimizer) state, replicated on the mesh.
   train_step: Callable             # jitted (state, batch) -> (state, metrics), donates state.
+  train_call: Callable             # jitted K steps: (state, batches (K, B, ...)) or, with
+                                   # resident data, (state, resident.train, indices (K, B)).
   eval_step: Callable              # jitted (model_state, batch) -> sums.
+  eval_all: Callable               # jitted (model_state, resident.test) -> sums.
   batch_sharding: NamedSharding    # Batch split over the mesh's "data" axis.
+  stacked_sharding: NamedSharding  # (K, B, ...): the batch axis split over "data".
   mesh: Mesh
   diagnose: Callable               # jitted (model_state, step, prev_signs, x) -> (metrics, signs).
   conv_impl: str                   # The resolved convolution backend (irnet_jax.kernels).
+  resident: Resident | None        # The data on the device, or None (host pipeline).
+
+
+def _put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from a host array every process holds whole (multi-host safe)."""
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def place_resident(c: ml_collections.ConfigDict, mesh: Mesh) -> Resident:
+  """Puts the uint8 data set on the mesh once: the training set replicated (each device
+  gathers its share of a batch without communication; CIFAR-10 is 150 MB), the test set
+  as padded batches of ``eval_batch_size`` split over the data axis."""
+  arrays = data.resident_arrays(c.dataset)
+  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
+  images, labels = arrays["test_image"], arrays["test_label"]
+  e = c.eval_batch_size
+  m = math.ceil(len(images) / e)
+  pad = m * e - len(images)
+  mask = np.concatenate([np.ones(len(images), bool), np.zeros(pad, bool)])
+  images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.uint8)])
+  labels = np.concatenate([labels, np.zeros(pad, np.int32)])
+  test = dict(image=images.reshape((m, e) + images.shape[1:]), label=labels.reshape(m, e),
+              mask=mask.reshape(m, e))
+  return Resident(
+      train=dict(train_image=_put(arrays["train_image"], replicated),
+                 train_label=_put(arrays["train_label"], replicated)),
+      test={k: _put(v, split) for k, v in test.items()}, num_train=len(arrays["train_label"]))
 
 
 def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
           total_steps: int) -> Setup:
-  """Model, optimizer, mesh and the jitted steps of config ``c`` (num_classes resolved).
+  """Model, optimizer, mesh and the jitted functions of config ``c`` (num_classes
+  resolved); with ``c.dataset.cache_on_device``, the data placed on the devices.
 
   ``c.model.conv_impl`` is resolved for ``devices`` (a multi-device CPU mesh gets an
   XLA backend: XLA partitions its convolutions over the batch, not the CPU kernels).
@@ -265,22 +142,90 @@ def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
   mesh = Mesh(np.array(devices), ("data",))
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
+  stacked_sharding = NamedSharding(mesh, P(None, "data"))
   model = config_lib.build_model(c, devices=devices)
-  schedule = learning_rate_schedule(c, steps_per_epoch, total_steps)
-  optimizer = nnx.Optimizer(model, make_optimizer(c, schedule), wrt=nnx.Param)
+  schedule = optim.learning_rate_schedule(c, steps_per_epoch, total_steps)
+  optimizer = nnx.Optimizer(model, optim.make_optimizer(c, schedule), wrt=nnx.Param)
   model.eval()
   eval_graphdef, _ = nnx.split(model)
   model.train()
   graphdef, state = nnx.split((model, optimizer))
   state = jax.device_put(state, replicated)
-  step = make_train_step(graphdef, c, schedule, steps_per_epoch, total_steps)
+  step = steps.make_train_step(graphdef, c, schedule, steps_per_epoch, total_steps)
   train_step = jax.jit(step, in_shardings=(replicated, batch_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(eval_graphdef, c.dataset),
-                      in_shardings=(replicated, batch_sharding), out_shardings=replicated)
-  diagnose = jax.jit(make_diagnose(eval_graphdef, c, steps_per_epoch, total_steps))
-  return Setup(state, train_step, eval_step, batch_sharding, mesh, diagnose,
-               model.conv_impl)
+  resident = place_resident(c, mesh) if c.dataset.get("cache_on_device") else None
+  if resident is None:
+    train_call = jax.jit(steps.scan_steps(step), in_shardings=(replicated, stacked_sharding),
+                         out_shardings=(replicated, replicated), donate_argnums=0)
+  else:
+    train_call = jax.jit(steps.scan_resident_steps(step),
+                         in_shardings=(replicated, replicated, stacked_sharding),
+                         out_shardings=(replicated, replicated), donate_argnums=0)
+  eval_fn = steps.make_eval_step(eval_graphdef, c.dataset)
+  eval_step = jax.jit(eval_fn, in_shardings=(replicated, batch_sharding),
+                      out_shardings=replicated)
+  eval_all = jax.jit(steps.scan_eval(eval_fn), in_shardings=(replicated, stacked_sharding),
+                     out_shardings=replicated)
+  diagnose = jax.jit(steps.make_diagnose(eval_graphdef, c, steps_per_epoch, total_steps))
+  return Setup(state, train_step, train_call, eval_step, eval_all, batch_sharding,
+               stacked_sharding, mesh, diagnose, model.conv_impl, resident)
+
+
+def evaluate_setup(setup: Setup, model_state: nnx.State, c: ml_collections.ConfigDict
+                   ) -> dict:
+  """:func:`evaluate` through the resident test set when there is one (one call)."""
+  if setup.resident is None:
+    return evaluate(setup.eval_step, model_state, c, setup.batch_sharding)
+  return _totals_to_result(jax.device_get(setup.eval_all(model_state, setup.resident.test)))
+
+
+# ------------------------------------------------------------------ input feeds
+
+
+class Call(NamedTuple):
+  """One device call's input, as the loop dispatches it."""
+  steps: int               # Optimizer steps in the call (K, or fewer for the last).
+  args: tuple              # Arguments after ``state``.
+  stacked: bool            # Metrics come back with a leading (steps,) axis.
+  probe: Callable[[], jax.Array]  # The call's last training images (for diagnostics).
+
+
+def _host_calls(c: ml_collections.ConfigDict, setup: Setup, start: int, total: int
+                ) -> Iterator[Call]:
+  """Calls over the host pipeline: K batches stacked on a leading axis (K = 1: as is)."""
+  train_ds = data.train_dataset(c.dataset, c.batch_size, c.seed, total,
+                                jax.process_index(), jax.process_count())
+  # The data is a pure function of (seed, step), so resuming is slicing.
+  batches = data.train_iterator(train_ds, start, **data.loader_options(
+      c.dataset, c.batch_size // jax.process_count()))
+  k = c.steps_per_call
+  for first in range(start, total, k):
+    n = min(k, total - first)
+    local = [next(batches) for _ in range(n)]
+    if k == 1:
+      batch = _global_batch(local[0], setup.batch_sharding)
+      yield Call(1, (batch,), False, lambda b=batch: b["image"])
+    else:
+      stacked = {key: np.stack([b[key] for b in local]) for key in local[0]}
+      batch = _global_batch(stacked, setup.stacked_sharding)
+      yield Call(n, (batch,), True, lambda b=batch: b["image"][-1])
+
+
+def _resident_calls(c: ml_collections.ConfigDict, setup: Setup, start: int, total: int
+                    ) -> Iterator[Call]:
+  """Calls over the data on the device: the host sends K rows of indices per call."""
+  resident = setup.resident
+  for first in range(start, total, c.steps_per_call):
+    n = min(c.steps_per_call, total - first)
+    local = data.train_indices(resident.num_train, c.batch_size, c.seed, first, n,
+                               jax.process_index(), jax.process_count())
+    indices = jax.make_array_from_process_local_data(setup.stacked_sharding, local)
+    yield Call(n, (resident.train, indices), True,
+               lambda i=indices: jnp.take(resident.train["train_image"], i[-1], axis=0))
+
+
+# ------------------------------------------------------------------ the loop
 
 
 class _Interval:
@@ -290,17 +235,22 @@ class _Interval:
     self.reset()
 
   def reset(self):
-    self.sums, self.count, self.images, self.start = {}, 0, 0, time.perf_counter()
-    self.bad_files = None
+    self.sums, self.count, self.bad_files = {}, 0, None
+    self.restart_clock()
+
+  def restart_clock(self):
+    """Throughput counts from now (after compilation, or after an evaluation)."""
+    self.images, self.start = 0, time.perf_counter()
 
   def add(self, metrics: dict, images: int):
+    """Adds one call's metrics: arrays of shape (steps,)."""
     for k in ("loss", "accuracy", "param_norm"):
-      self.sums[k] = self.sums.get(k, 0.0) + float(metrics[k])
-    self.count += 1
+      self.sums[k] = self.sums.get(k, 0.0) + float(np.sum(metrics[k]))
+    self.count += len(metrics["loss"])
     self.images += images
     if "bad_files" in metrics:
-      self.bad_files = (self.bad_files or 0) + int(metrics["bad_files"])
-    self.last = metrics
+      self.bad_files = (self.bad_files or 0) + int(np.sum(metrics["bad_files"]))
+    self.last = {k: v[-1] for k, v in metrics.items()}
 
   def summary(self) -> dict:
     seconds = max(time.perf_counter() - self.start, 1e-9)
@@ -323,15 +273,27 @@ def select_devices(num_devices: int) -> list:
   return jax.devices()[:num_devices]
 
 
-def _check_finite(step: int, metrics: dict, last_good: int, ckpt_dir: str) -> None:
-  loss, norm = float(metrics["loss"]), float(metrics["param_norm"])
-  if not (math.isfinite(loss) and math.isfinite(norm)):
-    raise FloatingPointError(
-        f"the training loss became {loss} (parameter norm {norm}) at step {step}: the run "
-        "diverged and was stopped. "
-        f"The last good checkpoint (step {last_good}) is kept in {ckpt_dir}. Lower "
-        "--config.optimizer.learning_rate (or check the input data), then rerun the same "
-        "command to resume from that checkpoint.")
+def _check_finite(step: int, metrics: dict, last_good: int, ckpt_dir: str,
+                  c: ml_collections.ConfigDict) -> None:
+  """Stops a diverged run, naming the step, the checkpoint kept and the levers."""
+  bad = [i for i, (loss, norm) in enumerate(zip(metrics["loss"], metrics["param_norm"]))
+         if not (math.isfinite(float(loss)) and math.isfinite(float(norm)))]
+  if not bad:
+    return
+  i = bad[0]
+  at = step - len(metrics["loss"]) + i + 1
+  levers = [f"--config.optimizer.learning_rate (now {c.optimizer.learning_rate}; try half)",
+            f"--config.optimizer.warmup_steps (now {c.optimizer.warmup_steps})",
+            f"--config.ede.t_max (now {c.ede.t_max}; a smaller t keeps EDE's gradient "
+            "bounded)"]
+  if c.compute_dtype != "float32":
+    levers.append("--config.compute_dtype=float32")
+  raise FloatingPointError(
+      f"the training loss became {float(metrics['loss'][i])} (parameter norm "
+      f"{float(metrics['param_norm'][i])}) at step {at}: the run diverged and was stopped. "
+      f"The last good checkpoint, step {last_good}, is kept in {ckpt_dir}; the same command "
+      f"resumes from it. Levers that help: {'; '.join(levers)} (a changed config needs a "
+      "new --workdir, or --config.init_from=<this workdir> to start from its model).")
 
 
 class Plan(NamedTuple):
@@ -364,6 +326,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Plan:
                      f"--config.model.num_classes={info.num_classes} (or -1: from the data).")
   total_steps, steps_per_epoch = config_lib.num_train_steps(c, info.num_train)
   eval_every = c.eval_every_steps if c.eval_every_steps > 0 else steps_per_epoch
+  if c.eval_every_steps <= 0 and steps_per_epoch % c.steps_per_call:
+    divisors = [d for d in range(2, min(steps_per_epoch, 512) + 1) if steps_per_epoch % d == 0]
+    raise ValueError(
+        f"evaluation is at the end of every epoch ({steps_per_epoch} steps) but "
+        f"config.steps_per_call={c.steps_per_call} does not divide it; set "
+        f"--config.steps_per_call to one of {divisors[:12]}, or "
+        f"--config.eval_every_steps to a multiple of {c.steps_per_call}.")
   derived = dict(num_train_examples=info.num_train, steps_per_epoch=steps_per_epoch,
                  total_steps=total_steps)
   checkpointing.check_run(workdir, c, derived)
@@ -396,18 +365,45 @@ def restore(c: ml_collections.ConfigDict, state: nnx.State, ckpt: checkpointing.
   return state, 0, 0.0
 
 
+class _Profiler:
+  """``jax.profiler`` trace of ``config.profile_steps`` (START, STOP) into
+  ``WORKDIR/tensorboard`` (``plugins/profile/<run>/``, TensorBoard's profile plugin and
+  xprof read it), started and stopped between calls."""
+
+  def __init__(self, span: tuple[int, int] | None, workdir: str):
+    self.span, self.logdir, self.active = span, os.path.join(workdir, "tensorboard"), False
+
+  def before(self, step: int) -> None:
+    if self.span and not self.active and self.span[0] <= step < self.span[1]:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+
+  def after(self, step: int, state: Any) -> None:
+    if self.active and step >= self.span[1]:
+      self.stop(state)
+
+  def stop(self, state: Any) -> None:
+    if self.active:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+      log.info("profile of steps %d-%d written to %s", *self.span, self.logdir)
+
+
 class _Loop:
-  """The host side of the training loop: dispatch steps, log the previous step's
-  metrics (never block on the step just dispatched), checkpoint, evaluate."""
+  """The host side of the training loop: dispatch calls of K steps, log the previous
+  call's metrics (never block on the call just dispatched), checkpoint, evaluate,
+  stop on preemption."""
 
   def __init__(self, plan: Plan, setup: Setup, ckpt: checkpointing.Checkpointer,
-               writer: MetricsWriter, fingerprint: str, start_step: int,
-               train_seconds: float):
+               writer: workdir_lib.MetricsWriter, fingerprint: str, start_step: int,
+               train_seconds: float, workdir: str):
     self.plan, self.c, self.setup, self.ckpt, self.writer = (plan, plan.config, setup, ckpt,
                                                              writer)
     self.fingerprint, self.start_step = fingerprint, start_step
     self.train_seconds, self.last_good = train_seconds, start_step
     self.interval, self.pending, self.prev_signs = _Interval(), None, None
+    self.profiler = _Profiler(config_lib.profile_range(plan.config), workdir)
     self.loop_start = time.perf_counter()
 
   def seconds(self) -> float:
@@ -421,46 +417,82 @@ class _Loop:
                 train_seconds=self.seconds(), run_fingerprint=self.fingerprint)
 
   def drain(self) -> None:
-    """Fetch the previous step's metrics (already computed or nearly), check them."""
+    """Fetch the previous call's metrics (already computed or nearly), check them."""
     if self.pending is not None:
-      done, metrics = self.pending
+      done, call, metrics = self.pending
       metrics = jax.device_get(metrics)
-      _check_finite(done, metrics, self.last_good, self.ckpt.directory)
-      self.interval.add(metrics, self.c.batch_size)
+      if not call.stacked:
+        metrics = {k: np.reshape(v, (1,)) for k, v in metrics.items()}
+      _check_finite(done, metrics, self.last_good, self.ckpt.directory, self.c)
+      self.interval.add(metrics, call.steps * self.c.batch_size)
       self.pending = None
 
-  def run(self, state: nnx.State, step_hook: Callable[[int], None] | None) -> nnx.State:
-    """Steps ``start_step .. total_steps`` from ``state``; returns the final state."""
-    c, setup, plan = self.c, self.setup, self.plan
-    train_ds = data.train_dataset(c.dataset, c.batch_size, c.seed, plan.total_steps,
-                                  jax.process_index(), jax.process_count())
-    # The data is a pure function of (seed, step), so resuming is slicing.
-    batches = data.train_iterator(train_ds, self.start_step, **data.loader_options(
-        c.dataset, c.batch_size // jax.process_count()))
+  def dispatch(self, state: nnx.State, call: Call) -> tuple[nnx.State, Any]:
+    setup = self.setup
+    if setup.resident is not None or call.stacked:
+      return setup.train_call(state, *call.args)
+    return setup.train_step(state, *call.args)
+
+  def run(self, state: nnx.State, step_hook: Callable[[int], None] | None,
+          stop: preemption.Preemption) -> nnx.State:
+    """Steps ``start_step .. total_steps`` from ``state``; returns the final state.
+    Raises :class:`preemption.Preempted` after checkpointing when ``stop`` says so."""
+    c, plan = self.c, self.plan
+    feed = _resident_calls if self.setup.resident is not None else _host_calls
     bar = tqdm(total=plan.total_steps, initial=self.start_step, unit="step",
                dynamic_ncols=True, disable=not (self.writer.enabled and c.progress_bar),
                desc=c.model.name)
+    done, first = self.start_step, True
     try:
-      for step in range(self.start_step, plan.total_steps):
-        batch = _global_batch(next(batches), setup.batch_sharding)
-        state, metrics = setup.train_step(state, batch)
-        self.drain()  # Step `step - 1`.
-        self.pending = (step + 1, metrics)
-        bar.update(1)
-        self.after_step(step + 1, state, batch, bar)
+      for index, call in enumerate(feed(c, self.setup, self.start_step, plan.total_steps)):
+        self.profiler.before(done)
+        started = time.perf_counter()
+        state, metrics = self.dispatch(state, call)
+        self.drain()  # The previous call, computed while this one was being dispatched.
+        done += call.steps
+        self.pending = (done, call, metrics)
+        if first:  # Compilation (and the first call): its own figure, not in img/s.
+          self.drain()
+          self.compile_seconds, first = time.perf_counter() - started, False
+          self.interval.restart_clock()
+        bar.update(call.steps)
+        self.profiler.after(done, state)
+        self.after_call(done, state, call, bar)
         if step_hook is not None:
-          step_hook(step + 1)
+          step_hook(done)
+        if stop.requested(index) and done < plan.total_steps:
+          self.preempted(done, state)
       self.drain()
     finally:
+      self.profiler.stop(state)
       bar.close()
     return state
 
-  def after_step(self, done: int, state: nnx.State, batch: dict, bar: tqdm) -> None:
-    """Logging, checkpoint, evaluation and diagnostics due after step ``done``."""
+  def preempted(self, done: int, state: nnx.State) -> None:
+    """Checkpoint at the reached step (unless just saved), say so, stop the run."""
+    self.drain()
+    if self.last_good != done or not self.ckpt.all_steps() or \
+        max(self.ckpt.all_steps()) != done:
+      self.ckpt.save(done, state[0], state[1], self.meta(done))
+    self.ckpt.wait()
+    self.last_good = done
+    self.writer.write(dict(step=done, split="event", preempted=1.0,
+                           train_seconds=self.seconds()))
+    self.writer.flush()
+    log.warning("preemption signal: checkpoint saved at step %d of %d; rerun the same "
+                "command to resume", done, self.plan.total_steps)
+    raise preemption.Preempted(done, self.ckpt.directory)
+
+  def after_call(self, done: int, state: nnx.State, call: Call, bar: tqdm) -> None:
+    """Logging, checkpoint, evaluation and diagnostics due after step ``done`` (every
+    cadence is a multiple of the steps per call, see config.validate)."""
     c, plan, last = self.c, self.plan, done == self.plan.total_steps
     if done % c.log_every_steps == 0 or last:
       self.drain()
       record = self.interval.summary()
+      if getattr(self, "compile_seconds", None) is not None:
+        record["compile_seconds"] = self.compile_seconds
+        self.compile_seconds = None
       self.writer.write(dict(step=done, split="train", **record))
       bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_sec']:.0f}")
       self.interval.reset()
@@ -470,13 +502,13 @@ class _Loop:
       self.last_good = done
     if done % plan.eval_every == 0 or last:
       self.drain()
-      result = evaluate(self.setup.eval_step, state[0], c, self.setup.batch_sharding)
+      result = evaluate_setup(self.setup, state[0], c)
       self.writer.write(dict(step=done, split="test", loss=result["loss"],
                              accuracy=result["accuracy"]))
-      self.interval.reset()  # Keep eval time out of the training throughput.
+      self.interval.restart_clock()  # Keep eval time out of the training throughput.
     if c.analysis_every_steps > 0 and done % c.analysis_every_steps == 0:
       diag, self.prev_signs = self.setup.diagnose(state[0], jnp.asarray(done),
-                                                  self.prev_signs, batch["image"])
+                                                  self.prev_signs, call.probe())
       self.writer.write(dict(step=done, split="analysis", **diagnostics.to_floats(diag)))
 
 
@@ -484,14 +516,13 @@ def final_report(plan: Plan, setup: Setup, state: nnx.State, train_seconds: floa
                  workdir: str) -> dict:
   """Evaluates the final state; writes and returns ``final_metrics.json``."""
   c = plan.config
-  final_eval = evaluate(setup.eval_step, state[0], c, setup.batch_sharding)
+  final_eval = evaluate_setup(setup, state[0], c)
   final = dict(test_accuracy=final_eval["accuracy"], test_loss=final_eval["loss"],
                test_examples=final_eval["count"], train_steps=plan.total_steps,
                train_seconds=train_seconds, params_fingerprint=params_fingerprint(state[0]),
                model=c.model.name, seed=c.seed, conv_impl=setup.conv_impl)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump(final, f, indent=2)
+    checkpointing.write_json_atomic(os.path.join(workdir, "final_metrics.json"), final)
   return final
 
 
@@ -500,37 +531,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains and evaluates ``config`` in ``workdir``, resuming from its latest checkpoint.
 
   Phases: :func:`prepare` (validate, resolve, check the workdir's run: a restart
-  with another config stops here, the workdir untouched), :func:`build`,
-  :func:`restore`, then ``config.json``/``run.json`` are written, the loop
-  (:class:`_Loop`), and :func:`final_report`.
+  with another config stops here, the workdir untouched), the workdir lock (a second
+  launch into a running workdir stops here), :func:`build`, :func:`restore`, then
+  ``config.json``/``run.json`` are written, the loop (:class:`_Loop`), and
+  :func:`final_report`.
 
   Args:
     config: an experiment config (``configs/*.py``).
-    workdir: output directory: ``checkpoints/``, ``metrics.jsonl``,
+    workdir: output directory: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``,
       ``final_metrics.json``, ``config.json``, ``run.json``.
-    step_hook: called on the host with the number of completed steps after each step
-      (after any checkpoint of that step was started). An exception raised in it
+    step_hook: called on the host with the number of completed steps after each device
+      call (after any checkpoint of that step was started). An exception raised in it
       aborts the run like a crash; tests use it to simulate a kill.
 
   Returns:
     The final metrics (also written to ``final_metrics.json``).
+
+  Raises:
+    preemption.Preempted: SIGTERM/SIGINT arrived; a checkpoint of the reached step
+      was written and the same call resumes.
   """
   plan = prepare(config, workdir)
   c, is_main = plan.config, jax.process_index() == 0
-  setup = build(c, plan.devices, plan.steps_per_epoch, plan.total_steps)
-  fingerprint = checkpointing.run_fingerprint(checkpointing.run_spec(c))
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), c.keep_checkpoints)
-  try:
-    state, start_step, train_seconds = restore(c, setup.state, ckpt, fingerprint)
-    writer = MetricsWriter(workdir, is_main)
-    if is_main:  # Only now that the workdir is known to hold this run (or none).
-      checkpointing.record_run(workdir, c, plan.derived)
-      writer.truncate_after(start_step)
-    loop = _Loop(plan, setup, ckpt, writer, fingerprint, start_step, train_seconds)
-    state = loop.run(state, step_hook)
-    train_seconds = loop.seconds()
-  finally:
-    ckpt.wait()
-    ckpt.close()
-  return final_report(plan, setup, state, train_seconds, workdir)
+  with workdir_lib.WorkdirLock(workdir, jax.process_index()), \
+      preemption.Preemption() as stop:
+    setup = build(c, plan.devices, plan.steps_per_epoch, plan.total_steps)
+    fingerprint = checkpointing.run_fingerprint(checkpointing.run_spec(c))
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      c.keep_checkpoints)
+    writer = None
+    try:
+      state, start_step, train_seconds = restore(c, setup.state, ckpt, fingerprint)
+      writer = workdir_lib.MetricsWriter(workdir, is_main, tensorboard=c.tensorboard)
+      if is_main:  # Only now that the workdir is known to hold this run (or none).
+        checkpointing.record_run(workdir, c, plan.derived)
+        writer.truncate_after(start_step)
+      loop = _Loop(plan, setup, ckpt, writer, fingerprint, start_step, train_seconds,
+                   workdir)
+      state = loop.run(state, step_hook, stop)
+      train_seconds = loop.seconds()
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      if writer is not None:
+        writer.close()
+    return final_report(plan, setup, state, train_seconds, workdir)

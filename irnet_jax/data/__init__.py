@@ -48,7 +48,9 @@ from irnet_jax.data.pipeline import dataset_info
 from irnet_jax.data.pipeline import eval_batches
 from irnet_jax.data.pipeline import eval_dataset
 from irnet_jax.data.pipeline import loader_options
+from irnet_jax.data.pipeline import resident_arrays
 from irnet_jax.data.pipeline import train_dataset
+from irnet_jax.data.pipeline import train_indices
 from irnet_jax.data.pipeline import train_iterator
 from irnet_jax.data.sources import ArraySource
 from irnet_jax.data.sources import DATASETS
@@ -59,6 +61,6 @@ __all__ = [
     "AUGMENTS", "ArraySource", "BadImageError", "DATASETS", "DatasetInfo",
     "color_jitter_on", "dataset_info", "eval_batches", "eval_dataset",
     "eval_transform", "get_sources", "load_digits_arrays", "loader_options",
-    "normalize", "train_dataset", "train_iterator",
+    "normalize", "resident_arrays", "train_dataset", "train_indices", "train_iterator",
     "train_transform",
 ]

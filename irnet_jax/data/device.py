@@ -93,3 +93,67 @@ def model_input(images: jax.Array, mean: Sequence[float], std: Sequence[float],
   if jitter is not None:
     x = color_jitter(x, jitter)
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+# ------------------------------------------------------------------ resident data
+
+_AUGMENT_TAG = 0xA06D
+# Zero border of the pad-and-crop recipes, in pixels (as the host transforms).
+_PAD = {"cifar": 4, "shift": 1}
+DEVICE_AUGMENTS = ("cifar", "shift", "none")
+
+
+def example_keys(seed: int, positions: jax.Array) -> jax.Array:
+  """One key per example, from its position in the training stream (step * B + i,
+  ``i`` the index in the *global* batch): the same draws whatever the mesh."""
+  key = jax.random.fold_in(jax.random.key(seed), _AUGMENT_TAG)
+  return jax.vmap(lambda p: jax.random.fold_in(key, p))(positions)
+
+
+def pad_crop_flip(image: jax.Array, key: jax.Array, size: int, pad: int,
+                  flip: bool) -> jax.Array:
+  """One uint8 ``(H, W, C)`` image: zero-pad ``pad`` pixels, crop ``size^2`` at a
+  uniform offset, mirror left-right with probability 1/2 (``flip``): the host's
+  :func:`augment.cifar_augment` / :func:`augment.shift_augment`, drawn from ``key``."""
+  h, w, _ = image.shape
+  crop_key, flip_key = jax.random.split(key)
+  top, left = jax.random.randint(crop_key, (2,), 0,
+                                 jnp.array([h + 2 * pad - size + 1, w + 2 * pad - size + 1]))
+  padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+  out = jax.lax.dynamic_slice(padded, (top, left, 0), (size, size, image.shape[2]))
+  if flip:
+    out = jnp.where(jax.random.bernoulli(flip_key), out[:, ::-1], out)
+  return out
+
+
+def gather_train_batch(train_image: jax.Array, train_label: jax.Array, index: jax.Array,
+                       step: jax.Array, seed: int, augment_name: str,
+                       size: int) -> tuple[jax.Array, jax.Array]:
+  """A training batch from the training set held on the device.
+
+  Args:
+    train_image: uint8 ``(N, H, W, 3)`` NHWC, the whole training set (replicated).
+    train_label: int32 ``(N,)``.
+    index: int32 ``(B,)`` rows of this step (the host's epoch shuffle), sharded over the
+      mesh's data axis: each device gathers its own share.
+    step: the optimizer step (traced); example ``i`` draws its augmentation from stream
+      position ``step * B + i``.
+    seed: the run's seed.
+    augment_name: one of :data:`DEVICE_AUGMENTS` (the recipes of in-memory data sets).
+    size: side of the output, in pixels.
+
+  Returns:
+    ``(uint8 (B, size, size, 3), int32 (B,))``.
+  """
+  if augment_name not in DEVICE_AUGMENTS:
+    raise ValueError(f"dataset.augment={augment_name!r} cannot run on the device; "
+                     f"cache_on_device supports {list(DEVICE_AUGMENTS)}.")
+  images = jnp.take(train_image, index, axis=0)
+  labels = jnp.take(train_label, index, axis=0)
+  if augment_name == "none":
+    return images, labels
+  positions = step.astype(jnp.int32) * index.shape[0] + jnp.arange(index.shape[0])
+  keys = example_keys(seed, positions)
+  crop = lambda im, k: pad_crop_flip(im, k, size, _PAD[augment_name],
+                                     flip=augment_name == "cifar")
+  return jax.vmap(crop)(images, keys), labels

@@ -496,3 +496,64 @@ def eval_batches(ds_cfg: Any, global_batch_size: int, process_index: int = 0,
   ds = eval_dataset(ds_cfg, global_batch_size, process_index, process_count)
   options = loader_options(ds_cfg, global_batch_size // process_count)
   yield from train_iterator(ds, 0, **options)
+
+
+# ----------------------------------------------------------------------------
+# data held on the device (dataset.cache_on_device)
+
+
+def resident_arrays(ds_cfg: Any) -> dict[str, np.ndarray]:
+  """The whole in-memory data set for placing on the device(s) once.
+
+  Returns:
+    ``dict(train_image=uint8 (N, H, W, 3) NHWC, train_label=int32 (N,),
+    test_image=uint8 (M, H, W, 3), test_label=int32 (M,))``, images at
+    ``ds_cfg.image_size``.
+
+  Raises:
+    ValueError: the source is not in memory (image files, TFDS), or its images
+      are not ``image_size`` square, with the fix.
+  """
+  _, augment, size = _check_cfg(ds_cfg)
+  train, test = sources.get_sources(ds_cfg)
+  if not (isinstance(train, sources.ArraySource) and isinstance(test, sources.ArraySource)):
+    raise ValueError(
+        f"dataset.cache_on_device=True needs an in-memory data set (cifar10, cifar100, "
+        f"npz, digits); {sources.cfg_get(ds_cfg, 'name')!r} is read from files. Set "
+        "--config.dataset.cache_on_device=False.")
+  if augment not in ("cifar", "shift", "none"):
+    raise ValueError(f"dataset.cache_on_device=True supports augment cifar, shift or none, "
+                     f"not {augment!r}; set --config.dataset.cache_on_device=False.")
+  for name, src in (("train", train), ("test", test)):
+    if src.images.shape[1:3] != (size, size):
+      raise ValueError(f"dataset.cache_on_device=True needs {size}x{size} images (the "
+                       f"model input) but the {name} images are "
+                       f"{src.images.shape[1]}x{src.images.shape[2]}; set "
+                       f"--config.dataset.image_size={src.images.shape[1]}.")
+  return dict(train_image=np.ascontiguousarray(train.images, np.uint8),
+              train_label=np.asarray(train.labels, np.int32),
+              test_image=np.ascontiguousarray(test.images, np.uint8),
+              test_label=np.asarray(test.labels, np.int32))
+
+
+def train_indices(num_examples: int, global_batch_size: int, seed: int,
+                  start_step: int, num_steps: int, process_index: int = 0,
+                  process_count: int = 1) -> np.ndarray:
+  """Source rows of training steps ``start_step .. start_step + num_steps - 1``.
+
+  The same examples, in the same order, as :func:`train_dataset`'s batches (one
+  shuffle per epoch of the continuous stream of positions), for the data held on
+  the device: int32 ``(num_steps, B)`` with ``B = global_batch_size //
+  process_count`` this process's share of each global batch.
+  """
+  local = _check_sharding(global_batch_size, process_index, process_count)
+  shuffle = _EpochShuffle(num_examples, int(seed))
+  first = start_step * global_batch_size + process_index * local
+  starts = first + global_batch_size * np.arange(num_steps)[:, None]
+  positions = starts + np.arange(local)[None, :]
+  epochs, slots = np.divmod(positions, num_examples)
+  out = np.empty(positions.shape, np.int32)
+  for epoch in np.unique(epochs):
+    where = epochs == epoch
+    out[where] = shuffle.permutation(int(epoch))[slots[where]]
+  return out

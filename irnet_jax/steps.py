@@ -1,0 +1,216 @@
+"""The pure functions the launcher jits: one training step, K steps per device call,
+the evaluation step and the diagnostics, as functions of ``(graphdef, config)``.
+
+Design: ``graphdef, state = nnx.split((model, optimizer))`` once; every function here
+takes and returns ``state`` (an ``nnx.State``), so ``jax.jit`` sees a pure function.
+EDE's (t, k), the learning rate and every random draw are functions of the optimizer's
+step counter read *inside* the step: one compilation for the whole run, and K steps in
+one ``lax.scan`` give the parameters of K single steps.
+
+A training batch is either what the host pipeline made, ``dict(image=uint8 (B, H, W, 3)
+NHWC, label=int32 (B,))``, or, with the data held on the device
+(``dataset.cache_on_device``), ``dict(index=int32 (B,))`` of rows of the resident
+training set, which the step gathers and augments itself
+(:func:`irnet_jax.data.device.augment`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from irnet_jax import data, diagnostics, ops
+from irnet_jax.data import device as data_device
+
+State = nnx.State
+Batch = dict
+
+
+def ede_at(c: ml_collections.ConfigDict, step: jax.Array, steps_per_epoch: int,
+           total_steps: int) -> ops.EDE:
+  """EDE (t, k) for a (traced) step: per epoch like the official CIFAR code, or every
+  ``ede.every_steps`` steps by progress like the official ImageNet code."""
+  step = step.astype(jnp.float32)
+  if c.ede.schedule_by == "epoch":
+    num_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
+    progress = jnp.floor(step / steps_per_epoch) / num_epochs
+  else:
+    every = c.ede.every_steps
+    progress = jnp.floor(step / every) * every / max(total_steps, 1)
+  return ops.ede_schedule(jnp.minimum(progress, 1.0), c.ede.t_min, c.ede.t_max)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy in float32; logits (N, C), labels (N,) int."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def _micro_batches(x: jax.Array, count: int) -> jax.Array:
+  """``(B, ...) -> (count, B / count, ...)``, micro-batch ``a`` = rows ``a, a + count, ...``.
+
+  Strided rather than contiguous so that every micro-batch keeps its share of rows on
+  every device of the data axis (a contiguous split would put micro-batch 0 on the
+  first devices only)."""
+  return x.reshape((x.shape[0] // count, count) + x.shape[1:]).swapaxes(0, 1)
+
+
+def _gradients(model: nnx.Module, images: jax.Array, labels: jax.Array, ede: ops.EDE,
+               accumulate: int) -> tuple[jax.Array, jax.Array, State]:
+  """``(mean loss, accuracy, gradients of the mean loss)`` over the batch.
+
+  With ``accumulate = A > 1`` the batch runs as A micro-batches in a ``lax.scan``
+  (activations of one micro-batch alive at a time) and the gradients are averaged;
+  BatchNorm normalizes each micro-batch with its own statistics and updates its running
+  averages A times, as A forward passes of B / A images would in PyTorch.
+  """
+
+  def loss_fn(m, x, y):
+    logits = m(x, ede=ede)
+    loss = cross_entropy(logits, y).mean()
+    return loss, jnp.mean(jnp.argmax(logits, -1) == y)
+
+  grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+  if accumulate == 1:
+    (loss, accuracy), grads = grad_fn(model, images, labels)
+    return loss, accuracy, grads
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def micro(carry, xy):
+    rest, total = carry
+    m = nnx.merge(graphdef, params, rest)
+    (loss, accuracy), g = grad_fn(m, *xy)
+    rest = nnx.split(m, nnx.Param, ...)[2]
+    return (rest, jax.tree.map(jnp.add, total, g)), (loss, accuracy)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (rest, total), (losses, accuracies) = jax.lax.scan(
+      micro, (rest, zeros), (_micro_batches(images, accumulate),
+                             _micro_batches(labels, accumulate)))
+  nnx.update(model, rest)  # BatchNorm running statistics after the last micro-batch.
+  grads = jax.tree.map(lambda g: g / accumulate, total)
+  return losses.mean(), accuracies.mean(), grads
+
+
+def make_train_step(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
+                    schedule: optax.Schedule, steps_per_epoch: int, total_steps: int
+                    ) -> Callable[[State, Batch], tuple[State, dict]]:
+  """``step(state, batch) -> (state, metrics)``: one optimizer step, pure, for ``jax.jit``.
+
+  ``batch["image"]`` is uint8 NHWC from the input pipeline (normalized, and
+  colour-jittered when ``dataset.color_jitter_on="device"``, here) or already
+  normalized floats (used as they are); or ``batch`` holds ``index`` and the resident
+  ``train_image``/``train_label`` arrays (see the module docstring).
+  ``config.grad_accum_steps`` micro-batches make one update (:func:`_gradients`).
+  Metrics are float32 scalars: loss, accuracy, param_norm, lr, ede_t, ede_k (and
+  bad_files with ``dataset.skip_bad_files``).
+  """
+  device_jitter = data.color_jitter_on(c.dataset) == "device"
+  accumulate = int(c.get("grad_accum_steps", 1))
+  ds = c.dataset
+
+  def train_step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    step = optimizer.step[...]
+    ede = ede_at(c, step, steps_per_epoch, total_steps)
+    if "index" in batch:  # Resident data: gather this step's rows and augment them.
+      images, labels = data_device.gather_train_batch(
+          batch["train_image"], batch["train_label"], batch["index"], step, c.seed,
+          ds.augment, ds.image_size)
+    else:
+      images, labels = batch["image"], batch["label"]
+    jitter = data_device.jitter_key(c.seed, step) if device_jitter else None
+    images = data_device.model_input(images, ds.mean, ds.std, jitter)
+    loss, accuracy, grads = _gradients(model, images, labels, ede, accumulate)
+    optimizer.update(model, grads)
+    metrics = dict(loss=loss, accuracy=accuracy,
+                   param_norm=optax.tree.norm(nnx.state(model, nnx.Param)),
+                   lr=jnp.asarray(schedule(step), jnp.float32), ede_t=ede.t, ede_k=ede.k)
+    if "bad_files" in batch:  # dataset.skip_bad_files: replaced files in this batch.
+      metrics["bad_files"] = jnp.sum(batch["bad_files"])
+    return nnx.state((model, optimizer)), metrics
+
+  return train_step
+
+
+def scan_steps(train_step: Callable[[State, Batch], tuple[State, dict]]
+               ) -> Callable[[State, Batch], tuple[State, dict]]:
+  """``call(state, batches) -> (state, metrics)``: ``train_step`` over the leading axis
+  of every array of ``batches`` (K stacked host batches, or K index sets), in one
+  ``lax.scan``; metrics come back stacked, shape (K,). The step is the same function:
+  the scan only repeats it, so K steps in a call equal K calls of one step."""
+
+  def call(state, batches):
+    return jax.lax.scan(train_step, state, batches)
+
+  return call
+
+
+def scan_resident_steps(train_step: Callable[[State, Batch], tuple[State, dict]]
+                        ) -> Callable[[State, dict, jax.Array], tuple[State, dict]]:
+  """``call(state, resident, indices) -> (state, metrics)`` over resident data:
+  ``resident = dict(train_image=uint8 (N, H, W, 3), train_label=int32 (N,))`` on the
+  device(s), ``indices`` int32 (K, B), one row per step; metrics stacked (K,)."""
+
+  def call(state, resident, indices):
+    def one(state, index):
+      return train_step(state, dict(index=index, **resident))
+    return jax.lax.scan(one, state, indices)
+
+  return call
+
+
+def make_eval_step(graphdef: nnx.GraphDef, dataset: ml_collections.ConfigDict
+                   ) -> Callable[[State, Batch], dict]:
+  """``step(model_state, batch) -> sums`` (loss, correct, correct5 = label in the top 5,
+  count) over the unmasked examples of a padded batch. uint8 images are normalized
+  with ``dataset.mean/std`` here; floats are used as they are."""
+
+  def eval_step(model_state, batch):
+    model = nnx.merge(graphdef, model_state)
+    logits = model(data_device.model_input(batch["image"], dataset.mean, dataset.std))
+    mask = batch["mask"].astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    correct5 = jnp.any(top5 == batch["label"][:, None], axis=-1).astype(jnp.float32)
+    return dict(loss=jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+                correct=jnp.sum(correct * mask), correct5=jnp.sum(correct5 * mask),
+                count=jnp.sum(mask))
+
+  return eval_step
+
+
+def scan_eval(eval_step: Callable[[State, Batch], dict]
+              ) -> Callable[[State, Batch], dict]:
+  """``evaluate(model_state, batches) -> sums`` over the leading axis of resident,
+  padded test batches (``image`` (M, E, H, W, 3), ``label`` and ``mask`` (M, E)):
+  a whole evaluation in one device call."""
+
+  def evaluate(model_state, batches):
+    def one(total, batch):
+      return jax.tree.map(jnp.add, total, eval_step(model_state, batch)), None
+    zero = dict(loss=0.0, correct=0.0, correct5=0.0, count=0.0)
+    return jax.lax.scan(one, jax.tree.map(jnp.float32, zero), batches)[0]
+
+  return evaluate
+
+
+def make_diagnose(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
+                  steps_per_epoch: int, total_steps: int) -> Callable:
+  """``(model_state, step, prev_signs, x) -> (metrics, signs)`` for jit: the compact
+  information-retention diagnostics of :mod:`irnet_jax.diagnostics` at the step's EDE,
+  next to the train step (one fused computation, no host loop over layers)."""
+
+  def diagnose(model_state, step, prev_signs, x):
+    model = nnx.merge(graphdef, model_state)  # Eval mode: BN statistics untouched.
+    ede = ede_at(c, step, steps_per_epoch, total_steps)
+    x = data_device.model_input(x, c.dataset.mean, c.dataset.std)
+    metrics = diagnostics.measure(model, ede, prev_signs, x)
+    return metrics, diagnostics.weight_signs(model)
+
+  return diagnose
