@@ -91,7 +91,8 @@ def _records(workdir: str) -> list[dict]:
 
 
 def _train_images_per_sec(records: list[dict]) -> float:
-  rates = [r["images_per_sec"] for r in records if r["split"] == "train"]
+  rates = [r["images_per_sec"] for r in records
+           if r["split"] == "train" and "images_per_sec" in r]
   rates = rates[1:] or rates  # The first interval includes compilation.
   return sum(rates) / max(len(rates), 1)
 

@@ -4,9 +4,10 @@
 #   bash experiments/gpu_check.sh --data=CIFAR.npz                # CUDA machine, < 10 min
 #   bash experiments/gpu_check.sh --cpu --data=CIFAR.npz          # this script's own test
 #   bash experiments/gpu_check.sh --python=/path/bin/python --data=CIFAR.npz
+#   bash experiments/gpu_check.sh --paper_cifar --data=CIFAR.npz [--budget_s=600]
 #
-# CIFAR.npz: x_train, y_train, x_test, y_test (uint8 NHWC), e.g. from
-# `python ../shared/data/cifar10_q75.py CIFAR.npz`.
+# CIFAR.npz: x_train, y_train, x_test, y_test (uint8 NHWC), e.g. CIFAR-10 from
+# tfds or torchvision saved with numpy.savez.
 #
 # Default: creates a fresh venv (VENV, default $TMP/irnet_gpu_venv), installs
 # requirements.txt and `jax[$JAX_EXTRA]` (default cuda12) into it. --python=PY uses an
@@ -19,7 +20,14 @@
 # compute (8 runs); one epoch of configs/cifar10_resnet20.py on the npz through the
 # launcher. A failing step is recorded and the others still run. The last stdout line
 # is one JSON object with every figure ("failed" lists failed steps; exit status 1 if
-# any). Sizes can be overridden with environment variables:
+# any).
+#
+# --paper_cifar instead reproduces the paper's CIFAR-10 row (ResNet-20 1w1a, 400 epochs,
+# batch 128) with the data on the device and K steps per device call, for as many
+# epochs as fit in --budget_s seconds (schedules scaled, and said so):
+# experiments/paper_cifar.py, which prints test accuracy per epoch and ends in a JSON
+# line (GPU_CHECK_PAPER_K steps per call, default 390 = one epoch; GPU_CHECK_PAPER_DTYPE
+# float32 or bfloat16). With --cpu: a 512-image subset for 2 epochs (its test). Sizes can be overridden with environment variables:
 #   GPU_CHECK_STEPS, GPU_CHECK_WARMUP     timed / untimed throughput steps
 #   GPU_CHECK_R20_BATCH                   ResNet-20 batch (GPU 1024, --cpu 32)
 #   GPU_CHECK_R18_BATCH, GPU_CHECK_R18_SIZE  ResNet-18 batch and image size (256 x 224)
@@ -30,21 +38,25 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
-CPU=0 DATA="" PY=""
+CPU=0 DATA="" PY="" PAPER=0 BUDGET=600
 for arg in "$@"; do
   case "$arg" in
     --cpu) CPU=1 ;;
+    --paper_cifar) PAPER=1 ;;
+    --budget_s=*) BUDGET=${arg#--budget_s=} ;;
     --data=*) DATA=${arg#--data=} ;;
     --python=*) PY=${arg#--python=} ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument '$arg'; use [--cpu] [--python=PY] --data=CIFAR.npz" >&2
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$arg'; use [--cpu] [--python=PY]" \
+            "[--paper_cifar [--budget_s=S]] --data=CIFAR.npz" >&2
        exit 2 ;;
   esac
 done
 DATA=${DATA/#\~/$HOME}
 if [[ -z "$DATA" || ! -f "$DATA" ]]; then
-  echo "gpu_check.sh: --data=CIFAR.npz is required and must exist (got '${DATA}'); make one" \
-       "with: python ../shared/data/cifar10_q75.py CIFAR.npz" >&2
+  echo "gpu_check.sh: --data=CIFAR.npz is required and must exist (got '${DATA}'): an npz" \
+       "with x_train, y_train, x_test, y_test (uint8 NHWC), e.g. CIFAR-10 saved with" \
+       "numpy.savez" >&2
   exit 2
 fi
 
@@ -68,6 +80,14 @@ if [[ -z "$PY" ]]; then
   PY=$VENV/bin/python
 fi
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+
+if (( PAPER )); then
+  EXTRA=()
+  (( CPU )) && EXTRA=(--cpu)
+  exec "$PY" experiments/paper_cifar.py --data="$DATA" --budget_s="$BUDGET" \
+    --workdir="$WORK/paper_cifar" --steps_per_call="${GPU_CHECK_PAPER_K:-390}" \
+    --compute_dtype="${GPU_CHECK_PAPER_DTYPE:-float32}" "${EXTRA[@]}"
+fi
 
 # Every step appends "name<TAB>json" to $WORK/results.tsv (json = its last stdout line).
 FAILED=()
@@ -128,7 +148,8 @@ workdir = sys.argv[1]
 with open(os.path.join(workdir, "final_metrics.json")) as f:
   final = json.load(f)
 with open(os.path.join(workdir, "metrics.jsonl")) as f:
-  rates = [r["images_per_sec"] for r in map(json.loads, f) if r["split"] == "train"]
+  rates = [r["images_per_sec"] for r in map(json.loads, f)
+           if r["split"] == "train" and "images_per_sec" in r]
 rates = rates[1:] or rates  # The first interval includes compilation.
 print(json.dumps(dict(test_accuracy=final["test_accuracy"], test_loss=final["test_loss"],
                       train_steps=final["train_steps"], train_seconds=final["train_seconds"],

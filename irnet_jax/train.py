@@ -186,30 +186,28 @@ def evaluate_setup(setup: Setup, model_state: nnx.State, c: ml_collections.Confi
 class Call(NamedTuple):
   """One device call's input, as the loop dispatches it."""
   steps: int               # Optimizer steps in the call (K, or fewer for the last).
-  args: tuple              # Arguments after ``state``.
-  stacked: bool            # Metrics come back with a leading (steps,) axis.
+  args: tuple              # Arguments of ``Setup.train_call`` after ``state``.
   probe: Callable[[], jax.Array]  # The call's last training images (for diagnostics).
 
 
 def _host_calls(c: ml_collections.ConfigDict, setup: Setup, start: int, total: int
                 ) -> Iterator[Call]:
-  """Calls over the host pipeline: K batches stacked on a leading axis (K = 1: as is)."""
+  """Calls over the host pipeline: K batches stacked on a leading axis.
+
+  K = 1 goes through the same scan (of length 1): XLA compiles a loop body differently
+  from a bare step, and K steps per call must give the parameters of K = 1 bit for bit.
+  """
   train_ds = data.train_dataset(c.dataset, c.batch_size, c.seed, total,
                                 jax.process_index(), jax.process_count())
   # The data is a pure function of (seed, step), so resuming is slicing.
   batches = data.train_iterator(train_ds, start, **data.loader_options(
       c.dataset, c.batch_size // jax.process_count()))
-  k = c.steps_per_call
-  for first in range(start, total, k):
-    n = min(k, total - first)
+  for first in range(start, total, c.steps_per_call):
+    n = min(c.steps_per_call, total - first)
     local = [next(batches) for _ in range(n)]
-    if k == 1:
-      batch = _global_batch(local[0], setup.batch_sharding)
-      yield Call(1, (batch,), False, lambda b=batch: b["image"])
-    else:
-      stacked = {key: np.stack([b[key] for b in local]) for key in local[0]}
-      batch = _global_batch(stacked, setup.stacked_sharding)
-      yield Call(n, (batch,), True, lambda b=batch: b["image"][-1])
+    stacked = {key: np.stack([b[key] for b in local]) for key in local[0]}
+    batch = _global_batch(stacked, setup.stacked_sharding)
+    yield Call(n, (batch,), lambda b=batch: b["image"][-1])
 
 
 def _resident_calls(c: ml_collections.ConfigDict, setup: Setup, start: int, total: int
@@ -221,7 +219,7 @@ def _resident_calls(c: ml_collections.ConfigDict, setup: Setup, start: int, tota
     local = data.train_indices(resident.num_train, c.batch_size, c.seed, first, n,
                                jax.process_index(), jax.process_count())
     indices = jax.make_array_from_process_local_data(setup.stacked_sharding, local)
-    yield Call(n, (resident.train, indices), True,
+    yield Call(n, (resident.train, indices),
                lambda i=indices: jnp.take(resident.train["train_image"], i[-1], axis=0))
 
 
@@ -256,7 +254,9 @@ class _Interval:
     seconds = max(time.perf_counter() - self.start, 1e-9)
     out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
     out.update(lr=float(self.last["lr"]), ede_t=float(self.last["ede_t"]),
-               ede_k=float(self.last["ede_k"]), images_per_sec=self.images / seconds)
+               ede_k=float(self.last["ede_k"]))
+    if self.images:  # None when the interval held only the compiling first call.
+      out["images_per_sec"] = self.images / seconds
     if self.bad_files is not None:
       out["bad_files"] = self.bad_files  # Replaced undecodable files since the last log.
     return out
@@ -420,18 +420,10 @@ class _Loop:
     """Fetch the previous call's metrics (already computed or nearly), check them."""
     if self.pending is not None:
       done, call, metrics = self.pending
-      metrics = jax.device_get(metrics)
-      if not call.stacked:
-        metrics = {k: np.reshape(v, (1,)) for k, v in metrics.items()}
+      metrics = jax.device_get(metrics)  # Arrays of shape (call.steps,).
       _check_finite(done, metrics, self.last_good, self.ckpt.directory, self.c)
       self.interval.add(metrics, call.steps * self.c.batch_size)
       self.pending = None
-
-  def dispatch(self, state: nnx.State, call: Call) -> tuple[nnx.State, Any]:
-    setup = self.setup
-    if setup.resident is not None or call.stacked:
-      return setup.train_call(state, *call.args)
-    return setup.train_step(state, *call.args)
 
   def run(self, state: nnx.State, step_hook: Callable[[int], None] | None,
           stop: preemption.Preemption) -> nnx.State:
@@ -447,7 +439,7 @@ class _Loop:
       for index, call in enumerate(feed(c, self.setup, self.start_step, plan.total_steps)):
         self.profiler.before(done)
         started = time.perf_counter()
-        state, metrics = self.dispatch(state, call)
+        state, metrics = self.setup.train_call(state, *call.args)
         self.drain()  # The previous call, computed while this one was being dispatched.
         done += call.steps
         self.pending = (done, call, metrics)
@@ -494,7 +486,8 @@ class _Loop:
         record["compile_seconds"] = self.compile_seconds
         self.compile_seconds = None
       self.writer.write(dict(step=done, split="train", **record))
-      bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_sec']:.0f}")
+      bar.set_postfix(loss=f"{record['loss']:.3f}",
+                      img_s=f"{record.get('images_per_sec', 0):.0f}")
       self.interval.reset()
     if done % c.checkpoint_every_steps == 0 or last:
       self.drain()  # Never checkpoint a diverged state.
