@@ -210,14 +210,8 @@ def activation(name: str):
 # Convolution.
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, strides: int = 1, padding: int = 0, *,
-           preferred_element_type=None) -> jax.Array:
-  """``F.conv2d`` semantics on NHWC inputs and HWIO kernels, symmetric zero padding.
-
-  ``preferred_element_type``: the dtype the products are summed in and returned as
-  (e.g. float32 for bfloat16 operands); None: the operands' dtype.
-  """
+def conv2d(x: jax.Array, kernel: jax.Array, strides: int = 1, padding: int = 0) -> jax.Array:
+  """``F.conv2d`` semantics on NHWC inputs and HWIO kernels, symmetric zero padding."""
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(strides, strides), padding=((padding, padding),) * 2,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      preferred_element_type=preferred_element_type)
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -11,8 +11,8 @@ and compiles nothing. Checked in the StableHLO text:
   for the CPU. jax.export refuses most of these itself; this test does not rely on it
   (a ``disabled_checks`` would let them through).
 * ``compute_dtype="bfloat16"``: every convolution, forward and backward, takes
-  bfloat16 operands and sums in float32 (:func:`irnet_jax.kernels.xla.narrow_conv`);
-  ``"float32"``: every convolution is float32 throughout.
+  bfloat16 operands (cuDNN and the TPU's MXU sum them in float32; see
+  :mod:`irnet_jax.kernels.xla`); ``"float32"``: every convolution is float32 throughout.
 
 Shapes are small (2 images; 32x32 for the CIFAR models, 64x64 for the ImageNet ones):
 tracing cost does not depend on them, and no program is compiled.
@@ -208,14 +208,14 @@ def test_programs_lower_for_tpu_and_cuda_without_cpu_custom_calls(name):
 
 
 @pytest.mark.parametrize("name", _MODELS)
-def test_bfloat16_compute_convolves_bfloat16_operands_summing_in_float32(name):
+def test_bfloat16_compute_convolves_bfloat16_operands(name):
   # Training and evaluation; train_call runs train_step's body, already covered.
   exported = export_all(name, "bfloat16", only=("train_step", "eval_step"))
   for program, exp in exported.items():
     mlir = exp.mlir_module()
     assert not cpu_only(custom_call_targets(mlir)), (program, custom_call_targets(mlir))
     dtypes = conv_dtypes(mlir)
-    assert dtypes and set(dtypes) == {("bf16", "bf16", "f32")}, (program, set(dtypes))
+    assert dtypes and set(dtypes) == {("bf16", "bf16", "bf16")}, (program, set(dtypes))
     # Parameters and optimizer state stay float32 (only the compute is bfloat16).
     assert {a.dtype for a in jax.tree.leaves(exp.in_avals)
             if jnp.issubdtype(a.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
