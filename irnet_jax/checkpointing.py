@@ -197,6 +197,9 @@ RESUMABLE_FIELDS = (
     "model.conv_impl", "dataset.data_dir", "dataset.path", "dataset.train_root",
     "dataset.test_root", "dataset.train_list", "dataset.test_list", "dataset.num_threads",
     "dataset.num_workers", "dataset.prefetch_mb", "dataset.skip_bad_files",
+    # How the steps are dispatched and watched, not what they compute: K steps per call
+    # give the parameters of K single steps.
+    "steps_per_call", "steps_per_call_mode", "tensorboard", "profile_steps",
 )
 
 

@@ -46,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # (fine-tuning; e.g. one made by irnet_jax.convert).
   c.steps_per_call = 1            # K optimizer steps per device call (one lax.scan); the
                                   # log/eval/checkpoint cadences must be multiples of K.
+  c.steps_per_call_mode = "auto"  # "scan" (one lax.scan: GPU/TPU), "dispatch" (K jitted
+                                  # steps from the host: CPU), "auto": by platform.
   c.grad_accum_steps = 1          # Micro-batches per optimizer step (batch_size is the
                                   # global batch of one update; BN per micro-batch).
   c.tensorboard = True            # Also write every logged scalar as TensorBoard events.
@@ -234,6 +236,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   for field in ("log_every_steps", "checkpoint_every_steps"):
     if c[field] <= 0:
       raise ValueError(f"config.{field}={c[field]} must be > 0.")
+  _choice(c.get("steps_per_call_mode", "auto"), ("auto", "scan", "dispatch"),
+          "steps_per_call_mode")
   _check_steps_per_call(c)
   accumulate = c.get("grad_accum_steps", 1)
   if accumulate < 1 or c.batch_size % (accumulate * num_devices):
