@@ -26,6 +26,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class ConfigError(ValueError):
+  """A config field that cannot work, with the fix; the CLIs print it as one line."""
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults: the official CIFAR-10 ResNet-20 1w1a recipe; configs override fields."""
   c = ml_collections.ConfigDict()
@@ -154,7 +158,7 @@ def imagenet_config(model: str, act_bits: int = 1) -> ml_collections.ConfigDict:
 
 def _choice(value, allowed, field):
   if value not in allowed:
-    raise ValueError(f"config.{field}={value!r} is not valid; choose one of {list(allowed)}.")
+    raise ConfigError(f"config.{field}={value!r} is not valid; choose one of {list(allowed)}.")
 
 
 def _renamed_message(old: str, new: str, value=None) -> str:
@@ -169,7 +173,7 @@ def _check_renamed(c: ml_collections.ConfigDict) -> None:
     parent, leaf = old.rsplit(".", 1)
     # `in`, not getattr: ConfigDict.update is a method, so `c.ede.update` is always set.
     if parent in c and leaf in c[parent]:
-      raise ValueError(_renamed_message(old, new, c[parent][leaf]))
+      raise ConfigError(_renamed_message(old, new, c[parent][leaf]))
 
 
 def migrate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -217,37 +221,37 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(c.ede.schedule_by, EDE_SCHEDULE_BY, "ede.schedule_by")
   _choice(c.compute_dtype, COMPUTE_DTYPES, "compute_dtype")
   if not c.optimizer.learning_rate > 0:
-    raise ValueError(f"config.optimizer.learning_rate={c.optimizer.learning_rate} must be "
+    raise ConfigError(f"config.optimizer.learning_rate={c.optimizer.learning_rate} must be "
                      "> 0; set e.g. --config.optimizer.learning_rate=0.1.")
   if not c.num_epochs > 0:
-    raise ValueError(f"config.num_epochs={c.num_epochs} must be > 0 (to train a fixed "
+    raise ConfigError(f"config.num_epochs={c.num_epochs} must be > 0 (to train a fixed "
                      "number of steps instead, also set config.num_train_steps > 0).")
   if not 0 < c.ede.t_min < c.ede.t_max:
-    raise ValueError(f"config.ede needs 0 < t_min < t_max, got t_min={c.ede.t_min}, "
+    raise ConfigError(f"config.ede needs 0 < t_min < t_max, got t_min={c.ede.t_min}, "
                      f"t_max={c.ede.t_max}; the paper uses 0.1 -> 10.")
   if c.ede.every_steps < 1:
-    raise ValueError("config.ede.every_steps must be >= 1.")
+    raise ConfigError("config.ede.every_steps must be >= 1.")
   for field in ("batch_size", "eval_batch_size"):
     size = c[field]
     if size <= 0 or size % num_devices:
-      raise ValueError(f"config.{field}={size} must be a positive multiple of the "
+      raise ConfigError(f"config.{field}={size} must be a positive multiple of the "
                        f"{num_devices} devices; set --config.{field}="
                        f"{max(num_devices, size - size % num_devices)}.")
   for field in ("log_every_steps", "checkpoint_every_steps"):
     if c[field] <= 0:
-      raise ValueError(f"config.{field}={c[field]} must be > 0.")
+      raise ConfigError(f"config.{field}={c[field]} must be > 0.")
   _choice(c.get("steps_per_call_mode", "auto"), ("auto", "scan", "dispatch"),
           "steps_per_call_mode")
   _check_steps_per_call(c)
   accumulate = c.get("grad_accum_steps", 1)
   if accumulate < 1 or c.batch_size % (accumulate * num_devices):
-    raise ValueError(f"config.grad_accum_steps={accumulate} must be >= 1 and divide "
+    raise ConfigError(f"config.grad_accum_steps={accumulate} must be >= 1 and divide "
                      f"batch_size={c.batch_size} into micro-batches that split over the "
                      f"{num_devices} device(s): batch_size must be a multiple of "
                      f"grad_accum_steps x devices = {max(accumulate, 1) * num_devices}.")
   profile_range(c)
   if c.dataset.name == "npz" and not c.dataset.path:
-    raise ValueError("config.dataset.name='npz' needs config.dataset.path; pass "
+    raise ConfigError("config.dataset.name='npz' needs config.dataset.path; pass "
                      "--config.dataset.path=/path/to/arrays.npz (x_train, y_train, x_test, "
                      "y_test).")
 
@@ -261,7 +265,7 @@ def nearest_multiples(value: int, k: int) -> str:
 def check_multiple_of_call(field: str, value: int, k: int) -> None:
   """Raises when a cadence of ``value`` steps does not fall on a call boundary."""
   if value > 0 and value % k:
-    raise ValueError(f"config.{field}={value} is not a multiple of config.steps_per_call="
+    raise ConfigError(f"config.{field}={value} is not a multiple of config.steps_per_call="
                      f"{k} (logging, evaluation and checkpoints happen between device "
                      f"calls); set --config.{field}={nearest_multiples(value, k)}, or "
                      "another steps_per_call.")
@@ -270,7 +274,7 @@ def check_multiple_of_call(field: str, value: int, k: int) -> None:
 def _check_steps_per_call(c: ml_collections.ConfigDict) -> None:
   k = c.get("steps_per_call", 1)
   if not isinstance(k, int) or k < 1:
-    raise ValueError(f"config.steps_per_call={k!r} must be an integer >= 1.")
+    raise ConfigError(f"config.steps_per_call={k!r} must be an integer >= 1.")
   for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps",
                 "analysis_every_steps"):
     check_multiple_of_call(field, c[field], k)
@@ -286,7 +290,7 @@ def profile_range(c: ml_collections.ConfigDict) -> tuple[int, int] | None:
   except ValueError:
     start = stop = -1
   if not 0 <= start < stop:
-    raise ValueError(f"config.profile_steps={spec!r} must be 'START,STOP' with "
+    raise ConfigError(f"config.profile_steps={spec!r} must be 'START,STOP' with "
                      "0 <= START < STOP, e.g. --config.profile_steps=20,25.")
   return start, stop
 
@@ -295,7 +299,7 @@ def model_kwargs(c: ml_collections.ConfigDict) -> dict:
   """``models.create`` keyword arguments of ``c.model`` (num_classes must be resolved)."""
   m = c.model
   if m.num_classes <= 0:
-    raise ValueError("config.model.num_classes is not resolved; set it or let the training "
+    raise ConfigError("config.model.num_classes is not resolved; set it or let the training "
                      "loop take it from the dataset.")
   dtype = {"float32": None, "bfloat16": jnp.bfloat16}[c.get("compute_dtype", "float32")]
   return dict(num_classes=m.num_classes, structure=m.structure or None,

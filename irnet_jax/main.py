@@ -58,7 +58,7 @@ def main(argv) -> None:
   try:
     final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (checkpointing.RunMismatchError, checkpointing.IncompatibleCheckpointError,
-          workdir_lib.WorkdirBusyError) as e:
+          workdir_lib.WorkdirBusyError, config_lib.ConfigError) as e:
     sys.exit(f"error: {e}")  # A refused (re)start: the message is the whole story.
   except preemption.Preempted as e:
     print(f"preempted: {e}", file=sys.stderr, flush=True)

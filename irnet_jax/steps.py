@@ -81,11 +81,18 @@ def _gradients(model: nnx.Module, images: jax.Array, labels: jax.Array, ede: ops
 
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
+  # Pure functions of the state pytrees (not of the module): the scan body traces at
+  # its own level, where NNX cannot reach modules made outside it.
+  def micro_loss(params, rest, x, y):
+    # Fresh Variables at this trace level (the BatchStats are written to).
+    m = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
+    loss, accuracy = loss_fn(m, x, y)
+    return loss, (accuracy, nnx.split(m, nnx.Param, ...)[2])
+
   def micro(carry, xy):
     rest, total = carry
-    m = nnx.merge(graphdef, params, rest)
-    (loss, accuracy), g = grad_fn(m, *xy)
-    rest = nnx.split(m, nnx.Param, ...)[2]
+    (loss, (accuracy, rest)), g = jax.value_and_grad(micro_loss, has_aux=True)(
+        params, rest, *xy)
     return (rest, jax.tree.map(jnp.add, total, g)), (loss, accuracy)
 
   zeros = jax.tree.map(jnp.zeros_like, params)

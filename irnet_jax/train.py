@@ -358,7 +358,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Plan:
   eval_every = c.eval_every_steps if c.eval_every_steps > 0 else steps_per_epoch
   if c.eval_every_steps <= 0 and steps_per_epoch % c.steps_per_call:
     divisors = [d for d in range(2, min(steps_per_epoch, 512) + 1) if steps_per_epoch % d == 0]
-    raise ValueError(
+    raise config_lib.ConfigError(
         f"evaluation is at the end of every epoch ({steps_per_epoch} steps) but "
         f"config.steps_per_call={c.steps_per_call} does not divide it; set "
         f"--config.steps_per_call to one of {divisors[:12]}, or "

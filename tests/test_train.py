@@ -296,3 +296,85 @@ def test_damaged_newest_checkpoint_falls_back_on_resume(npz, tmp_path, caplog):
   assert "checkpoint 4" in caplog.text and "falling back" in caplog.text
   assert "resumed from step 2" in caplog.text  # Not from scratch (which would match too).
   assert resumed["params_fingerprint"] == ref["params_fingerprint"]
+
+
+# ------------------------------------------------------------------ steps per call
+
+
+def _fingerprint_after(npz, tmp_path, name, **overrides):
+  c = tiny_config(npz, num_train_steps=64, log_every_steps=8, checkpoint_every_steps=32,
+                  eval_every_steps=64, **{"dataset.augment": "shift", **overrides})
+  return train.train_and_evaluate(c, str(tmp_path / name))["params_fingerprint"]
+
+
+@pytest.mark.slow
+def test_k_steps_per_call_are_bit_identical_to_single_steps(npz, tmp_path):
+  # "scan" is what GPUs and TPUs run (one lax.scan of K steps): host pipeline and data
+  # on the device, 1 and 4 devices. On this CPU "auto" dispatches the jitted step K
+  # times (what users run here): checked once, and recorded in config.json.
+  for devices, resident in ((1, False), (4, False), (1, True), (4, True)):
+    common = dict(num_devices=devices, steps_per_call_mode="scan",
+                  **{"dataset.cache_on_device": resident})
+    name = f"d{devices}r{int(resident)}"
+    assert _fingerprint_after(npz, tmp_path, name + "k1", steps_per_call=1, **common) == \
+        _fingerprint_after(npz, tmp_path, name + "k8", steps_per_call=8, **common), name
+  assert _fingerprint_after(npz, tmp_path, "auto1", steps_per_call=1) == \
+      _fingerprint_after(npz, tmp_path, "auto8", steps_per_call=8)
+  recorded = json.load(open(tmp_path / "auto8" / "config.json"))
+  assert recorded["steps_per_call_mode"] == "dispatch"
+
+
+def test_cadence_not_a_multiple_of_the_call_is_an_error_before_compiling(npz, tmp_path):
+  with pytest.raises(ValueError, match=r"log_every_steps=3 is not a multiple of "
+                     r"config.steps_per_call=2.*log_every_steps=2 or 4"):
+    train.train_and_evaluate(tiny_config(npz, steps_per_call=2, log_every_steps=3),
+                             str(tmp_path / "a"))
+  # Per-epoch evaluation: 64 images / batch 16 = 4 steps an epoch, not a multiple of 3.
+  with pytest.raises(ValueError, match=r"every epoch \(4 steps\).*steps_per_call=3.*\[2, 4\]"):
+    train.train_and_evaluate(
+        tiny_config(npz, steps_per_call=3, log_every_steps=3, checkpoint_every_steps=3,
+                    eval_every_steps=-1), str(tmp_path / "b"))
+  assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_cli_non_multiple_cadence_is_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "irnet_jax.main", "--config=configs/quickstart.py",
+       f"--workdir={tmp_path}", "--config.steps_per_call=8"], cwd=REPO,
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "log_every_steps=20 is not a multiple of config.steps_per_call=8" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_tensorboard_holds_the_metrics_and_profile_steps_leave_a_trace(npz, tmp_path):
+  from tensorboard.backend.event_processing import plugin_event_multiplexer as multiplexer
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(npz, eval_every_steps=3, profile_steps="2,4"),
+                           str(workdir))
+  events = multiplexer.EventMultiplexer()
+  events.AddRunsFromDirectory(str(workdir / "tensorboard"))
+  events.Reload()
+
+  def scalars(split, tag):
+    return {e.step: float(np.asarray(
+        __import__("tensorboard").util.tensor_util.make_ndarray(e.tensor_proto)))
+            for e in events.Tensors(split, tag)}
+
+  for split, tags in (("train", ("loss", "lr", "ede_t", "ede_k", "accuracy")),
+                      ("test", ("accuracy", "loss"))):
+    records = read_metrics(workdir, split)
+    assert records
+    for tag in tags:
+      np.testing.assert_allclose(
+          [scalars(split, tag)[r["step"]] for r in records], [r[tag] for r in records],
+          rtol=1e-6)
+  traces = glob.glob(str(workdir / "tensorboard" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  assert traces and os.path.getsize(traces[0]) > 0
+
+
+def test_tensorboard_off_writes_no_event_files(npz, tmp_path):
+  train.train_and_evaluate(tiny_config(npz, num_train_steps=2, tensorboard=False),
+                           str(tmp_path))
+  assert not os.path.exists(tmp_path / "tensorboard")
+  assert read_metrics(tmp_path, "train")

@@ -1,0 +1,123 @@
+"""irnet_jax.steps: gradient accumulation, K steps per call, the resident-data step."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from irnet_jax import config as config_lib
+from irnet_jax import optim, steps
+from irnet_jax.data import device as data_device
+
+
+class _NoBatchNorm(nnx.Module):
+  """A small conv net without BatchNorm: its gradient is a mean over examples, so
+  micro-batches must reproduce the full batch's update."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.head = nnx.Linear(8, 4, rngs=rngs)
+
+  def __call__(self, x, ede=None):
+    del ede
+    return self.head(jnp.tanh(self.conv(x)).mean(axis=(1, 2)))
+
+
+def _config(accumulate: int, schedule: str = "cosine"):
+  c = config_lib.base_config()
+  c.grad_accum_steps = accumulate
+  c.optimizer.schedule = schedule
+  c.ede.schedule_by = "step"
+  c.dataset.augment = "none"
+  return c
+
+
+def _step(c, total_steps=10):
+  model = _NoBatchNorm(nnx.Rngs(0))
+  schedule = optim.learning_rate_schedule(c, 5, total_steps)
+  optimizer = nnx.Optimizer(model, optim.make_optimizer(c, schedule), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  return jax.jit(steps.make_train_step(graphdef, c, schedule, 5, total_steps)), state
+
+
+def _batch(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"image": jnp.asarray(rng.integers(0, 256, (n, 6, 6, 3)), jnp.uint8),
+          "label": jnp.asarray(rng.integers(0, 4, n), jnp.int32)}
+
+
+def test_accumulated_micro_batches_equal_one_large_batch():
+  whole_step, state = _step(_config(1))
+  accum_step, state2 = _step(_config(4))
+  batch = _batch(16)
+  for _ in range(3):  # Momentum and the schedule carry over steps.
+    state, m1 = whole_step(state, batch)
+    state2, m4 = accum_step(state2, batch)
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["accuracy"], m4["accuracy"])
+  for a, b in zip(jax.tree.leaves(nnx.state(state[0], nnx.Param)),
+                  jax.tree.leaves(nnx.state(state2[0], nnx.Param))):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+  # The counter, and with it the lr and EDE schedules, count optimizer steps.
+  assert int(state2[1]["step"][...]) == 3
+  assert m4["lr"] == m1["lr"] == optax.cosine_decay_schedule(0.1, 10)(2)
+  assert m4["ede_t"] == m1["ede_t"]
+
+
+def test_accumulation_updates_batchnorm_once_per_micro_batch():
+  # With A micro-batches a BatchNorm layer normalizes each with its own statistics and
+  # moves its running averages A times per step: as A forward passes over the strided
+  # micro-batches (rows a, a + A, ...) of a model whose parameters do not change.
+  c = _config(2)
+  c.model.num_classes, c.dataset.image_size = 4, 8
+  model = config_lib.build_model(c, conv_impl="xla")
+  schedule = optim.learning_rate_schedule(c, 5, 10)
+  optimizer = nnx.Optimizer(model, optim.make_optimizer(c, schedule), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  step = jax.jit(steps.make_train_step(graphdef, c, schedule, 5, 10))
+  images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (8, 8, 8, 3)), jnp.uint8)
+  new_state, _ = step(jax.tree.map(jnp.copy, state), {"image": images,
+                                                      "label": jnp.zeros(8, jnp.int32)})
+  reference, _ = nnx.merge(graphdef, state)
+  x = data_device.model_input(images, c.dataset.mean, c.dataset.std)
+  ede = steps.ede_at(c, jnp.asarray(0), 5, 10)
+  reference(x[0::2], ede=ede)
+  reference(x[1::2], ede=ede)
+  # bn1 follows the full-precision first conv: its statistics see the parameters only.
+  np.testing.assert_allclose(new_state[0]["bn1"]["mean"][...], reference.bn1.mean[...],
+                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(new_state[0]["bn1"]["var"][...], reference.bn1.var[...],
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_bad_accumulation_is_a_config_error():
+  c = _config(3)
+  with pytest.raises(ValueError, match="grad_accum_steps=3"):
+    config_lib.validate(c, 1)  # 128 images do not split into 3 micro-batches.
+  c = _config(2)
+  config_lib.validate(c, 4)  # 128 = 2 x 4 x 16.
+
+
+def test_scan_and_dispatch_of_k_steps_are_k_single_steps():
+  c = _config(1)
+  model = _NoBatchNorm(nnx.Rngs(0))
+  schedule = optim.learning_rate_schedule(c, 5, 10)
+  graphdef, state = nnx.split((model, nnx.Optimizer(model, optim.make_optimizer(c, schedule),
+                                                     wrt=nnx.Param)))
+  raw = steps.make_train_step(graphdef, c, schedule, 5, 10)
+  step = jax.jit(raw)
+  batches = [_batch(8, seed) for seed in range(4)]
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches)
+  singles = jax.tree.map(jnp.copy, state)
+  for b in batches:
+    singles, m = step(singles, b)
+  for call in (jax.jit(steps.scan_steps(raw)), steps.dispatch_steps(step)):
+    out, ms = call(jax.tree.map(jnp.copy, state), stacked)
+    assert ms["loss"].shape == (4,) and int(out[1]["step"][...]) == 4
+    np.testing.assert_allclose(ms["loss"][-1], m["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(singles), jax.tree.leaves(out)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # The schedules read the step counter inside the scan: lr falls step by step.
+  lrs = jax.jit(steps.scan_steps(raw))(jax.tree.map(jnp.copy, state), stacked)[1]["lr"]
+  np.testing.assert_allclose(lrs, [schedule(i) for i in range(4)], rtol=1e-6)
