@@ -1,4 +1,5 @@
 """The experiment scripts run end to end (tiny settings), so they do not rot."""
+import glob
 import json
 import os
 import signal
@@ -57,4 +58,29 @@ def test_gpu_check_rejects_missing_data(tmp_path):
                         text=True, timeout=60)
   assert proc.returncode == 2
   assert "--data=CIFAR.npz is required and must exist" in proc.stderr
-  assert "cifar10_q75.py" in proc.stderr
+  assert "x_train, y_train, x_test, y_test" in proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_paper_cifar_cpu_mode_ends_in_a_json_line(tmp_path):
+  rng = np.random.default_rng(0)
+  data = tmp_path / "tiny.npz"
+  np.savez(data, x_train=rng.integers(0, 256, (600, 32, 32, 3), dtype=np.uint8),
+           y_train=rng.integers(0, 10, 600), x_test=rng.integers(0, 256, (300, 32, 32, 3),
+                                                                  dtype=np.uint8),
+           y_test=rng.integers(0, 10, 300))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device, as a user.
+  env.update(PYTHONPATH=REPO, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu")
+  proc = subprocess.run(["bash", "experiments/gpu_check.sh", "--cpu", "--paper_cifar",
+                         f"--data={data}", "--budget_s=600"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()
+  out = json.loads(lines[-1])
+  # The --cpu size: 512 training images = 4 steps an epoch, 2 epochs, 4 steps a call.
+  assert out["epochs"] == 2 and out["steps_per_call"] == 4 and out["cpu_test_size"]
+  assert 0 <= out["final_test_accuracy"] <= 1 and out["backend"] == "cpu"
+  assert out["probe"]["images_per_sec"] > 0 and out["probe"]["steps_per_epoch"] == 4
+  assert [line.split()[1] for line in lines if line.startswith("epoch")] == ["1", "2"]
+  result = glob.glob(str(tmp_path / "gpu_check.*" / "paper_cifar" / "paper_cifar.json"))
+  assert result and len(json.load(open(result[0]))["per_epoch"]) == 2

@@ -29,6 +29,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from irnet_jax import config as config_lib, models, train
@@ -76,6 +77,7 @@ def model_config(name: str, compute_dtype: str) -> ml_collections.ConfigDict:
   else:
     c = config_lib.imagenet_config(name)
   c.model.conv_impl = "xla"
+  c.steps_per_call_mode = "scan"  # What "auto" resolves to on GPU and TPU.
   c.model.num_classes = NUM_CLASSES
   c.compute_dtype = compute_dtype
   return c
@@ -223,3 +225,27 @@ def test_bfloat16_compute_convolves_bfloat16_operands(name):
   # gradients: ~3x the forward's), so the bfloat16 check above covered them.
   assert len(conv_dtypes(exported["train_step"].mlir_module())) > \
       2 * len(conv_dtypes(exported["eval_step"].mlir_module()))
+
+
+def test_resident_data_train_call_lowers_for_tpu_and_cuda(tmp_path):
+  # The K-step call over data held on the device (dataset.cache_on_device): gather,
+  # crop and flip inside the scan, as the accelerators run it.
+  rng = np.random.default_rng(0)
+  path = tmp_path / "tiny.npz"
+  np.savez(path, x_train=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+           y_train=rng.integers(0, NUM_CLASSES, 40),
+           x_test=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8),
+           y_test=rng.integers(0, NUM_CLASSES, 6))
+  c = model_config("resnet20", "float32")
+  c.dataset.name, c.dataset.path, c.dataset.cache_on_device = "npz", str(path), True
+  c.eval_batch_size = 2
+  setup = train.build(c, jax.devices()[:1], steps_per_epoch=10, total_steps=100)
+  indices = jax.ShapeDtypeStruct((STEPS_PER_CALL, BATCH), jnp.int32,
+                                 sharding=setup.stacked_sharding)
+  for fn, args in ((setup.train_call, (_abstract(setup.state), _abstract(setup.resident.train),
+                                       indices)),
+                   (setup.eval_all, (_abstract(setup.state)[0],
+                                     _abstract(setup.resident.test)))):
+    mlir = jax.export.export(fn, platforms=PLATFORMS)(*args).mlir_module()
+    assert not cpu_only(custom_call_targets(mlir)), custom_call_targets(mlir)
+    assert "stablehlo.while" in mlir or fn is setup.eval_all  # the scan of K steps
