@@ -1,6 +1,7 @@
 """IR-Net ablation on CIFAR-10 ResNet-20 under a short, equal budget.
 
-  python ../shared/data/cifar10_q75.py ~/cifar10_q75.npz      # decode once (~10 s)
+  # CIFAR.npz: x_train, y_train, x_test, y_test (uint8 NHWC), e.g. CIFAR-10 from tfds or
+  # torchvision saved with numpy.savez; our figures use a JPEG-q75 copy of CIFAR-10.
   python experiments/cifar10_ablation.py --data=~/cifar10_q75.npz --epochs=4 \\
       --workdir=results/ablation [--seeds=0,1]
 

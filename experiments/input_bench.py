@@ -3,8 +3,8 @@
   python experiments/input_bench.py --data=ROOT --workers=2 --batch_size=64 \
       --num_batches=10
 
-``ROOT`` holds ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG`` (e.g. what
-``python ../shared/data/fake_imagenet.py ROOT`` writes). Measures, after
+``ROOT`` holds ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG`` (an ImageNet
+ImageFolder tree, or a synthetic one of ImageNet-sized JPEGs). Measures, after
 ``--warmup`` untimed batches (worker start-up included there):
 
 * train: the library's training pipeline with the official recipe

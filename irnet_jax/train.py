@@ -218,6 +218,17 @@ class Call(NamedTuple):
   probe: Callable[[], jax.Array]  # The call's last training images (for diagnostics).
 
 
+def _call_spans(start: int, total: int, k: int) -> Iterator[tuple[int, int]]:
+  """``(first step, steps)`` of each call: K steps, ending on multiples of K (where the
+  log/eval/checkpoint cadences fall). A run resumed off that grid, e.g. from a
+  checkpoint of a run with another K, first makes a shorter call back onto it."""
+  first = start
+  while first < total:
+    n = min(k - first % k, total - first)
+    yield first, n
+    first += n
+
+
 def _host_calls(c: ml_collections.ConfigDict, setup: Setup, start: int, total: int
                 ) -> Iterator[Call]:
   """Calls over the host pipeline: K batches stacked on a leading axis.
@@ -230,8 +241,7 @@ def _host_calls(c: ml_collections.ConfigDict, setup: Setup, start: int, total: i
   # The data is a pure function of (seed, step), so resuming is slicing.
   batches = data.train_iterator(train_ds, start, **data.loader_options(
       c.dataset, c.batch_size // jax.process_count()))
-  for first in range(start, total, c.steps_per_call):
-    n = min(c.steps_per_call, total - first)
+  for first, n in _call_spans(start, total, c.steps_per_call):
     local = [next(batches) for _ in range(n)]
     stacked = {key: np.stack([b[key] for b in local]) for key in local[0]}
     batch = _global_batch(stacked, setup.stacked_sharding)
@@ -242,8 +252,7 @@ def _resident_calls(c: ml_collections.ConfigDict, setup: Setup, start: int, tota
                     ) -> Iterator[Call]:
   """Calls over the data on the device: the host sends K rows of indices per call."""
   resident = setup.resident
-  for first in range(start, total, c.steps_per_call):
-    n = min(c.steps_per_call, total - first)
+  for first, n in _call_spans(start, total, c.steps_per_call):
     local = data.train_indices(resident.num_train, c.batch_size, c.seed, first, n,
                                jax.process_index(), jax.process_count())
     indices = jax.make_array_from_process_local_data(setup.stacked_sharding, local)
@@ -403,8 +412,10 @@ class _Profiler:
   def __init__(self, span: tuple[int, int] | None, workdir: str):
     self.span, self.logdir, self.active = span, os.path.join(workdir, "tensorboard"), False
 
-  def before(self, step: int) -> None:
-    if self.span and not self.active and self.span[0] <= step < self.span[1]:
+  def before(self, step: int, steps: int) -> None:
+    """Starts the trace before a call of ``steps`` steps from ``step`` that reaches into
+    the span (a span inside one call traces that whole call)."""
+    if self.span and not self.active and step < self.span[1] and step + steps > self.span[0]:
       jax.profiler.start_trace(self.logdir)
       self.active = True
 
@@ -467,7 +478,7 @@ class _Loop:
     done, first = self.start_step, True
     try:
       for index, call in enumerate(feed(c, self.setup, self.start_step, plan.total_steps)):
-        self.profiler.before(done)
+        self.profiler.before(done, call.steps)
         started = time.perf_counter()
         state, metrics = self.setup.train_call(state, *call.args)
         self.drain()  # The previous call, computed while this one was being dispatched.

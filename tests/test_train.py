@@ -382,3 +382,21 @@ def test_tensorboard_off_writes_no_event_files(npz, tmp_path):
                            str(tmp_path))
   assert not os.path.exists(tmp_path / "tensorboard")
   assert read_metrics(tmp_path, "train")
+
+
+def test_calls_end_on_multiples_of_k_even_when_resumed_off_the_grid():
+  assert list(train._call_spans(0, 20, 8)) == [(0, 8), (8, 8), (16, 4)]
+  # Resumed at step 20 with K = 30 (a checkpoint of a run with another K): one short
+  # call back to 30, then whole calls; cadences (multiples of K) are all reached.
+  assert list(train._call_spans(20, 100, 30)) == [(20, 10), (30, 30), (60, 30), (90, 10)]
+
+
+def test_profile_span_inside_one_call_traces_that_call(tmp_path, monkeypatch):
+  started = []
+  monkeypatch.setattr(jax.profiler, "start_trace", lambda d: started.append(d))
+  monkeypatch.setattr(jax.profiler, "stop_trace", lambda: started.append("stop"))
+  profiler = train._Profiler((20, 25), str(tmp_path))
+  for step in range(0, 390, 13):  # K = 13: no call starts inside [20, 25).
+    profiler.before(step, 13)
+    profiler.after(step + 13, None)
+  assert started == [str(tmp_path / "tensorboard"), "stop"]
