@@ -1,0 +1,220 @@
+"""Preemption end to end: SIGTERM/SIGINT mid-run -> checkpoint of the reached step, an
+``event`` record, exit code 75; the same command then resumes to the same parameters
+as a run never interrupted. One process (our Python handlers) and two processes over
+loopback (JAX's preemption service and sync point, gloo collectives)."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from irnet_jax import preemption
+from test_train import make_npz
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Steps of a whole run, so that a signal sent after step SIGNAL_AFTER_STEP lands mid-run:
+# one process makes ~35 steps/s on an idle 2-core CPU, two over gloo far fewer (2-25
+# steps/s measured on a busy one).
+SINGLE_STEPS, TWO_PROCESS_STEPS = 100, 40
+SIGNAL_AFTER_STEP = 3  # Signal once metrics.jsonl shows this many train steps.
+RUN_TIMEOUT_S = 300  # A whole launch, start-up and compilation included (2 busy cores).
+EXIT_TIMEOUT_S = 60  # From the signal to the exit.
+
+
+def _overrides(npz, total):
+  return [f"--config.dataset.path={npz}", "--config.dataset.name=npz",
+          "--config.dataset.augment=none", "--config.dataset.image_size=8",
+          "--config.batch_size=16", "--config.eval_batch_size=8",
+          "--config.progress_bar=False", "--config.dataset.num_threads=0",
+          "--config.log_every_steps=1", "--config.checkpoint_every_steps=100000",
+          f"--config.eval_every_steps={total}", f"--config.num_train_steps={total}",
+          "--config.ede.schedule_by=step", "--config.model.num_classes=4",
+          # Neither matters here and both cost (diagnostics compile their own program).
+          "--config.analysis_every_steps=0", "--config.tensorboard=False"]
+
+
+def _env():
+  # One CPU device per process; its own XLA flags (not conftest's four devices).
+  # The session's persistent compilation cache (conftest.py): launches after the first
+  # skip most of the compilation.
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  env.pop("JAX_COORDINATOR_ADDRESS", None)
+  return env
+
+
+class _Launch:
+  """One ``python -m irnet_jax.main`` process in its own session (process group),
+  output to a file (no pipe to fill up), killed with its group by :meth:`kill`."""
+
+  def __init__(self, workdir, npz, total, log_path, extra=()):
+    self.workdir, self.log_path = str(workdir), str(log_path)
+    cmd = [sys.executable, "-m", "irnet_jax.main", "--config=configs/quickstart.py",
+           f"--workdir={workdir}", *_overrides(npz, total), *extra]
+    self.log = open(log_path, "w")
+    self.proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=self.log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+
+  def output(self):
+    with open(self.log_path) as f:
+      return f.read()[-4000:]
+
+  def wait(self, timeout):
+    try:
+      return self.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.kill()
+      pytest.fail(f"no exit within {timeout} s:\n{self.output()}")
+
+  def kill(self):
+    if self.proc.poll() is None:
+      try:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+      self.proc.wait(timeout=30)
+    self.log.close()
+
+
+def _kill_all(launches):
+  for launch in launches:
+    launch.kill()
+
+
+def _records(workdir, split):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        break  # A line being written.
+      if record.get("split") == split:
+        records.append(record)
+  return records
+
+
+def _wait_for_train_steps(launches, workdir, steps, total):
+  """Blocks until ``workdir``'s metrics.jsonl logged train step ``steps``."""
+  deadline = time.monotonic() + RUN_TIMEOUT_S
+  while time.monotonic() < deadline:
+    done = [r["step"] for r in _records(workdir, "train")]
+    if done and max(done) >= steps:
+      assert max(done) < total, "the run ended before the signal: raise its steps"
+      return
+    for launch in launches:
+      if launch.proc.poll() is not None:
+        pytest.fail(f"exited with {launch.proc.returncode} before the signal:\n"
+                    f"{launch.output()}")
+    time.sleep(0.02)
+  pytest.fail(f"no train step {steps} within {RUN_TIMEOUT_S} s:\n{launches[0].output()}")
+
+
+def _fingerprint(workdir):
+  with open(os.path.join(workdir, "final_metrics.json")) as f:
+    return json.load(f)["params_fingerprint"]
+
+
+def _check_preempted(workdir, total):
+  """The event record and the checkpoint of its step; returns that step."""
+  events = _records(workdir, "event")
+  assert len(events) == 1 and events[0]["preempted"] == 1.0, events
+  step = events[0]["step"]
+  assert SIGNAL_AFTER_STEP <= step < total, (step, total)
+  checkpoints = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                       if d.isdigit())
+  assert checkpoints == [step], (checkpoints, step)
+  assert not os.path.exists(os.path.join(workdir, "final_metrics.json"))
+  return step
+
+
+def _run_to_end(launches):
+  for launch in launches:
+    rc = launch.wait(RUN_TIMEOUT_S)
+    assert rc == 0, f"exit code {rc}:\n{launch.output()}"
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+  return make_npz(tmp_path_factory.mktemp("data") / "toy.npz")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_single(npz, tmp_path_factory):
+  """params_fingerprint of a single-process run never interrupted."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  launch = _Launch(workdir, npz, SINGLE_STEPS, workdir / "log.txt")
+  try:
+    _run_to_end([launch])
+  finally:
+    launch.kill()
+  return _fingerprint(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_exits_75_and_resumes_exactly(signum, npz, uninterrupted_single,
+                                                         tmp_path):
+  workdir = tmp_path / "run"
+  launches = []
+  try:
+    launches.append(_Launch(workdir, npz, SINGLE_STEPS, tmp_path / "log1.txt"))
+    _wait_for_train_steps(launches, workdir, SIGNAL_AFTER_STEP, SINGLE_STEPS)
+    launches[0].proc.send_signal(signum)
+    rc = launches[0].wait(EXIT_TIMEOUT_S)
+    assert rc == preemption.EXIT_CODE, f"exit code {rc}:\n{launches[0].output()}"
+    _check_preempted(workdir, SINGLE_STEPS)
+    launches.append(_Launch(workdir, npz, SINGLE_STEPS, tmp_path / "log2.txt"))
+    _run_to_end(launches[1:])
+  finally:
+    _kill_all(launches)
+  assert _fingerprint(workdir) == uninterrupted_single
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch_two(workdir, npz, tmp_path, tag):
+  port = _free_port()
+  return [_Launch(workdir, npz, TWO_PROCESS_STEPS, tmp_path / f"{tag}_{i}.txt",
+                  [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                   f"--process_id={i}"]) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(npz, tmp_path):
+  reference = tmp_path / "uninterrupted"
+  launches = []
+  try:
+    # The uninterrupted pair runs alongside the interrupted one (its own port): start-up
+    # and compilation are most of a launch (process 1 compiles every time: only process
+    # 0 uses the persistent cache), and they overlap.
+    launches += _launch_two(reference, npz, tmp_path, "uninterrupted")
+    workdir = tmp_path / "run"
+    launches += _launch_two(workdir, npz, tmp_path, "interrupted")
+    _wait_for_train_steps(launches[2:], workdir, SIGNAL_AFTER_STEP, TWO_PROCESS_STEPS)
+    launches[3].proc.send_signal(signal.SIGTERM)  # Process 1 only: JAX tells process 0.
+    for launch in launches[2:]:
+      rc = launch.wait(EXIT_TIMEOUT_S)
+      assert rc == preemption.EXIT_CODE, f"exit code {rc}:\n{launch.output()}"
+    step = _check_preempted(workdir, TWO_PROCESS_STEPS)
+    for launch in launches[2:]:  # Each process stopped after that same step.
+      assert f"stopped by a preemption signal after step {step};" in launch.output()
+    launches += _launch_two(workdir, npz, tmp_path, "resumed")
+    _run_to_end(launches[:2] + launches[4:])
+  finally:
+    _kill_all(launches)
+  assert _fingerprint(workdir) == _fingerprint(reference)
