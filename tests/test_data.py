@@ -392,3 +392,46 @@ def test_normalize():
   assert out.dtype == np.float32
   np.testing.assert_allclose(out[0, 0], [(0 - 0.25) / 0.5, (1 - 0.5) / 0.25,
                                          (0.2 - 0.75) / 0.125], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# issue 19: npz labels checked on first read, the file read once per process
+
+
+def test_npz_read_once_while_unchanged(tmp_path, monkeypatch):
+  path = _write_npz(tmp_path / "once.npz")
+  loads = []
+  real_load = np.load
+
+  def counting_load(*args, **kwargs):
+    loads.append(args[0])
+    return real_load(*args, **kwargs)
+  monkeypatch.setattr(np, "load", counting_load)
+  cfg = _cfg(name="npz", path=path, image_size=8)
+  data.dataset_info(cfg)
+  first, _ = data.get_sources(cfg)
+  read = len(loads)
+  assert read >= 1
+  for _ in range(3):  # An evaluation per epoch: nothing read again.
+    data.dataset_info(cfg)
+    again, _ = data.get_sources(cfg)
+  assert len(loads) == read
+  assert again.images is first.images and not again.images.flags.writeable
+  # A rewritten file (new size and mtime) is read again.
+  _write_npz(path, n_train=41)
+  assert data.dataset_info(cfg).num_train == 41
+  assert len(data.get_sources(cfg)[0]) == 41 and len(loads) > read
+
+
+@pytest.mark.parametrize("array, labels, bad", [
+    ("y_train", np.r_[np.arange(39) % 5, -3], "-3"),
+    ("y_test", np.r_[np.arange(12) % 5, -1], "-1"),
+    ("y_test", np.r_[np.arange(12) % 5, 7], "7"),  # y_train stops at 4.
+])
+def test_npz_labels_outside_the_classes(tmp_path, array, labels, bad):
+  path = _write_npz(tmp_path / "labels.npz", **{array: labels})
+  with pytest.raises(ValueError, match=f"{array} in .*labels.npz'? has the "
+                     f"(negative )?label {bad}.*Number the classes 0..C-1"):
+    data.dataset_info(_cfg(name="npz", path=path, image_size=8))
+  with pytest.raises(ValueError, match=f"{array} in "):
+    data.get_sources(_cfg(name="npz", path=path, image_size=8))

@@ -616,3 +616,94 @@ def test_train_resnet18_from_file_list(tmp_path, monkeypatch):
   final = train.train_and_evaluate(c, str(tmp_path / "run"))
   _check_run(tmp_path / "run")
   assert 0.0 <= final["test_accuracy"] <= 1.0
+
+
+# ----------------------------------------------------------------------------
+# issue 19: symlink loops and duplicates in image trees, non-image formats
+
+
+def test_image_folder_symlink_loop_ends(tmp_path, monkeypatch):
+  # os.walk(followlinks=True) follows a/sub/loop -> a again and again (until
+  # the kernel's 40-link limit, or for ever with two such links per folder).
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home_cache"))
+  split = tmp_path / "data" / "train"
+  _jpeg(split / "a" / "1.jpg")
+  _jpeg(split / "a" / "sub" / "2.jpg", seed=1)
+  _jpeg(split / "b" / "3.jpg", seed=2)
+  (split / "a" / "sub" / "loop").symlink_to("..", target_is_directory=True)
+  (split / "b" / "up").symlink_to("..", target_is_directory=True)  # The split.
+  index = folders.index_image_folder(str(split), cache=False)
+  assert [(index.relpath(i), int(index.labels[i])) for i in range(len(index))] == [
+      ("a/1.jpg", 0), ("a/sub/2.jpg", 0), ("b/3.jpg", 1)]
+
+
+def test_image_folder_file_reached_twice_through_links_counted_once(
+    tmp_path, monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home_cache"))
+  split = tmp_path / "data" / "train"
+  _jpeg(split / "a" / "sub" / "1.jpg")
+  _jpeg(split / "b" / "2.jpg", seed=1)
+  _jpeg(tmp_path / "extra" / "3.jpg", seed=2)
+  # A folder linked twice (the link sorts before the real folder: the image
+  # keeps its real path), a file linked, another class linked.
+  (split / "a" / "0link").symlink_to("sub", target_is_directory=True)
+  (split / "a" / "sub" / "0copy.jpg").symlink_to("1.jpg")
+  (split / "a" / "other_class").symlink_to("../b", target_is_directory=True)
+  # A folder outside the tree is followed, once.
+  (split / "b" / "ext").symlink_to(tmp_path / "extra", target_is_directory=True)
+  (split / "b" / "ext2").symlink_to(tmp_path / "extra", target_is_directory=True)
+  index = folders.index_image_folder(str(split))
+  want = [("a/sub/1.jpg", 0), ("b/2.jpg", 1), ("b/ext/3.jpg", 1)]
+  assert [(index.relpath(i), int(index.labels[i])) for i in range(len(index))] == want
+  # Without links, the walk is os.walk's (torchvision's order, _tree above).
+  plain = folders.index_image_folder(str(_tree(tmp_path / "plain")), cache=False)
+  walked = [os.path.relpath(os.path.join(root, f), tmp_path / "plain" / "train")
+            for cls in plain.classes
+            for root, _, files in sorted(os.walk(tmp_path / "plain" / "train" / cls))
+            for f in sorted(files) if f.lower().endswith(folders.IMG_EXTENSIONS)]
+  assert plain.relpaths() == walked
+
+
+def _postscript(path):
+  """A minimal EPS file: PIL's EpsImagePlugin would hand it to Ghostscript."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n"
+                   b"0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n")
+  return path
+
+
+def _ghostscript_fails(monkeypatch) -> list:
+  """Ghostscript as on a host that has it and fails on the file (the error
+  that escaped skip_bad_files); returns the calls made to it."""
+  from PIL import EpsImagePlugin  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def ghostscript(*args, **kwargs):
+    calls.append(args)
+    raise subprocess.CalledProcessError(1, ["gs"])
+  monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+  return calls
+
+
+def test_postscript_named_jpg_is_a_bad_image(tmp_path, monkeypatch):
+  from irnet_jax.data import decode_crop  # pylint: disable=import-outside-toplevel
+  calls = _ghostscript_fails(monkeypatch)
+  path = _postscript(tmp_path / "x.jpg")
+  with pytest.raises(decode.BadImageError, match="supported format") as e:
+    decode.load_image(path)
+  assert str(path) in str(e.value) and "skip_bad_files=True" in str(e.value)
+  rng = np.random.default_rng(0)
+  with pytest.raises(decode.BadImageError, match="x.jpg.*supported format"):
+    decode_crop.random_resized_crop(path.read_bytes(), str(path), rng, 8)
+  with pytest.raises(decode.BadImageError, match="x.jpg.*supported format"):
+    decode_crop.resize_center_crop(path.read_bytes(), str(path), 8)
+  assert not calls  # PIL never got as far as running Ghostscript.
+  # What ImageNet holds still decodes: a PNG named .JPEG, CMYK and grey JPEGs.
+  image = _gradient(16, 16)
+  png = tmp_path / "png.JPEG"
+  png.write_bytes(_encode(Image.fromarray(image), "PNG"))
+  np.testing.assert_array_equal(decode.load_image(png), image)
+  for mode in ("CMYK", "L"):
+    encoded = _encode(Image.fromarray(image).convert(mode), "JPEG")
+    assert decode.decode_image(encoded).shape == (16, 16, 3)
+    assert decode_crop.resize_center_crop(encoded, "f", 8).shape == (8, 8, 3)

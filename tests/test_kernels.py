@@ -433,3 +433,66 @@ def test_a_failed_build_falls_back_to_xla_with_one_warning(tmp_path):
   assert "REFUSED" in out.stdout
   if platform.machine() == "x86_64" and _host_supports_kernels():
     assert out.stderr.count("CPU binary-conv kernels unavailable") == 1, out.stderr
+
+
+# ------------------------------------------------------------------ issue 19: damaged library
+
+# A "library" of a few KB whose bytes differ from build to build (the pid).
+_WRITE_BIG_OUTPUT = ('for a; do if [ "$prev" = -o ]; then yes "$$" | head -n 1000 > "$a"; fi;'
+                     ' prev="$a"; done; exit 0')
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 only")
+def test_damaged_library_is_detected_and_rebuilt_before_loading(tmp_path, monkeypatch, caplog):
+  monkeypatch.setenv("CXX", _fake_compiler(tmp_path, _WRITE_BIG_OUTPUT))
+  flags = frozenset(build.REQUIRED_CPU_FLAGS)
+  lib = build.library(root=tmp_path / "cache", flags=flags)
+  recorded = json.loads((lib.parent / "lib.json").read_text())
+  assert recorded == build.file_digest(lib) and recorded["size"] > 1000
+  assert build.check_library(lib.parent) is None
+  # Cut short (a full disk, a crash): found by size, rebuilt, never returned as is.
+  with open(lib, "r+b") as f:
+    f.truncate(recorded["size"] // 2)
+  assert "cut short" in build.check_library(lib.parent)
+  with caplog.at_level("WARNING", logger=build.__name__):
+    assert build.library(root=tmp_path / "cache", flags=flags) == lib
+  assert build.check_library(lib.parent) is None and lib.stat().st_size == recorded["size"]
+  assert "rebuilt the CPU kernels" in caplog.text and "cut short" in caplog.text
+  # Same size, other bytes: found by the sha256.
+  data = bytearray(lib.read_bytes())
+  data[10] ^= 0xFF
+  lib.write_bytes(bytes(data))
+  assert "differs from the library that was built" in build.check_library(lib.parent)
+  build.library(root=tmp_path / "cache", flags=flags)
+  assert build.check_library(lib.parent) is None
+  # An entry without the record (an older cache) is rebuilt too, quietly.
+  (lib.parent / "lib.json").unlink()
+  assert "no readable record" in build.check_library(lib.parent)
+  caplog.clear()
+  with caplog.at_level("WARNING", logger=build.__name__):
+    build.library(root=tmp_path / "cache", flags=flags)
+  assert build.check_library(lib.parent) is None and not caplog.text
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 only")
+def test_damaged_library_that_cannot_be_rebuilt_falls_back_without_loading(
+    tmp_path, monkeypatch, caplog):
+  # The loader itself (build.load), in this process: dlopen is replaced, so the
+  # damaged file could not crash it even if it reached dlopen.
+  compiler = _fake_compiler(tmp_path, _WRITE_BIG_OUTPUT)
+  monkeypatch.setenv("CXX", compiler)
+  monkeypatch.setenv("IRNET_JAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setattr(build, "cpu_flags", lambda: frozenset(build.REQUIRED_CPU_FLAGS))
+  lib = build.library()
+  with open(lib, "r+b") as f:
+    f.truncate(100)
+  # The same compiler (path and version: the same cache entry) now fails.
+  _fake_compiler(tmp_path, 'echo "error: No space left on device" >&2; exit 1')
+  loaded = []
+  monkeypatch.setattr(build.ctypes.cdll, "LoadLibrary", loaded.append)
+  with caplog.at_level("WARNING", logger=build.__name__):
+    assert build.load.__wrapped__() is None
+  assert not loaded
+  assert "kernels unavailable, using XLA's convolutions" in caplog.text
+  assert "cut short" in caplog.text and "rebuilding it failed" in caplog.text
+  assert "No space left on device" in caplog.text

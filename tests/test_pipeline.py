@@ -310,3 +310,29 @@ def test_bad_files_with_workers(tmp_path, monkeypatch):
   cfg.skip_bad_files = False
   with pytest.raises(decode.BadImageError, match="val/b/bad.JPEG"):
     list(data.eval_batches(cfg, 13))
+
+
+def test_postscript_named_jpg_is_skipped_and_counted(tmp_path, monkeypatch):
+  # Issue 19: PIL opened it as EPS and ran Ghostscript, whose
+  # CalledProcessError escaped skip_bad_files. Ghostscript is made to fail as
+  # on a host that has it; the pipeline must not reach it at all.
+  import subprocess  # pylint: disable=import-outside-toplevel
+  from PIL import EpsImagePlugin  # pylint: disable=import-outside-toplevel
+
+  def ghostscript(*args, **kwargs):
+    raise subprocess.CalledProcessError(1, ["gs"])
+  monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  root = _tree(tmp_path / "tree", bad_in=())
+  for split in ("train", "val"):
+    (tmp_path / "tree" / split / "b" / "x.jpg").write_bytes(
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n")
+  cfg = _cfg(name="imagefolder", path=root, test_split="val",
+             skip_bad_files=True)
+  batch = data.train_dataset(cfg, 13, seed=0, num_steps=1)[0]  # 13 files.
+  assert int(batch["bad_files"].sum()) == 1
+  assert [int(b["mask"].sum()) for b in data.eval_batches(cfg, 13)] == [12]
+  cfg.skip_bad_files = False
+  with pytest.raises(decode.BadImageError, match="train/b/x.jpg.*supported "
+                     "format.*skip_bad_files=True"):
+    data.train_dataset(cfg, 13, seed=0, num_steps=1)[0]  # pylint: disable=expression-not-assigned

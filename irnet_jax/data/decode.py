@@ -2,13 +2,16 @@
 
 Decoding follows torchvision's ``pil_loader`` (``Image.open(f).convert("RGB")``),
 so greyscale, CMYK (ImageNet has a few of each), palette and RGBA images come
-out as RGB exactly as the official PyTorch pipeline sees them. Anything that
-cannot be decoded raises :class:`BadImageError`, which names the file and the
-fix; the pipeline turns it into a deterministic replacement when
-``dataset.skip_bad_files=True``.
+out as RGB exactly as the official PyTorch pipeline sees them. Only the formats
+of :data:`PIL_FORMATS` are decoded, whatever the file is named: PIL knows ~40
+formats, and some run external programs (a PostScript file named ``.jpg`` makes
+PIL call Ghostscript). Anything else, and anything that cannot be decoded,
+raises :class:`BadImageError`, which names the file and the fix; the pipeline
+turns it into a deterministic replacement when ``dataset.skip_bad_files=True``.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -20,6 +23,39 @@ SKIP_BAD_FILES_FIX = ("Replace or delete the file, or pass "
                       "--config.dataset.skip_bad_files=True to replace "
                       "undecodable images deterministically (they are counted "
                       "in the logs).")
+
+
+# The formats of torchvision's IMG_EXTENSIONS (folders.IMG_EXTENSIONS): JPEG and
+# PNG hold ImageNet, with its few CMYK and greyscale JPEGs and the PNG named
+# .JPEG (formats are told by content, not by name); PPM also reads .pgm.
+# MPO (multi-picture JPEG from cameras) comes in through the JPEG opener.
+PIL_FORMATS = ("JPEG", "PNG", "BMP", "PPM", "TIFF", "WEBP")
+
+
+@functools.cache
+def pil_formats() -> tuple[str, ...]:
+  """:data:`PIL_FORMATS` that this PIL build can open (``Image.open`` fails
+  with a KeyError on a format it lacks, e.g. WEBP without libwebp)."""
+  Image.init()
+  return tuple(f for f in PIL_FORMATS if f in Image.OPEN)
+
+
+def open_image(data: bytes) -> Image.Image:
+  """``Image.open`` limited to :func:`pil_formats` (header only, lazy decode).
+
+  Raises:
+    PIL.UnidentifiedImageError: another format or not an image.
+  """
+  return Image.open(io.BytesIO(data), formats=pil_formats())
+
+
+def pil_error_reason(error: BaseException) -> str:
+  """What went wrong, for :class:`BadImageError`, from one of PIL's errors."""
+  if isinstance(error, Image.UnidentifiedImageError):
+    return (f"not an image in a supported format ({'/'.join(pil_formats())}):"
+            f" another format (e.g. PostScript, GIF), an empty file or a "
+            f"truncated header")
+  return f"{type(error).__name__}: {error}"
 
 
 class BadImageError(ValueError):
@@ -53,7 +89,7 @@ def read_file(path: str) -> bytes:
 
 def decode_image(data: bytes, path: str = "<bytes>",
                  draft_to: tuple[int, int] | None = None) -> np.ndarray:
-  """Decodes an encoded image (JPEG, PNG, BMP, ...) to uint8 ``(H, W, 3)`` RGB.
+  """Decodes an encoded image (:data:`PIL_FORMATS`) to uint8 ``(H, W, 3)`` RGB.
 
   Args:
     data: the encoded file contents.
@@ -68,13 +104,13 @@ def decode_image(data: bytes, path: str = "<bytes>",
 
   Raises:
     BadImageError: the bytes are not a decodable image (truncated, corrupt,
-      unknown format, empty file, decompression bomb).
+      a format outside :data:`PIL_FORMATS`, empty file, decompression bomb).
   """
   try:
     with warnings.catch_warnings():
       # A decompression-bomb warning is an error here: it names the file.
       warnings.simplefilter("error", Image.DecompressionBombWarning)
-      with Image.open(io.BytesIO(data)) as img:
+      with open_image(data) as img:
         if draft_to is not None and img.format == "JPEG":
           # draft keeps the colour space; convert() below does CMYK/L -> RGB.
           img.draft(img.mode, tuple(int(s) for s in draft_to))
@@ -84,12 +120,7 @@ def decode_image(data: bytes, path: str = "<bytes>",
           Image.DecompressionBombWarning) as e:
     # PIL signals bad data with all of these (UnidentifiedImageError and
     # "image file is truncated" are OSErrors).
-    if isinstance(e, Image.UnidentifiedImageError):
-      reason = ("not in an image format PIL can identify (empty, truncated "
-                "header or not an image)")
-    else:
-      reason = f"{type(e).__name__}: {e}"
-    raise BadImageError(path, reason) from e
+    raise BadImageError(path, pil_error_reason(e)) from e
 
 
 def load_image(path: str | os.PathLike,

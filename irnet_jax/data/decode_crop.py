@@ -7,13 +7,13 @@ JPEGs at a reduced DCT scale (PIL's ``Image.draft``) when the crop leaves room
 for it. Results are those of :mod:`irnet_jax.data.augment` on the fully
 decoded image (exactly, without draft; see :func:`draft_scale` with it).
 Decoding follows :mod:`irnet_jax.data.decode` (torchvision's ``pil_loader``:
-greyscale, CMYK, palette images converted to RGB); undecodable data raises
+greyscale, CMYK, palette images converted to RGB; only the formats of
+:data:`decode.PIL_FORMATS`); undecodable data raises
 :class:`decode.BadImageError` naming the file.
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import warnings
 from typing import Any, Iterator
 
@@ -37,13 +37,15 @@ def _bad_image_errors(path: str) -> Iterator[None]:
       warnings.simplefilter("error", Image.DecompressionBombWarning)
       yield
   except _PIL_ERRORS as e:
-    raise decode.BadImageError(path, f"{type(e).__name__}: {e}") from e
+    raise decode.BadImageError(path, decode.pil_error_reason(e)) from e
 
 
 def _open(data: bytes, path: str) -> Image.Image:
-  """Parses the header only (size, format); decoding happens in _rgb."""
+  """Parses the header only (size, format); decoding happens in _rgb. Only
+  the formats of :data:`decode.PIL_FORMATS` (no PostScript through
+  Ghostscript)."""
   with _bad_image_errors(path):
-    return Image.open(io.BytesIO(data))
+    return decode.open_image(data)
 
 
 def _rgb(img: Image.Image, path: str) -> Image.Image:

@@ -5,9 +5,11 @@ Two ways to name the files of a split:
 * :func:`index_image_folder`: ``SPLIT_DIR/<class>/**/<file>`` exactly as
   torchvision's ``ImageFolder``: class ``k`` is the ``k``-th of the sorted
   sub-folder names (``os.scandir`` entries that are directories), files are
-  found with ``os.walk(followlinks=True)`` in sorted order and kept when their
-  lower-cased name ends with one of :data:`IMG_EXTENSIONS`. So class indices
-  (and sample order) match checkpoints of the official PyTorch code.
+  found as ``os.walk(followlinks=True)`` does in sorted order and kept when
+  their lower-cased name ends with one of :data:`IMG_EXTENSIONS`. So class
+  indices (and sample order) match checkpoints of the official PyTorch code.
+  Unlike ``os.walk``, a folder or file reached twice through links (same
+  ``(st_dev, st_ino)``) is indexed once, so a symlink loop ends.
 * :func:`index_file_list`: a root folder plus a list file of
   ``relative/path label`` lines, as the official IR-Net ImageNet config
   (``train_root`` / ``train_source``). Every listed file must exist.
@@ -22,9 +24,10 @@ The index stores the relative paths as one UTF-8 byte blob plus offsets
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NoReturn, Sequence
 
 import numpy as np
 
@@ -35,6 +38,8 @@ from irnet_jax.data import index_cache
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif",
                   ".tiff", ".webp")
 _MAX_LISTED = 5  # Problems listed in one error message.
+
+log = logging.getLogger(__name__)
 
 
 def _encode_names(names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -129,6 +134,102 @@ def _is_image(name: str) -> bool:
   return name.lower().endswith(IMG_EXTENSIONS)
 
 
+def _dir_id(path: str) -> tuple[int, int]:
+  """``(st_dev, st_ino)`` of a folder (links followed): its identity however
+  reached."""
+  try:
+    st = os.stat(path)
+  except OSError as e:
+    _raise(e)
+  return st.st_dev, st.st_ino
+
+
+def _file_id(entry: os.DirEntry, dev: int) -> tuple[int, int] | None:
+  """``(st_dev, st_ino)`` of a listed file in a folder on device ``dev``, or
+  None for a dangling link (kept: it fails, named, when decoded)."""
+  if not entry.is_symlink():
+    # Free: the inode comes with the listing (1.28M stats saved on ImageNet).
+    return dev, entry.inode()
+  try:
+    st = os.stat(entry.path)
+  except OSError:
+    return None
+  return st.st_dev, st.st_ino
+
+
+def _walk_images(class_dir: str, seen: set[tuple[int, int]]
+                 ) -> tuple[list[tuple[str, list[str]]], list[str], int]:
+  """The image files under ``class_dir``, each folder and file taken once.
+
+  What ``os.walk(class_dir, followlinks=True)`` yields, except that a folder
+  already walked (same ``(st_dev, st_ino)``, in ``seen`` or met earlier) is not
+  walked again, so a symlink loop ends and a folder linked twice counts once;
+  a file reached twice (a symlink or hard link to an indexed file) counts once
+  too. Real paths win over symlinks: folders reachable without symlinks are
+  walked first, then the targets of symlinks in the order met (one link deeper
+  per round), and a symlinked file is dropped when its target is indexed.
+  ``seen`` is updated.
+
+  Returns:
+    ``(folder, sorted image file names)`` pairs sorted by folder (torchvision
+    sorts ``os.walk``'s tuples), every folder walked, and the number of folders
+    and files skipped as reached before.
+  """
+  # (folder, [(file name, file id, is it a symlink)]) of every folder walked.
+  listed: list[tuple[str, list[tuple[str, tuple[int, int] | None, bool]]]]
+  listed = []
+  walked: list[str] = []
+  skipped = 0
+  pending = [class_dir]
+  while pending:
+    links: list[str] = []
+    for start in pending:
+      stack = [start]
+      while stack:
+        folder = stack.pop()
+        ident = _dir_id(folder)
+        if ident in seen:
+          skipped += 1
+          continue
+        seen.add(ident)
+        walked.append(folder)
+        try:
+          with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+          _raise(e)
+        subdirs, images = [], []
+        for entry in entries:
+          try:
+            is_dir = entry.is_dir()  # Follows links, as os.walk.
+          except OSError:
+            is_dir = False
+          if is_dir:
+            (links if entry.is_symlink() else subdirs).append(entry.path)
+          elif _is_image(entry.name):
+            images.append((entry.name, _file_id(entry, ident[0]),
+                           entry.is_symlink()))
+        listed.append((folder, images))
+        stack.extend(reversed(subdirs))  # Popped in sorted order.
+    pending = links
+  listed.sort(key=lambda item: item[0])
+  # Real files first, then symlinked ones, each in the final order.
+  kept: set[tuple[int, int]] = set()
+  dropped: set[tuple[int, int]] = set()
+  for want_link in (False, True):
+    for i, (_, images) in enumerate(listed):
+      for j, (_, file_id, is_link) in enumerate(images):
+        if is_link != want_link or file_id is None:
+          continue
+        if file_id in kept:
+          dropped.add((i, j))
+        kept.add(file_id)
+  found = [(folder, [name for j, (name, _, _) in enumerate(images)
+                     if (i, j) not in dropped])
+           for i, (folder, images) in enumerate(listed)]
+  return found, walked, skipped + len(dropped)
+
+
 def _scan_image_folder(split_dir: str) -> tuple[FileIndex, list[str]]:
   """Walks the tree (no cache); returns the index and every directory walked."""
   try:
@@ -142,20 +243,26 @@ def _scan_image_folder(split_dir: str) -> tuple[FileIndex, list[str]]:
                      f"holds one folder per class with the images inside "
                      f"({split_dir}/<class>/<image>.JPEG), as torchvision's "
                      f"ImageFolder.")
-  names, labels, dirs, empty = [], [], [split_dir], []
-  for label, cls in enumerate(classes):
+  class_dirs = [os.path.join(split_dir, cls) for cls in classes]
+  # A link from inside a class back to the split folder or into another class
+  # folder would re-index that class's images under this label: skipped.
+  tops = {_dir_id(split_dir)} | {_dir_id(d) for d in class_dirs}
+  names, labels, dirs, empty, skipped = [], [], [split_dir], [], 0
+  for label, (cls, class_dir) in enumerate(zip(classes, class_dirs)):
     count = len(names)
-    walked = sorted(os.walk(os.path.join(split_dir, cls), followlinks=True,
-                            onerror=_raise))
-    for root, _, files in walked:
-      dirs.append(root)
+    found, walked, again = _walk_images(class_dir, tops - {_dir_id(class_dir)})
+    dirs += walked
+    skipped += again
+    for root, files in found:
       rel = os.path.relpath(root, split_dir)
-      for f in sorted(files):
-        if _is_image(f):
-          names.append(os.path.join(rel, f))
-          labels.append(label)
+      names += [os.path.join(rel, f) for f in files]
+      labels += [label] * len(files)
     if len(names) == count:
       empty.append(cls)
+  if skipped:
+    log.warning("%s: %d folder(s) or file(s) reached again through symbolic or "
+                "hard links (a link loop, or two links to one place) were "
+                "indexed once.", split_dir, skipped)
   if empty:
     shown = ", ".join(repr(c) for c in empty[:_MAX_LISTED])
     more = f" and {len(empty) - _MAX_LISTED} more" if len(empty) > _MAX_LISTED else ""
@@ -168,7 +275,7 @@ def _scan_image_folder(split_dir: str) -> tuple[FileIndex, list[str]]:
   return FileIndex.from_names(split_dir, names, labels, classes), dirs
 
 
-def _raise(error: OSError) -> None:
+def _raise(error: OSError) -> NoReturn:
   raise ValueError(f"Cannot list {error.filename!r} ({error.strerror}). Check "
                    f"its permissions.") from error
 

@@ -30,7 +30,9 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-VERSION = 1
+# 2: ImageFolder scans take each folder and file once (links, loops), so an
+# index of version 1 may hold a file twice: rescanned once.
+VERSION = 2
 TREE_DIR = ".irnet_jax_index"
 RACY_SECONDS = 2.0
 

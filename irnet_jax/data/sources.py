@@ -23,7 +23,9 @@ with ``grain.MapDataset.source``. Supported ``ds_cfg.name`` values:
   ImageFolder tree of ``n01440764/``-style folders.
 * ``npz``: a local ``.npz`` with ``x_train, y_train, x_test, y_test``; ``x`` is
   uint8 ``(N, H, W, 3)``, ``(N, H, W, 1)`` or ``(N, H, W)`` (grey is repeated to
-  3 channels), ``y`` integer class ids ``(N,)``.
+  3 channels), ``y`` integer class ids ``(N,)``: ``0..C-1`` with ``C = max(y_train)
+  + 1``, checked on first read. Read once per process while the file is
+  unchanged (as the CIFAR archives and digits).
 * ``digits``: scikit-learn's embedded 8x8 handwritten digits, upsampled to
   16x16 RGB. Works offline; meant for smoke tests and CPU-sized experiments.
 
@@ -213,13 +215,30 @@ def _npz_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   return headers
 
 
+def _npz_file_key(path: str) -> tuple[str, int, int]:
+  """``(absolute path, st_mtime_ns, st_size)``: the in-process caches below
+  re-read a file that was replaced or rewritten, and only then."""
+  st = os.stat(path)
+  return os.path.abspath(path), st.st_mtime_ns, st.st_size
+
+
 def _check_npz(path: str | None) -> tuple[dict[str, Any], int]:
-  """Validates the npz layout; returns its headers and the number of classes."""
+  """Validates the npz layout and labels; returns its headers and the number
+  of classes. Reads the file once per process while it is unchanged."""
   if not path:
     raise ValueError("ds_cfg.name='npz' needs ds_cfg.path, which is empty. "
                      + _npz_fix(path))
   if not os.path.isfile(path):
     raise ValueError(f"npz file {path!r} does not exist. " + _npz_fix(path))
+  return _checked_npz(path, *_npz_file_key(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _checked_npz(path: str, abspath: str, mtime_ns: int, size: int
+                 ) -> tuple[dict[str, Any], int]:
+  """:func:`_check_npz` of an existing file (``path`` as the user gave it, for
+  messages); cached per file version (errors are not cached)."""
+  del abspath, mtime_ns, size  # The cache key only.
   try:
     headers = _npz_headers(path)
   except (zipfile.BadZipFile, ValueError, OSError) as e:
@@ -250,17 +269,50 @@ def _check_npz(path: str | None) -> tuple[dict[str, Any], int]:
     hw = xs[1:3]
   # Labels are small, so reading them here keeps dataset_info cheap.
   with np.load(path) as npz:
-    labels = [npz["y_train"], npz["y_test"]]
-  low = min(int(y.min()) for y in labels)
-  if low < 0:
-    raise ValueError(f"{path!r} has negative labels (min {low}); labels must be "
-                     f"class ids 0..C-1. " + _npz_fix(path))
-  num_classes = max(int(y.max()) for y in labels) + 1
-  return headers, num_classes
+    y_train, y_test = npz["y_train"], npz["y_test"]
+  return headers, _check_npz_labels(path, y_train, y_test)
+
+
+def _check_npz_labels(path: str, y_train: np.ndarray, y_test: np.ndarray
+                      ) -> int:
+  """The number of classes, ``max(y_train) + 1``, once every label is a class
+  id in ``[0, num_classes)`` (they become int32 in the batches)."""
+  fix = ("Number the classes 0..C-1, the same way in y_train and y_test, with "
+         "every class in y_train, and save the .npz again.")
+  for name, y in (("y_train", y_train), ("y_test", y_test)):
+    low = int(y.min())
+    if low < 0:
+      raise ValueError(f"{name} in {path!r} has the negative label {low}; "
+                       f"labels are class ids >= 0. " + fix)
+  top = int(y_train.max())
+  if top >= np.iinfo(np.int32).max:
+    raise ValueError(f"y_train in {path!r} has the label {top}, too large for "
+                     f"a class id (it would make {top + 1} classes). " + fix)
+  beyond = y_test[y_test > top]
+  if beyond.size:
+    raise ValueError(f"y_test in {path!r} has the label {int(beyond.max())} "
+                     f"({beyond.size} label(s) in all beyond y_train's) but "
+                     f"the labels of y_train stop at {top}, so num_classes="
+                     f"{top + 1} and the model would never train that class. "
+                     + fix)
+  return top + 1
 
 
 def _load_npz_arrays(path: str) -> tuple[np.ndarray, ...]:
-  """Reads an npz (validated by :func:`_check_npz`) into RGB uint8 arrays."""
+  """Reads an npz (validated by :func:`_check_npz`) into RGB uint8 arrays.
+
+  Cached per process while the file is unchanged (``get_sources`` runs at
+  every evaluation): the arrays are read-only, shared by every caller.
+  """
+  return _npz_arrays(path, *_npz_file_key(path))
+
+
+# One entry: a second file (say the eval set of another run) replaces the
+# first rather than keeping two datasets in memory.
+@functools.lru_cache(maxsize=1)
+def _npz_arrays(path: str, abspath: str, mtime_ns: int, size: int
+                ) -> tuple[np.ndarray, ...]:
+  del abspath, mtime_ns, size  # The cache key only.
   with np.load(path) as npz:
     arrays = []
     for split in ("train", "test"):
@@ -271,6 +323,8 @@ def _load_npz_arrays(path: str) -> tuple[np.ndarray, ...]:
         # Done once here rather than per example so batches are cheap.
         x = np.repeat(x, 3, axis=-1)
       arrays += [np.ascontiguousarray(x), npz[f"y_{split}"].astype(np.int32)]
+  for a in arrays:
+    a.flags.writeable = False  # Shared through the cache.
   return tuple(arrays)
 
 

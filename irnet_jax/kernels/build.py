@@ -14,6 +14,11 @@ then the caller uses XLA's convolutions. Nothing here can crash the process:
   jaxlib version (FFI headers) and this CPU's feature flags. ``build.json`` next to the
   library repeats those inputs; a library whose record differs from this process's
   (another CPU on a shared home, an edited or copied cache) is rebuilt, never loaded.
+* **A library checked before it is loaded.** ``lib.json`` records the size and
+  sha256 of ``lib.so`` as built; a library that no longer matches (cut short by a
+  full disk or a crash, edited) is never handed to ``dlopen`` (a truncated ELF can
+  crash the process with SIGBUS when its pages are touched): it is rebuilt, or, if
+  that fails, :func:`load` warns and the caller uses XLA's convolutions.
 * **A lock and a timeout.** ``fcntl.flock`` on a lock file serializes concurrent
   builds (several processes on one machine); the compiler runs under a timeout, and
   so does the wait for the lock.
@@ -108,12 +113,49 @@ def entry_dir(record: dict, root: pathlib.Path) -> pathlib.Path:
   return root / f"binary_conv_{key}"
 
 
-def _matches(entry: pathlib.Path, record: dict) -> bool:
+def _built_for(entry: pathlib.Path, record: dict) -> bool:
+  """Whether the entry's ``build.json`` says it was built from ``record``."""
   try:
-    return (entry / "lib.so").is_file() and json.loads(
-        (entry / "build.json").read_text()) == record
+    return json.loads((entry / "build.json").read_text()) == record
   except (OSError, ValueError):
     return False
+
+
+def file_digest(path: pathlib.Path) -> dict:
+  """``{"size": bytes, "sha256": hex}`` of a file (what ``lib.json`` records)."""
+  digest = hashlib.sha256()
+  size = 0
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+      size += len(chunk)
+  return dict(size=size, sha256=digest.hexdigest())
+
+
+def check_library(entry: pathlib.Path) -> str | None:
+  """None if ``entry/lib.so`` is the library its build recorded in ``lib.json``
+  (same size and sha256), else what is wrong, in words. Never loads it."""
+  lib = entry / "lib.so"
+  try:
+    recorded = json.loads((entry / "lib.json").read_text())
+    want_size, want_sha = int(recorded["size"]), str(recorded["sha256"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return f"{lib} has no readable record of its size and sha256 ({entry / 'lib.json'})"
+  try:
+    got = file_digest(lib)
+  except OSError as e:
+    return f"cannot read {lib} ({e.strerror or e})"
+  if got["size"] != want_size:
+    return (f"{lib} has {got['size']} bytes but was built with {want_size} (cut short "
+            f"by a full disk or a crash?)")
+  if got["sha256"] != want_sha:
+    return (f"{lib} differs from the library that was built (sha256 "
+            f"{got['sha256'][:12]}..., built {want_sha[:12]}...)")
+  return None
+
+
+def _matches(entry: pathlib.Path, record: dict) -> bool:
+  return _built_for(entry, record) and check_library(entry) is None
 
 
 @contextlib.contextmanager
@@ -137,11 +179,15 @@ def _locked(path: pathlib.Path, timeout: float):
 
 
 def _atomic_write(target: pathlib.Path, write) -> None:
-  # Write a temporary name and rename: no process ever sees half a file.
+  # Write a temporary name and rename: no process ever sees half a file. The
+  # fsync makes the data durable before the name: after a crash the name holds
+  # the whole file or the old one, not an empty or partial one.
   with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
     tmp_path = pathlib.Path(tmp.name)
   try:
     write(tmp_path)
+    with open(tmp_path, "rb") as f:
+      os.fsync(f.fileno())
     os.replace(tmp_path, target)
   finally:
     tmp_path.unlink(missing_ok=True)
@@ -163,25 +209,46 @@ def library(root: pathlib.Path | None = None, flags: frozenset[str] | None = Non
   with _locked(entry / "lock", timeout):
     if _matches(entry, record):  # built by another process meanwhile
       return entry / "lib.so"
-
-    def compile_to(out: pathlib.Path) -> None:
-      cmd = [record["compiler"], *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o",
-             str(out)]
-      try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-      except subprocess.TimeoutExpired:
-        raise Unavailable(f"compiling {SOURCE.name} took over {timeout:.0f} s") from None
-      except OSError as e:
-        raise Unavailable(f"cannot run {record['compiler']}: {e}") from e
-      if res.returncode != 0:
-        detail = (res.stderr or res.stdout).strip().splitlines()
-        raise Unavailable(f"{record['compiler']} failed ({res.returncode}): "
-                          f"{detail[-1] if detail else 'no output'}")
-
-    _atomic_write(entry / "lib.so", compile_to)
-    _atomic_write(entry / "build.json",
-                  lambda p: p.write_text(json.dumps(record, sort_keys=True, indent=1)))
+    # Built for these inputs but not what was built: damaged, never loaded. (An
+    # entry of an older version, without lib.json, is rebuilt without a word.)
+    damage = (check_library(entry) if _built_for(entry, record)
+              and (entry / "lib.json").exists() else None)
+    try:
+      _build(entry, record, timeout)
+    except Unavailable as e:
+      if damage is None:
+        raise
+      raise Unavailable(f"{damage}, and rebuilding it failed: {e}") from e
+    if damage is not None:
+      log.warning("irnet_jax: rebuilt the CPU kernels: %s", damage)
   return entry / "lib.so"
+
+
+def _build(entry: pathlib.Path, record: dict, timeout: float) -> None:
+  """Compiles ``entry/lib.so``, then records its size and sha256 (``lib.json``)
+  and last the inputs (``build.json``): an entry whose build stopped half-way
+  never matches. The caller holds the entry's lock."""
+  digest = {}
+
+  def compile_to(out: pathlib.Path) -> None:
+    cmd = [record["compiler"], *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o",
+           str(out)]
+    try:
+      res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      raise Unavailable(f"compiling {SOURCE.name} took over {timeout:.0f} s") from None
+    except OSError as e:
+      raise Unavailable(f"cannot run {record['compiler']}: {e}") from e
+    if res.returncode != 0:
+      detail = (res.stderr or res.stdout).strip().splitlines()
+      raise Unavailable(f"{record['compiler']} failed ({res.returncode}): "
+                        f"{detail[-1] if detail else 'no output'}")
+    digest.update(file_digest(out))  # The bytes the compiler wrote, before the rename.
+
+  _atomic_write(entry / "lib.so", compile_to)
+  _atomic_write(entry / "lib.json", lambda p: p.write_text(json.dumps(digest)))
+  _atomic_write(entry / "build.json",
+                lambda p: p.write_text(json.dumps(record, sort_keys=True, indent=1)))
 
 
 @functools.cache
