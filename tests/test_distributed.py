@@ -54,3 +54,20 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
   assert a["test_examples"] == b["test_examples"] == 360
   assert a["test_accuracy"] == b["test_accuracy"]
   assert os.listdir(multi / "checkpoints")  # Orbax wrote through both processes.
+  # TensorBoard: the quickstart's scalars at metrics.jsonl's steps, from process 0 only
+  # (one event file per split, not one per process).
+  from tensorboard.backend.event_processing import plugin_event_multiplexer
+  from tensorboard.util import tensor_util
+  events = plugin_event_multiplexer.EventMultiplexer()
+  events.AddRunsFromDirectory(str(multi / "tensorboard"))
+  events.Reload()
+  records = [r for r in map(json.loads, open(multi / "metrics.jsonl"))]
+  for split, tag in (("train", "loss"), ("train", "lr"), ("train", "ede_t"),
+                     ("test", "accuracy")):
+    want = {r["step"]: r[tag] for r in records if r["split"] == split}
+    got = {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+           for e in events.Tensors(split, tag)}
+    assert want and got.keys() == want.keys(), (split, tag)
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-6)
+  for split in ("train", "test"):
+    assert len(os.listdir(multi / "tensorboard" / split)) == 1
