@@ -15,7 +15,7 @@ import pytest
 
 from irnet_jax import checkpointing
 from irnet_jax import config as config_lib
-from irnet_jax import train
+from irnet_jax import optim, steps
 
 
 def _config(**fields):
@@ -27,7 +27,7 @@ def _config(**fields):
 
 
 def _ede(c, step, steps_per_epoch, total_steps):
-  ede = train.ede_at(c, jnp.asarray(step, jnp.int32), steps_per_epoch, total_steps)
+  ede = steps.ede_at(c, jnp.asarray(step, jnp.int32), steps_per_epoch, total_steps)
   return float(ede.t), float(ede.k)
 
 
@@ -97,7 +97,7 @@ def test_ede_every_step():
 
 
 def _lrs(c, steps, steps_per_epoch, total_steps):
-  schedule = train.learning_rate_schedule(c, steps_per_epoch, total_steps)
+  schedule = optim.learning_rate_schedule(c, steps_per_epoch, total_steps)
   return [float(schedule(jnp.asarray(s, jnp.int32))) for s in steps]
 
 
