@@ -19,10 +19,14 @@ anything in the workdir changes (:func:`check_run`).
 A checkpoint that cannot be read (damaged or truncated files) is skipped with a
 warning in favour of the previous one of the same run; one that can be read but
 belongs to another run or does not fit the model (other tree or shapes) raises
-:class:`IncompatibleCheckpointError` instead: it is never "unreadable".
+:class:`IncompatibleCheckpointError` instead: it is never "unreadable". A training run
+that resumes past damaged checkpoints moves them to
+``WORKDIR/checkpoints/.damaged/<step>-<UTC time>/`` (never deleted), so that it saves
+those steps again and every reader finds them (:meth:`Checkpointer.restore_latest`).
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -35,9 +39,11 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from irnet_jax import config as config_lib
+from irnet_jax import workdir as workdir_lib
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
+DAMAGED_DIR = ".damaged"  # Under checkpoints/: damaged checkpoints moved aside.
 log = logging.getLogger(__name__)
 
 
@@ -86,7 +92,8 @@ def _tree_mismatch(item: str, saved: Any, template: Any) -> list[str]:
 class Checkpointer:
   """Saves and restores ``(model_state, opt_state, meta)`` under ``directory``."""
 
-  def __init__(self, directory: str, max_to_keep: int = 3):
+  def __init__(self, directory: str, max_to_keep: int = 3, create: bool = True):
+    """``create=False`` for readers: a workdir without checkpoints is left as it is."""
     self.directory = os.path.abspath(directory)
     # Handlers named up front so that a fresh manager can read item metadata
     # (tree structure, shapes) without restoring any array.
@@ -94,16 +101,20 @@ class Checkpointer:
                     meta=ocp.JsonCheckpointHandler())
     self._manager = ocp.CheckpointManager(
         self.directory, item_handlers=handlers,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create))
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, model_state: Any, opt_state: Any, meta: dict) -> None:
     """Starts an (asynchronous) save of step ``step``; see :meth:`wait`."""
-    self._manager.save(step, args=ocp.args.Composite(
+    saved = self._manager.save(step, args=ocp.args.Composite(
         model=ocp.args.StandardSave(model_state), opt=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave(meta)))
+    if not saved:  # Orbax declines a step <= its newest one, silently.
+      log.warning("checkpoint %d was not saved: %s already has step %s; steps up to it are "
+                  "skipped until the run passes it.", step, self.directory,
+                  self._manager.latest_step())
 
   def restore(self, step: int, model_state: Any, opt_state: Any | None = None
               ) -> tuple[Any, Any, dict]:
@@ -139,7 +150,8 @@ class Checkpointer:
     return problems
 
   def restore_latest(self, model_state: Any, opt_state: Any | None = None,
-                     fingerprint: str | None = None) -> tuple[Any, Any, dict] | None:
+                     fingerprint: str | None = None, repair: bool | None = None
+                     ) -> tuple[Any, Any, dict] | None:
     """The newest readable checkpoint (None if there is no checkpoint at all).
 
     A damaged newest checkpoint (unreadable or truncated files) is reported with a
@@ -147,10 +159,18 @@ class Checkpointer:
     readable checkpoint that does not fit the templates, or whose meta names a
     ``run_fingerprint`` other than ``fingerprint``, raises
     :class:`IncompatibleCheckpointError`; so does a directory where no checkpoint
-    can be read (rather than starting over and rotating them away).
+    can be read (rather than starting over and rotating them away; nothing is moved).
+
+    ``repair``: move the damaged checkpoints newer than the one restored to
+    ``.damaged/`` (:meth:`_set_aside`), so that the run saves those steps again
+    (Orbax skips a step at or below its newest one). None = when ``opt_state`` is
+    given: a training run resuming, which holds the workdir lock. Readers (evaluate,
+    export, ``init_from``) only fall back and leave the workdir as it is. With several
+    processes, every one must call this (it synchronizes them); process 0 moves.
     """
+    repair = opt_state is not None if repair is None else repair
     steps = self.all_steps()
-    errors = []
+    errors, damaged = [], []
     for step in reversed(steps):
       try:
         problems = self.incompatibilities(step, model_state, opt_state, fingerprint)
@@ -163,17 +183,57 @@ class Checkpointer:
             "new run, or the config this workdir was trained with (its config.json).")
       if problems is not None:
         try:
-          return self.restore(step, model_state, opt_state)
+          restored = self.restore(step, model_state, opt_state)
         except Exception as e:  # pylint: disable=broad-except
           error = e
+        else:
+          if repair:
+            self._set_aside(damaged, step)
+          return restored
       errors.append(f"{step}: {type(error).__name__}: {error}")
+      damaged.append(step)
       log.warning("checkpoint %d in %s is unreadable (%s: %s); falling back to the "
-                  "previous one.", step, self.directory, type(error).__name__, error)
+                  "previous one.%s", step, self.directory, type(error).__name__, error,
+                  "" if repair else " A training run of this workdir (the same command) "
+                  "moves it aside and saves the step again.")
     if steps:
       raise IncompatibleCheckpointError(
           f"no checkpoint in {self.directory} can be read ({'; '.join(errors)}). Nothing "
           "was changed; move the directory away (or use another --workdir) to start over.")
     return None
+
+  def _set_aside(self, damaged: list[int], restored: int) -> None:
+    """Moves the checkpoints ``damaged`` to ``.damaged/<step>-<UTC time>`` (process 0;
+    the others wait for it) and reloads Orbax's list of steps, so that they are saved
+    again. Only called once an older checkpoint restored: the storage works, the
+    files of these steps do not."""
+    multi = jax.process_count() > 1
+    if multi:  # Every process has finished reading before anything moves.
+      ocp.multihost.sync_global_processes("irnet_jax_damaged_scan")
+    if damaged and jax.process_index() == 0:
+      stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+      root = os.path.join(self.directory, DAMAGED_DIR)
+      for step in damaged:
+        source = os.path.join(self.directory, str(step))
+        target = os.path.join(root, f"{step}-{stamp}")
+        n = 1
+        while os.path.exists(target):  # Two repairs of one step in the same second.
+          target, n = os.path.join(root, f"{step}-{stamp}-{n}"), n + 1
+        try:
+          os.makedirs(root, exist_ok=True)
+          os.rename(source, target)
+        except OSError as e:
+          raise workdir_lib.WorkdirError(
+              f"checkpoint {step} in {self.directory} is damaged and could not be moved "
+              f"aside to {target} ({e.strerror or e}); move it yourself (mv {source} "
+              f"{target}) and rerun: the run resumes from step {restored} and saves step "
+              f"{step} again.") from e
+        log.warning("checkpoint %d moved to %s (damaged; kept for inspection); resuming from "
+                    "step %d, step %d will be saved again.", step, target, restored, step)
+    if multi:
+      ocp.multihost.sync_global_processes("irnet_jax_damaged_moved")
+    if damaged:
+      self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -248,8 +308,16 @@ def read_run(workdir: str) -> dict | None:
   run.json existed, the spec of its ``config.json``; None for a new workdir."""
   path = os.path.join(workdir, RUN_FILE)
   if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+    if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+      fix = f"delete it (rm {path}): the next launch rebuilds it from {CONFIG_FILE}"
+    else:
+      fix = (f"{workdir} has no {CONFIG_FILE} either: use another --workdir, or delete "
+             f"{path} to use this one for the run you launch")
+    record = _read_json(path, fix)
+    if not isinstance(record, dict) or not isinstance(record.get("fields"), dict):
+      raise workdir_lib.WorkdirError(f"{path} is damaged (no 'fields' record of the run); "
+                                     f"{fix}.")
+    return record
   if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
     return dict(fields=run_spec(load_config(workdir)), derived={})
   return None
@@ -306,15 +374,21 @@ def record_run(workdir: str, config: ml_collections.ConfigDict,
   return fingerprint
 
 
+def _read_json(path: str, fix: str) -> Any:
+  """``path``'s JSON; a damaged file is a :class:`~irnet_jax.workdir.WorkdirError`
+  naming it and ``fix``."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise workdir_lib.WorkdirError(f"{path} is damaged (not JSON: {e}); {fix}.") from e
+
+
 def _write_atomic(path: str, text: str) -> None:
   """Readers (other processes of the run) see the old file or the new one, never half;
-  fsync before the rename, so a power cut cannot leave an empty file behind either."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  fsynced before the rename, and a symlink at ``path`` is replaced, not followed
+  (:func:`irnet_jax.workdir.write_atomic`)."""
+  workdir_lib.write_atomic(path, text)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -331,8 +405,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise ValueError(f"{workdir} has no {CONFIG_FILE}; is it the --workdir of a training "
                      "run made with `python -m irnet_jax.main`?")
-  with open(path) as f:
-    return config_lib.migrate(ml_collections.ConfigDict(json.load(f)))
+  record = _read_json(path, "it is the run's config: restore it from a copy, or rewrite it "
+                     "from the config file the run was trained with")
+  if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
+    raise workdir_lib.WorkdirError(f"{path} is damaged (no 'model' section); restore it "
+                                   "from a copy, or rewrite it from the run's config file.")
+  return config_lib.migrate(ml_collections.ConfigDict(record))
 
 
 def load_model(workdir: str, step: int | None = None,
@@ -350,7 +428,18 @@ def load_model(workdir: str, step: int | None = None,
     ``(model, config)`` with ``model.eval()`` already called.
   """
   config = load_config(workdir) if config is None else config
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+  try:
+    model = _restore_model(ckpt, config, step)
+  finally:
+    ckpt.close()
+  model.eval()
+  return model, config
+
+
+def _restore_model(ckpt: Checkpointer, config: ml_collections.ConfigDict,
+                   step: int | None) -> nnx.Module:
+  """The model of checkpoint ``step`` (None: the newest readable one) of ``ckpt``."""
   steps = ckpt.all_steps()
   if not steps:
     raise ValueError(f"no checkpoint in {ckpt.directory}; train first (or check --workdir).")
@@ -365,13 +454,15 @@ def load_model(workdir: str, step: int | None = None,
     if restored is None:
       raise ValueError(f"no readable checkpoint in {ckpt.directory}.")
   else:
-    problems = ckpt.incompatibilities(step, template)
+    try:
+      problems = ckpt.incompatibilities(step, template)
+      restored = None if problems else ckpt.restore(step, template)
+    except Exception as e:  # Orbax raises many types for damaged files.
+      raise workdir_lib.WorkdirError(
+          f"checkpoint {step} in {ckpt.directory} cannot be read ({type(e).__name__}: "
+          f"{e}); pick another of {steps}, or none for the newest readable one.") from e
     if problems:
       raise IncompatibleCheckpointError(f"checkpoint {step} in {ckpt.directory} does not fit "
                                         f"model {config.model.name!r}: " + "; ".join(problems))
-    restored = ckpt.restore(step, template)
   nnx.update(model, restored[0])
-  model.eval()
-  ckpt.close()
-  return model, config
-
+  return model

@@ -6,8 +6,9 @@ before anything is compiled, with one message naming the problem and the fix.
 """
 from __future__ import annotations
 
+import difflib
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -204,11 +205,142 @@ def reject_renamed_flags(argv: list[str]) -> None:
         raise SystemExit(f"error: {_renamed_message(old, new)}")
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Raises ``ValueError`` naming the bad field and the fix; cheap (no data, no compile).
+# Fields whose values may take another type than their default's: profile_steps as
+# (START, STOP) from a config file; num_epochs fractional (steps = ceil(epochs x steps
+# per epoch)).
+_OTHER_TYPES = {"profile_steps": (str, list, tuple), "num_epochs": (int, float)}
 
-  ``num_devices``: the devices the run will use (``batch_size`` must divide evenly).
+# Numeric ranges beyond those checked with their own message in validate():
+# field -> (lowest allowed, highest allowed or None, what it means).
+_RANGES = {
+    "seed": (0, 2**32 - 1, "a 32-bit random seed"),
+    "keep_checkpoints": (1, None, "how many checkpoints to keep; 0 would keep none"),
+    "analysis_every_steps": (0, None, "0 turns the analysis off"),
+    "optimizer.momentum": (0, None, "0 turns momentum off"),
+    "optimizer.weight_decay": (0, None, "0 turns weight decay off"),
+    "optimizer.warmup_steps": (0, None, "0: no warm-up"),
+    "optimizer.warmup_init_lr": (0, None, "the learning rate at step 0 of the warm-up"),
+    "dataset.image_size": (1, None, "pixels"),
+    "dataset.num_threads": (0, None, "reader threads"),
+    "dataset.num_workers": (-1, None, "-1: by recipe, 0: threads"),
+    "dataset.prefetch_mb": (1, None, "MiB of prefetched batches"),
+}
+
+
+def _fields(c: Any, prefix: str = "") -> dict[str, Any]:
+  """``{'optimizer.learning_rate': 0.1, ...}``: the leaves of a (nested) config."""
+  out = {}
+  for key in c.keys():
+    value = c[key]
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(_fields(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _unknown_field_message(field: str, known: Sequence[str]) -> str:
+  """The error for a field that base_config() does not have, with the closest one."""
+  parent, _, leaf = field.rpartition(".")
+  siblings = [k for k in known if k.rpartition(".")[0] == parent]
+  by_name = {k.rpartition(".")[2]: k for k in siblings}
+  close = [by_name[m] for m in difflib.get_close_matches(leaf, list(by_name), n=1, cutoff=0.6)]
+  if not close:  # The right name in another section (c.learning_rate for c.optimizer.*).
+    by_leaf = {k.rpartition(".")[2]: k for k in known}
+    close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1,
+                                                           cutoff=0.8)]
+  hint = (f"did you mean config.{close[0]}? Rename it" if close else
+          f"the fields of config{'.' + parent if parent else ''} are {', '.join(by_name)}")
+  return (f"config.{field} is not a config field (a typo in the config file?); {hint} "
+          "(every field and its default: irnet_jax.config.base_config()).")
+
+
+def _type_ok(value: Any, default: Any, field: str) -> bool:
+  if field in _OTHER_TYPES:
+    return isinstance(value, _OTHER_TYPES[field]) and not isinstance(value, bool)
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, str):
+    return isinstance(value, str)
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+  return True
+
+
+def _type_name(default: Any) -> str:
+  if isinstance(default, (tuple, list)):
+    return "a tuple of numbers"
+  return {bool: "True or False", int: "an integer", float: "a number",
+          str: "a string"}.get(type(default), type(default).__name__)
+
+
+def _check_schema(c: ml_collections.ConfigDict) -> None:
+  """Every field of ``c`` is one of :func:`base_config`'s, of its type, and finite."""
+  schema = _fields(base_config())
+  sections = {k.rpartition(".")[0] for k in schema} - {""}
+  for key in c.keys():  # A section replaced by a value (c.optimizer = 0.1).
+    if key in sections and not isinstance(c[key], (ml_collections.ConfigDict, dict)):
+      raise ConfigError(f"config.{key}={c[key]!r} replaces the whole section config.{key}; "
+                        f"set one of its fields instead (e.g. config.{key}."
+                        f"{next(k for k in schema if k.startswith(key + '.')).split('.')[1]}).")
+  for field, value in _fields(c).items():
+    if field not in schema:
+      raise ConfigError(_unknown_field_message(field, list(schema)))
+    default = schema[field]
+    if not _type_ok(value, default, field):
+      raise ConfigError(f"config.{field}={value!r} ({type(value).__name__}) must be "
+                        f"{_type_name(default)} like its default ({default!r}); e.g. "
+                        f"--config.{field}={default!r}.")
+    numbers = value if isinstance(value, (tuple, list)) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+      raise ConfigError(f"config.{field}={value!r} is not finite; set a finite value (its "
+                        f"default is {default!r}).")
+
+
+def _check_ranges(c: ml_collections.ConfigDict) -> None:
+  fields = _fields(c)
+  for field, (low, high, meaning) in _RANGES.items():
+    if field not in fields:
+      continue
+    value = fields[field]
+    if value < low or (high is not None and value > high):
+      allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+      raise ConfigError(f"config.{field}={value!r} must be {allowed} ({meaning}); e.g. "
+                        f"--config.{field}={_fields(base_config())[field]!r}.")
+  if fields.get("optimizer.momentum", 0) >= 1:
+    raise ConfigError(f"config.optimizer.momentum={fields['optimizer.momentum']!r} must be "
+                      "< 1 (1 never forgets a gradient); e.g. 0.9.")
+  for field in ("dataset.std",):
+    if field in fields and any(v <= 0 for v in fields[field]):
+      raise ConfigError(f"config.{field}={fields[field]!r}: every value must be > 0 (inputs "
+                        "are divided by it); e.g. the ImageNet std (0.229, 0.224, 0.225).")
+  fractions = fields.get("optimizer.decay_fractions", ())
+  if any(not 0 <= f <= 1 for f in fractions):
+    raise ConfigError(f"config.optimizer.decay_fractions={fractions!r} must be fractions of "
+                      "the run in [0, 1], e.g. (0.3, 0.6, 0.9).")
+  if fields.get("optimizer.decay_factor", 1) <= 0:
+    raise ConfigError(f"config.optimizer.decay_factor={fields['optimizer.decay_factor']!r} "
+                      "must be > 0 (each decay multiplies the learning rate by it); e.g. 0.1.")
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises :class:`ConfigError` naming the bad field and the fix; cheap (no data, no
+  compile), so it runs before anything is written.
+
+  Checks, in order: renamed fields, fields :func:`base_config` does not have (a typo
+  in a config file; typos in ``--config.*`` flags are caught by ml_collections), value
+  types, finiteness, the choices and ranges of every field, and the relations between
+  fields. ``num_devices``: the devices the run will use (``batch_size`` must divide
+  evenly).
   """
+  _check_renamed(c)
+  _check_schema(c)
+  _check_ranges(c)
   _choice(c.model.name, sorted(models.REGISTRY), "model.name")
   _choice(c.model.estimator, ops.ESTIMATORS, "model.estimator")
   _choice(c.model.weight_quantizer, ops.WEIGHT_QUANTIZERS, "model.weight_quantizer")
@@ -217,7 +349,6 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(c.model.get("conv_impl", "auto"), kernels.CONV_IMPLS, "model.conv_impl")
   _choice(c.optimizer.name, OPTIMIZERS, "optimizer.name")
   _choice(c.optimizer.schedule, SCHEDULES, "optimizer.schedule")
-  _check_renamed(c)
   _choice(c.ede.schedule_by, EDE_SCHEDULE_BY, "ede.schedule_by")
   _choice(c.compute_dtype, COMPUTE_DTYPES, "compute_dtype")
   if not c.optimizer.learning_rate > 0:

@@ -1,6 +1,11 @@
 """Experiment launcher.
 
   python -m irnet_jax.main --config=configs/NAME.py --workdir=DIR [--config.a.b=value ...]
+      [--debug]
+
+Errors a user can fix are one ``error: ...`` line and exit status 1 (``--debug`` or
+``IRNET_JAX_DEBUG=1``: the traceback); a preempted run exits with
+``preemption.EXIT_CODE``.
 
 Multi-host: add ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``
 on every process (``jax.distributed.initialize``; on CPU, gloo collectives).
@@ -20,7 +25,7 @@ from absl import app, flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 from irnet_jax import config as config_lib  # pylint: disable=wrong-import-position
-from irnet_jax import checkpointing, preemption, train  # pylint: disable=wrong-import-position
+from irnet_jax import preemption, train  # pylint: disable=wrong-import-position
 from irnet_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -54,20 +59,24 @@ def main(argv) -> None:
   # Our progress goes to the bar and metrics.jsonl; keep Orbax's INFO chatter out.
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("irnet_jax").setLevel(logging.INFO)
-  init_distributed()
-  try:
-    final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (checkpointing.RunMismatchError, checkpointing.IncompatibleCheckpointError,
-          workdir_lib.WorkdirBusyError, config_lib.ConfigError) as e:
-    sys.exit(f"error: {e}")  # A refused (re)start: the message is the whole story.
-  except preemption.Preempted as e:
-    print(f"preempted: {e}", file=sys.stderr, flush=True)
-    sys.exit(preemption.EXIT_CODE)
+  # Expected failures (a refused (re)start, a bad config, data or workdir, a full disk,
+  # a diverged run) are one `error: ...` line: their message is the whole story.
+  with workdir_lib.cli_errors(_DEBUG):
+    init_distributed()
+    try:
+      final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except preemption.Preempted as e:
+      print(f"preempted: {e}", file=sys.stderr, flush=True)
+      sys.exit(preemption.EXIT_CODE)
   if jax.process_index() == 0:
     print(f"test_accuracy={final['test_accuracy']:.4f} test_loss={final['test_loss']:.4f} "
           f"train_seconds={final['train_seconds']:.1f} workdir={FLAGS.workdir}")
 
 
+_DEBUG = False  # --debug / IRNET_JAX_DEBUG=1: tracebacks instead of one-line errors.
+
 if __name__ == "__main__":
+  _DEBUG = workdir_lib.pop_debug_flag(sys.argv)
   config_lib.reject_renamed_flags(sys.argv[1:])
-  app.run(main)
+  with workdir_lib.cli_errors(_DEBUG):  # Errors of the config file itself (absl parses it).
+    app.run(main)

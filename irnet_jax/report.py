@@ -1,6 +1,6 @@
 """Plots and a Markdown report from a training run's ``metrics.jsonl``.
 
-    python -m irnet_jax.report --workdir=DIR [--compare=DIR2] [--out=DIR/report]
+    python -m irnet_jax.report --workdir=DIR [--compare=DIR2] [--out=DIR/report] [--debug]
 
 Reads ``DIR/metrics.jsonl`` (one JSON object per line, each with ``step`` and
 ``split``; written by the training loop) and, if present, ``DIR/final_metrics.json``,
@@ -20,12 +20,15 @@ says so; unparsable lines are skipped and counted. Only matplotlib (Agg) is need
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
+
+from irnet_jax import workdir as workdir_lib
 
 Records = dict[str, list[dict[str, Any]]]
 
@@ -140,8 +143,11 @@ def _panel(ax, title: str, lines: Sequence[tuple[str, tuple[list, list]]],
 
 def _save(fig, out_dir: Path, name: str) -> str:
   fig.tight_layout()
-  fig.savefig(out_dir / name, dpi=110)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
   _plt().close(fig)
+  # Atomic, and a symlink placed at the file's path is replaced, not written through.
+  workdir_lib.write_atomic(str(out_dir / name), png.getvalue())
   return name
 
 
@@ -311,17 +317,27 @@ def _read_final(workdir: Path, name: str = "final_metrics.json") -> dict[str, An
 def write_report(workdir: str | os.PathLike, compare: str | os.PathLike | None = None,
             out_dir: str | os.PathLike | None = None) -> Path:
   """Writes the plots and ``report.md`` for ``workdir`` (and ``compare``); returns the
-  report path. Raises ``FileNotFoundError`` if ``workdir/metrics.jsonl`` is missing,
-  unless the workdir has results without a training log (``eval_metrics.json`` of
-  ``python -m irnet_jax.evaluate``, e.g. on a workdir of ``irnet_jax.convert``)."""
+  report path. Raises :class:`irnet_jax.workdir.WorkdirError` if ``workdir`` does not
+  exist or ``workdir/metrics.jsonl`` is missing, unless the workdir has results without
+  a training log (``eval_metrics.json`` of ``python -m irnet_jax.evaluate``, e.g. on a
+  workdir of ``irnet_jax.convert``)."""
   workdir = Path(workdir)
+  if not workdir.is_dir():
+    raise workdir_lib.WorkdirError(f"--workdir={workdir} is not a directory; give the "
+                                   "--workdir of a training run.")
   evaluated = _read_final(workdir, "eval_metrics.json")
   notes: list[str] = []
-  if evaluated is not None and not (workdir / "metrics.jsonl").exists():
+  metrics = workdir / workdir_lib.METRICS_FILE
+  if evaluated is not None and not metrics.exists():
     records, skipped = {}, 0
     notes.append("No metrics.jsonl (no training in this workdir).")
+  elif not metrics.exists():
+    raise workdir_lib.WorkdirError(
+        f"{workdir} has no {workdir_lib.METRICS_FILE} (the training log); give the --workdir "
+        "of a training run (it is written from the first logged step), or run python -m "
+        "irnet_jax.evaluate on this workdir first for a report of its evaluation.")
   else:
-    records, skipped = load_metrics(workdir / "metrics.jsonl")
+    records, skipped = load_metrics(metrics)
   out = Path(out_dir) if out_dir is not None else workdir / "report"
   out.mkdir(parents=True, exist_ok=True)
   if skipped:
@@ -405,7 +421,7 @@ def write_report(workdir: str | os.PathLike, compare: str | os.PathLike | None =
   if notes:
     lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
   report = out / "report.md"
-  report.write_text("\n".join(lines), encoding="utf-8")
+  workdir_lib.write_atomic(str(report), "\n".join(lines))
   return report
 
 
@@ -413,12 +429,19 @@ def _main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags
   f = flags.FLAGS
-  report = write_report(f.workdir, f.compare, f.out)
+  with workdir_lib.cli_errors(_DEBUG):
+    report = write_report(f.workdir, f.compare, f.out)
   print(f"wrote {report}")
 
 
+_DEBUG = False  # --debug / IRNET_JAX_DEBUG=1: tracebacks instead of one-line errors.
+
 if __name__ == "__main__":
+  import sys
+
   from absl import app, flags
+
+  _DEBUG = workdir_lib.pop_debug_flag(sys.argv)
 
   flags.DEFINE_string("workdir", None, "Run directory containing metrics.jsonl.")
   flags.DEFINE_string("compare", None, "Optional second run directory to compare with.")

@@ -23,6 +23,8 @@ CLI::
 
     python -m irnet_jax.summary --config=configs/NAME.py
     python -m irnet_jax.summary --model=resnet18 --image_size=224 --num_classes=1000
+
+Errors are one ``error: ...`` line (``--debug`` or ``IRNET_JAX_DEBUG=1``: the traceback).
 """
 from __future__ import annotations
 
@@ -313,8 +315,12 @@ sys.modules[__name__].__class__ = _CallableModule
 if __name__ == "__main__":
   from absl import app
 
+  from irnet_jax import workdir as workdir_lib
+
   _define_flags()
-  app.run(_main)
+  # An unknown model, a bad config: one `error: ...` line (--debug: the traceback).
+  with workdir_lib.cli_errors(workdir_lib.pop_debug_flag(sys.argv)):
+    app.run(_main)
 
 
 __all__ = ["summary", "format_summary", "Summary", "LayerRow"]

@@ -10,10 +10,19 @@
   carry the same numeric scalars, one run per ``split`` ("train", "test",
   "analysis", ...), for ``tensorboard --logdir WORKDIR/tensorboard``.
 
-Checkpoints, ``config.json`` and ``run.json`` are :mod:`irnet_jax.checkpointing`'s.
+Checkpoints, ``config.json`` and ``run.json`` are :mod:`irnet_jax.checkpointing`'s;
+every whole file of the workdir is written by :func:`write_atomic` (a temporary in the
+same directory, fsynced, renamed over the destination: a symlink placed there is
+replaced, never written through).
+
+The command-line tools share :func:`cli_errors` (here because this module needs only
+the standard library, so that the light CLIs import nothing heavy for it): expected
+failures become one ``error: ...`` line on stderr and exit status 1; ``--debug`` or
+``IRNET_JAX_DEBUG=1`` shows the traceback instead.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -21,8 +30,10 @@ import json
 import logging
 import os
 import socket
+import sys
+import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +43,11 @@ LOCK_FILE = ".lock"
 
 # Records without a ``split`` field go to this TensorBoard run.
 _DEFAULT_SPLIT = "other"
+
+
+class WorkdirError(ValueError):
+  """A workdir file that is missing, damaged or of the wrong kind (e.g. a symlink
+  where the run writes); the message names the file and the fix."""
 
 
 # ------------------------------------------------------------------ metrics
@@ -56,6 +72,8 @@ class MetricsWriter:
     self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR)
     self.enabled = enabled
     self.tensorboard = tensorboard and enabled
+    if enabled:  # Refused before the run starts, not at its first record.
+      _refuse_symlink(self.path)
     if self.tensorboard:
       _summary_writer_class()  # A missing tensorboardX fails now, not at the first record.
     self._tb_writers: dict[str, Any] = {}  # split -> tensorboardX SummaryWriter, lazily.
@@ -89,7 +107,7 @@ class MetricsWriter:
           kept.append(line if line.endswith("\n") else line + "\n")
       except json.JSONDecodeError:  # A line cut by a kill.
         continue
-    _write_atomic(self.path, "".join(kept))
+    write_atomic(self.path, "".join(kept))
 
   def write(self, record: dict[str, Any]) -> None:
     """Appends ``record`` (JSON-able values, numpy/JAX scalars included; ``step`` an
@@ -106,10 +124,23 @@ class MetricsWriter:
       if not split or split in (".", "..") or os.sep in split:
         raise ValueError(f"metrics split {split!r} is not a plain directory name; "
                          "use a name like 'train' or 'test'.")
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
+    line = (json.dumps(record) + "\n").encode()
+    # O_NOFOLLOW: a symlink put in place of metrics.jsonl after the check in __init__
+    # is refused too (ELOOP) instead of being appended through.
+    try:
+      fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                   | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+      if e.errno == errno.ELOOP:
+        _refuse_symlink(self.path)
+      raise
+    try:
+      view = memoryview(line)
+      while view:  # os.write may write less than asked (a signal, a nearly full disk).
+        view = view[os.write(fd, view):]
+      os.fsync(fd)
+    finally:
+      os.close(fd)
     if self.tensorboard and scalars:  # An "event" of strings opens no empty run directory.
       step = int(record["step"])
       writer = self._tb_writer(split, step)
@@ -173,14 +204,62 @@ def _is_number(v: Any) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _write_atomic(path: str, text: str) -> None:
-  """A kill leaves the old file or the new one, never half (fsynced before the swap)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+def _refuse_symlink(path: str) -> None:
+  """Raises :class:`WorkdirError` if ``path`` is a symbolic link (appends would follow
+  it and write outside the workdir)."""
+  if os.path.islink(path):
+    raise WorkdirError(
+        f"{path} is a symbolic link (to {os.readlink(path)!r}); the run appends its metrics "
+        f"only to a regular file in the workdir: remove the link (rm {path}) and rerun.")
+
+
+def _default_mode() -> int:
+  """0o666 less the process umask: the mode ``open(path, "w")`` would have given."""
+  # os.umask can only be read by setting it; done once, at import (single-threaded).
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
+_FILE_MODE = _default_mode()
+
+
+def write_atomic(path: str, data: str | bytes) -> None:
+  """Writes ``data`` to ``path`` so that readers see the old file or the new one.
+
+  A new temporary in the same directory (``O_EXCL``: never an existing file or a
+  symlink), written and fsynced, then ``os.replace``d over ``path`` and the directory
+  fsynced: a kill or a power cut leaves the old file or the new one, never half of
+  it. A symlink at ``path`` is replaced by the file, not written through.
+  """
+  directory, name = os.path.split(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data.encode() if isinstance(data, str) else data)
+      f.flush()
+      os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp's 0600 would hide it from other users.
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
+  _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+  """Makes a rename in ``directory`` durable (best effort: not every filesystem can)."""
+  try:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
 
 
 # ------------------------------------------------------------------ the lock
@@ -224,7 +303,15 @@ class WorkdirLock:
       return self
     os.makedirs(self.workdir, exist_ok=True)
     # O_CLOEXEC: a program this run starts (subprocess) must not inherit the lock.
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    # O_NOFOLLOW: the holder record is written into the file; a symlink there would
+    # carry that write outside the workdir.
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+      if e.errno == errno.ELOOP:
+        raise WorkdirError(f"{self.path} is a symbolic link; the workdir lock must be a "
+                           f"regular file: remove the link (rm {self.path}) and rerun.") from e
+      raise
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -298,3 +385,89 @@ def _is_dead_here(holder: dict[str, Any]) -> bool:
   except PermissionError:  # Alive, another user's.
     return False
   return False
+
+
+
+# ------------------------------------------------------------------ command-line errors
+
+DEBUG_ENV = "IRNET_JAX_DEBUG"  # "1": every CLI shows tracebacks (as --debug does).
+DEBUG_FLAG = "--debug"
+
+# What a user can cause and fix (bad config, workdir, files, disk), as opposed to bugs:
+# the CLIs print these as one line. ValueError covers ConfigError, RunMismatchError,
+# IncompatibleCheckpointError, WorkdirError, the packed-format errors and JSON errors.
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, ImportError, WorkdirBusyError)
+
+# Hints by errno for OSError (they carry no advice of their own).
+_OS_HINTS = {
+    errno.EACCES: "check the permissions (or use another --workdir/--out)",
+    errno.EPERM: "check the permissions (or use another --workdir/--out)",
+    errno.EROFS: "the filesystem is read-only: use a writable --workdir/--out",
+    errno.ENOSPC: "the disk is full: free space and rerun the same command (what was "
+                  "written before, checkpoints included, is kept)",
+    errno.EDQUOT: "the disk quota is exhausted: free space and rerun the same command",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a file is in the way of a directory on that path: use another path",
+    errno.EEXIST: "a file is in the way of a directory on that path: use another path",
+    errno.EISDIR: "a directory is in the way of a file on that path: use another path",
+}
+
+
+def debug_requested(flag: bool = False) -> bool:
+  """Whether tracebacks were asked for: ``flag`` (``--debug``) or ``IRNET_JAX_DEBUG=1``."""
+  return flag or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def pop_debug_flag(argv: list[str]) -> bool:
+  """Removes ``--debug`` from ``argv[1:]`` (in place: absl would refuse an unknown flag)
+  and says whether tracebacks were asked for (:func:`debug_requested`)."""
+  found = DEBUG_FLAG in argv[1:]
+  argv[1:] = [a for a in argv[1:] if a != DEBUG_FLAG]
+  return debug_requested(found)
+
+
+def error_line(e: BaseException) -> str:
+  """The ``error: ...`` text of an expected failure (see :data:`EXPECTED_ERRORS`)."""
+  if isinstance(e, OSError) and e.strerror:
+    paths = [p for p in (e.filename, e.filename2) if p is not None]
+    text = e.strerror + (f": {' -> '.join(map(str, paths))}" if paths else "")
+    hint = _OS_HINTS.get(e.errno)
+    return f"error: {text}" + (f"; {hint}." if hint else ".")
+  text = str(e) or type(e).__name__
+  if not _raised_by_this_package(e):
+    # Not one of this package's messages (which name the fix) but a library's: where
+    # it came from may matter, so say how to see it.
+    text = (f"{type(e).__name__}: {text} (rerun with {DEBUG_FLAG} or {DEBUG_ENV}=1 for "
+            "the traceback)")
+  return f"error: {text}"
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _raised_by_this_package(e: BaseException) -> bool:
+  """Whether the innermost frame of ``e``'s traceback is irnet_jax code (a ``raise``
+  of ours, whose message is written for users)."""
+  tb = e.__traceback__
+  if tb is None:
+    return type(e).__module__.startswith("irnet_jax")
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR)
+
+
+@contextlib.contextmanager
+def cli_errors(debug: bool = False) -> Iterator[None]:
+  """Turns expected failures in the block into ``error: ...`` on stderr and exit
+  status 1 (Ctrl-C: 130); with ``debug``, lets them propagate (traceback)."""
+  try:
+    yield
+  except KeyboardInterrupt:
+    if debug:
+      raise
+    print("interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
+  except EXPECTED_ERRORS as e:
+    if debug:
+      raise
+    sys.exit(error_line(e))

@@ -1,4 +1,5 @@
-"""Workdir identity (run.json) and the Checkpointer's damaged-vs-incompatible rule."""
+"""Workdir identity (run.json), the Checkpointer's damaged-vs-incompatible rule, and
+damaged checkpoints moved aside so that their steps are saved again."""
 import glob
 import json
 import os
@@ -7,6 +8,7 @@ import pytest
 from flax import nnx
 
 from irnet_jax import checkpointing, config as config_lib, models
+from irnet_jax import workdir as workdir_lib
 
 
 def _config(**overrides):
@@ -90,3 +92,75 @@ def test_checkpoints_of_another_run_or_model_are_errors_not_unreadable(tmp_path,
     ckpt.restore_latest(state)
   assert "unreadable" in caplog.text
   ckpt.close()
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+
+
+def _damage(step_dir):
+  """Overwrites every file of a checkpoint (as a full disk or a bad copy would)."""
+  for f in glob.glob(os.path.join(str(step_dir), "**", "*"), recursive=True):
+    if os.path.isfile(f):
+      with open(f, "wb") as fh:
+        fh.write(b"garbage")
+
+
+def _two_checkpoints(directory):
+  state = _state("resnet20")
+  opt = {"x": state["bn1"]["mean"]}
+  ckpt = checkpointing.Checkpointer(str(directory))
+  for step in (1, 2):
+    ckpt.save(step, state, opt, dict(step=step))
+  ckpt.wait()
+  ckpt.close()
+  return state, opt
+
+
+def test_training_moves_a_damaged_checkpoint_aside_and_saves_its_step_again(tmp_path, caplog):
+  state, opt = _two_checkpoints(tmp_path)
+  _damage(tmp_path / "2")
+  # A reader (no optimizer state: evaluate, export, init_from) falls back and moves nothing.
+  reader = checkpointing.Checkpointer(str(tmp_path), create=False)
+  assert reader.restore_latest(state)[2]["step"] == 1
+  reader.close()
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"] and "moves it aside" in caplog.text
+  # Training (optimizer state given) moves step 2 aside, then Orbax saves step 2 again:
+  # before, Orbax kept step 2 in its list and skipped every save up to it.
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  assert ckpt.restore_latest(state, opt)[2]["step"] == 1
+  assert ckpt.all_steps() == [1]
+  moved = os.listdir(tmp_path / checkpointing.DAMAGED_DIR)
+  assert len(moved) == 1 and moved[0].startswith("2-") and moved[0].endswith("Z")
+  kept = tmp_path / checkpointing.DAMAGED_DIR / moved[0]
+  assert any(open(f, "rb").read() == b"garbage"  # Kept as it was, for inspection.
+             for f in glob.glob(str(kept / "**" / "*"), recursive=True) if os.path.isfile(f))
+  ckpt.save(2, state, opt, dict(step=2))
+  ckpt.wait()
+  assert ckpt.all_steps() == [1, 2]
+  ckpt.close()
+  assert checkpointing.Checkpointer(str(tmp_path)).all_steps() == [1, 2]  # On disk.
+  assert "moved to" in caplog.text
+
+
+def test_no_readable_checkpoint_moves_nothing(tmp_path):
+  # Nothing restores: the storage (or this software) may be what fails, not the files.
+  state, opt = _two_checkpoints(tmp_path)
+  _damage(tmp_path / "1")
+  _damage(tmp_path / "2")
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  with pytest.raises(checkpointing.IncompatibleCheckpointError, match="Nothing was changed"):
+    ckpt.restore_latest(state, opt)
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+
+
+def test_damaged_run_and_config_files_name_the_file_and_the_fix(tmp_path):
+  checkpointing.record_run(str(tmp_path), _config())
+  (tmp_path / "run.json").write_text('{"fields": ')
+  with pytest.raises(workdir_lib.WorkdirError, match=r"run.json is damaged.*rm "):
+    checkpointing.check_run(str(tmp_path), _config())
+  (tmp_path / "run.json").unlink()
+  (tmp_path / "config.json").write_text("\x00\x00")
+  for read in (checkpointing.load_config, checkpointing.read_run):
+    with pytest.raises(workdir_lib.WorkdirError, match="config.json is damaged"):
+      read(str(tmp_path))

@@ -205,7 +205,7 @@ def test_imported_workdir_evaluates_exports_and_fine_tunes(tmp_path):
   import json
   import os
 
-  from irnet_jax import checkpointing, evaluate, report, train
+  from irnet_jax import checkpointing, evaluate, report, steps, train
   from irnet_jax.convert import workdir as workdir_lib
   from test_train import make_npz, tiny_config
 
@@ -236,7 +236,7 @@ def test_imported_workdir_evaluates_exports_and_fine_tunes(tmp_path):
   assert result["test_examples"] == len(y) == 21
   assert result["test_accuracy"] == np.mean(logits.argmax(-1) == y)
   np.testing.assert_allclose(result["test_loss"],
-                             float(train.cross_entropy(jnp.asarray(logits), y).mean()),
+                             float(steps.cross_entropy(jnp.asarray(logits), y).mean()),
                              rtol=1e-5)
   assert json.load(open(os.path.join(w, "eval_metrics.json")))["step"] == 0
   text = report.write_report(w).read_text()

@@ -1,25 +1,34 @@
-"""python -m irnet_jax.evaluate: a workdir's newest checkpoint on its (or another) dataset."""
+"""python -m irnet_jax.evaluate: a workdir's newest checkpoint on its (or another) dataset,
+on any host (the backend is resolved here), and after a damaged checkpoint was repaired."""
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from irnet_jax import checkpointing, evaluate, train
+from irnet_jax import checkpointing, evaluate, kernels, steps, train
 from test_train import REPO, make_npz, tiny_config
+
+
+def _config(npz):
+  """4 steps, checkpoints at 2 and 4, of a 12-class model on 4-class data (top-5)."""
+  return tiny_config(npz, num_train_steps=4, eval_every_steps=4,
+                     **{"model.num_classes": 12})
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A finished 2-step run of a 12-class model on 4-class data (so top-5 is reported)."""
+  """A finished run of :func:`_config`: (workdir, final metrics, its directory)."""
   tmp = tmp_path_factory.mktemp("eval")
   npz = make_npz(tmp / "toy.npz")
   workdir = str(tmp / "run")
-  final = train.train_and_evaluate(
-      tiny_config(npz, num_train_steps=2, **{"model.num_classes": 12}), workdir)
+  final = train.train_and_evaluate(_config(npz), workdir)
   return workdir, final, tmp
 
 
@@ -30,7 +39,7 @@ def test_cli_reproduces_the_runs_final_evaluation(trained):
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.load(open(os.path.join(workdir, "eval_metrics.json")))
   assert f"test_accuracy={got['test_accuracy']:.4f}" in out.stdout
-  assert got["step"] == 2 and got["test_examples"] == final["test_examples"] == 21
+  assert got["step"] == 4 and got["test_examples"] == final["test_examples"] == 21
   assert got["test_accuracy"] == final["test_accuracy"]
   np.testing.assert_allclose(got["test_loss"], final["test_loss"], rtol=1e-6)
   assert "test_top5_accuracy" in got  # 12 classes.
@@ -52,7 +61,7 @@ def test_other_dataset_and_top5_match_the_model(trained):
   assert got["test_accuracy"] == np.mean(logits.argmax(-1) == y)
   assert got["test_top5_accuracy"] == np.mean(np.any(top5 == y[:, None], axis=-1))
   np.testing.assert_allclose(
-      got["test_loss"], float(train.cross_entropy(jnp.asarray(logits), y).mean()), rtol=1e-5)
+      got["test_loss"], float(steps.cross_entropy(jnp.asarray(logits), y).mean()), rtol=1e-5)
   assert got["dataset"]["path"] == other
 
 
@@ -64,3 +73,47 @@ def test_clear_errors(trained, tmp_path):
   c.model.name = "vgg_small"  # Another model than the checkpoint's.
   with pytest.raises(checkpointing.IncompatibleCheckpointError, match="shapes differ|entries"):
     evaluate.evaluate_workdir(workdir, c)
+
+
+def _copy(trained, tmp_path):
+  workdir, final, tmp = trained
+  copy = str(tmp_path / "run")
+  shutil.copytree(workdir, copy)
+  return copy, final, tmp
+
+
+def test_a_workdir_trained_with_the_cpu_kernels_evaluates_without_them(trained, tmp_path,
+                                                                        monkeypatch):
+  # config.json records the training host's backend; this host cannot run it (the
+  # kernels are off, and 4 devices): evaluate picks its own instead of failing.
+  workdir, final, _ = _copy(trained, tmp_path)
+  path = os.path.join(workdir, "config.json")
+  recorded = json.load(open(path))
+  recorded["model"]["conv_impl"] = "avx512"
+  json.dump(recorded, open(path, "w"))
+  monkeypatch.setenv(kernels.KERNELS_ENV, "0")
+  got = evaluate.evaluate_workdir(workdir)
+  assert got["step"] == 4 and got["test_accuracy"] == final["test_accuracy"]
+  np.testing.assert_allclose(got["test_loss"], final["test_loss"], rtol=1e-6)
+  with pytest.raises(ValueError, match="cannot run here"):  # Asked for: refused, not swapped.
+    evaluate.evaluate_workdir(workdir, conv_impl="avx512")
+
+
+def test_damaged_newest_checkpoint_is_trained_again_and_evaluated(trained, tmp_path):
+  # Issue 19 acceptance: damage the newest checkpoint of a finished run and rerun it;
+  # training resumes from the previous one and saves the newest step again (it used to
+  # stay at the previous one for ever), and evaluate reads it with the parameters of
+  # the undamaged run.
+  workdir, final, tmp = _copy(trained, tmp_path)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  for f in glob.glob(os.path.join(ckpt_dir, "4", "**", "*"), recursive=True):
+    if os.path.isfile(f):
+      open(f, "wb").write(b"garbage")
+  again = train.train_and_evaluate(_config(str(tmp / "toy.npz")), workdir)
+  got = evaluate.evaluate_workdir(workdir)
+  assert got["step"] == 4 and got["test_accuracy"] == final["test_accuracy"]
+  assert again["params_fingerprint"] == final["params_fingerprint"]
+  assert checkpointing.Checkpointer(ckpt_dir).all_steps() == [2, 4]
+  assert [d.split("-")[0] for d in os.listdir(os.path.join(ckpt_dir, ".damaged"))] == ["4"]
+  model, _ = checkpointing.load_model(workdir)
+  assert train.params_fingerprint(nnx.state(model)) == final["params_fingerprint"]

@@ -300,6 +300,43 @@ def test_load_rejects_inconsistent_payload(resnet20, tmp_path):
     export.load(path)
 
 
+def _crafted(index: bytes, data: bytes = b"") -> bytes:
+  """A file with a valid header and checksum around a hand-made index (a crafted file
+  passes the checksum: only the parser stands between it and the program)."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import struct  # pylint: disable=import-outside-toplevel
+  payload = struct.pack("<Q", len(index)) + index
+  payload += b"\0" * (-len(payload) % 8) + data
+  return fmt._HEADER.pack(fmt.MAGIC, fmt.FORMAT_VERSION, 0, len(payload),
+                          hashlib.sha256(payload).digest()) + payload
+
+
+@pytest.mark.parametrize("index,match", [
+    (b"[1, 2]", "not an object"),
+    (b'{"arrays": [{"name": "a", "dtype": "float32", "shape": [-1], "offset": 24}]}',
+     "not a list of sizes"),
+    (b'{"arrays": [{"name": "a", "dtype": "float32", "shape": [4611686018427387904, 4],'
+     b' "offset": 24}]}', "outside the payload"),
+    (b'{"arrays": [{"name": "a", "dtype": "float32", "shape": [1], "offset": "8"}]}',
+     "offset"),
+    (b"[" * 100000 + b"]" * 100000, "malformed"),
+    (b'{"arrays": [], "program": {"op": "conv"}, "output": "x", "meta": {}}',
+     "program must be a list"),
+    (b'{"arrays": [], "program": [7], "output": "x", "meta": {}}', "unknown op 7"),
+    (b'{"arrays": [], "program": [{"op": "act", "inputs": "input", "out": "x"}],'
+     b' "output": "x", "meta": {}}', "needs 'inputs'"),
+    (b'{"arrays": [], "program": [{"op": "conv", "inputs": ["input"], "out": "x"}],'
+     b' "output": "x", "meta": {}}', "missing or malformed attribute"),
+    (b'{"arrays": [], "program": [], "output": ["input"], "meta": {}}', "never written"),
+])
+def test_load_rejects_crafted_files_with_one_error_type(tmp_path, index, match):
+  path = tmp_path / "crafted.irnet"
+  path.write_bytes(_crafted(index))
+  with pytest.raises(fmt.PackedFormatError, match=match) as e:
+    export.load(path)
+  assert str(path) in str(e.value)
+
+
 def test_packed_size_binary_layers_32x_smaller():
   model = _create("resnet18", {}, num_classes=1000)
   packed = export.pack(model)

@@ -1,6 +1,8 @@
 """The training report (python -m irnet_jax.report): plots and report.md from metrics.jsonl."""
 import json
 
+import pytest
+
 from irnet_jax import report as report_lib
 
 
@@ -53,3 +55,26 @@ def test_report_survives_train_only_metrics(tmp_path):
   text = report.read_text()
   assert "No 'test' records" in text and "No final_metrics.json" in text
   assert (tmp_path / "report" / "curves.png").exists()
+
+
+def test_report_files_replace_a_symlink_instead_of_writing_through_it(tmp_path):
+  outside = tmp_path / "outside.txt"
+  outside.write_text("precious\n")
+  run = tmp_path / "run"
+  (run / "report").mkdir(parents=True)
+  _write_metrics(run / "metrics.jsonl")
+  for name in ("report.md", "curves.png"):
+    (run / "report" / name).symlink_to(outside)
+  report_lib.write_report(run)
+  assert outside.read_text() == "precious\n"
+  for name in ("report.md", "curves.png"):
+    assert not (run / "report" / name).is_symlink()
+  assert (run / "report" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_metrics_is_one_clear_error(tmp_path):
+  from irnet_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  with pytest.raises(workdir_lib.WorkdirError, match="has no metrics.jsonl"):
+    report_lib.write_report(tmp_path)
+  with pytest.raises(workdir_lib.WorkdirError, match="not a directory"):
+    report_lib.write_report(tmp_path / "nowhere")

@@ -206,3 +206,76 @@ def test_lock_left_by_a_dead_process_is_taken(tmp_path, caplog):
       with open(tmp_path / ".lock") as f:
         assert json.load(f)["pid"] == os.getpid()
   assert f"pid {dead.pid}" in caplog.text and "no longer running" in caplog.text
+
+
+# ------------------------------------------------------------------ symlinks in the workdir
+
+
+def _outside(tmp_path):
+  """A file outside the workdir that a symlink in it points to, and the workdir."""
+  outside = tmp_path / "outside.txt"
+  outside.write_text("precious\n")
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  return outside, workdir
+
+
+@pytest.mark.parametrize("name", ["run.json", "config.json", "final_metrics.json"])
+def test_atomic_writes_replace_a_symlink_instead_of_writing_through_it(tmp_path, name):
+  # pylint: disable-next=import-outside-toplevel
+  from irnet_jax import checkpointing, config as config_lib
+  outside, workdir = _outside(tmp_path)
+  c = config_lib.base_config()
+  c.model.num_classes = 10
+  # The link points at a file the run can read (a record of the same run), so that
+  # record_run gets as far as writing.
+  outside.write_text({"run.json": json.dumps(dict(fields={})), "config.json": c.to_json(),
+                      "final_metrics.json": "precious\n"}[name])
+  before = outside.read_text()
+  (workdir / name).symlink_to(outside)
+  if name == "final_metrics.json":
+    checkpointing.write_json_atomic(str(workdir / name), {"test_accuracy": 0.5})
+  else:
+    checkpointing.record_run(str(workdir), c)
+  assert outside.read_text() == before
+  assert not (workdir / name).is_symlink() and json.loads((workdir / name).read_text())
+  assert sorted(os.listdir(workdir)) == sorted({"run.json", "config.json", name} if
+                                               name != "final_metrics.json" else {name})
+
+
+def test_a_symlink_at_the_temporary_name_is_not_followed(tmp_path):
+  # The temporary used to be PATH.tmp<pid>: a link placed there was written through.
+  from irnet_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  outside, workdir = _outside(tmp_path)
+  path = workdir / "final_metrics.json"
+  os.symlink(outside, f"{path}.tmp{os.getpid()}")
+  checkpointing.write_json_atomic(str(path), {"test_accuracy": 0.5})
+  assert outside.read_text() == "precious\n"
+  assert json.loads(path.read_text()) == {"test_accuracy": 0.5}
+
+
+def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+  path = tmp_path / "f.json"
+  workdir_lib.write_atomic(str(path), "old")
+  assert oct(path.stat().st_mode & 0o777) == oct(workdir_lib._FILE_MODE)
+  monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "full")))
+  with pytest.raises(OSError):
+    workdir_lib.write_atomic(str(path), "new")
+  assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_metrics_and_lock_never_write_through_a_symlink(tmp_path):
+  outside, workdir = _outside(tmp_path)
+  (workdir / "metrics.jsonl").symlink_to(outside)
+  with pytest.raises(workdir_lib.WorkdirError, match=r"metrics.jsonl is a symbolic link.*rm "):
+    MetricsWriter(str(workdir), enabled=True, tensorboard=False)
+  # A link put in place after the writer was made: refused at the append too.
+  (workdir / "metrics.jsonl").unlink()
+  writer = MetricsWriter(str(workdir), enabled=True, tensorboard=False)
+  (workdir / "metrics.jsonl").symlink_to(outside)
+  with pytest.raises(workdir_lib.WorkdirError, match="symbolic link"):
+    writer.write(_train(1, 2.0))
+  (workdir / ".lock").symlink_to(outside)
+  with pytest.raises(workdir_lib.WorkdirError, match=r"\.lock is a symbolic link"):
+    WorkdirLock(str(workdir)).acquire()
+  assert outside.read_text() == "precious\n"

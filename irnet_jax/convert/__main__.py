@@ -4,6 +4,8 @@
       [--config.a.b=value ...]
   python -m irnet_jax.convert --workdir=W --to_torch=out.pth [--step=N]
 
+(``--debug`` or ``IRNET_JAX_DEBUG=1``: tracebacks instead of one-line errors.)
+
 The first writes W as a normal workdir (see :mod:`irnet_jax.convert.workdir`) from a
 file saved by the official trainers (``{'state_dict': ..., 'best_prec1': ...}``, keys
 with DataParallel's ``module.``) or a bare ``state_dict``. The second writes W's newest
@@ -86,11 +88,9 @@ def main(argv) -> None:
   if FLAGS.torch:
     if FLAGS.config is None:
       raise app.UsageError("--torch needs --config=configs/NAME.py (the model's config).")
-    try:
-      meta = workdir_lib.import_state_dict(read_torch_file(FLAGS.torch), FLAGS.config,
-                                           FLAGS.workdir, source=FLAGS.torch)
-    except ValueError as e:
-      sys.exit(f"error: {e}")
+    # A ValueError (a bad config or state_dict) is one line: see __main__ below.
+    meta = workdir_lib.import_state_dict(read_torch_file(FLAGS.torch), FLAGS.config,
+                                         FLAGS.workdir, source=FLAGS.torch)
     print(f"imported {FLAGS.torch} ({meta['model']}, {meta['num_classes']} classes"
           + "".join(f", {k}={v}" for k, v in meta["official"].items())
           + f") into {FLAGS.workdir}")
@@ -105,4 +105,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from irnet_jax import workdir as _workdir  # pylint: disable=ungrouped-imports
+
+  # A bad workdir, config or file: one `error: ...` line (--debug: the traceback).
+  with _workdir.cli_errors(_workdir.pop_debug_flag(sys.argv)):
+    app.run(main)

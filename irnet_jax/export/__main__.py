@@ -1,13 +1,15 @@
 """Exports the latest (or a given) checkpoint of a training run as a packed model.
 
-  python -m irnet_jax.export --workdir=DIR --out=FILE [--step=N] [--no-check]
+  python -m irnet_jax.export --workdir=DIR --out=FILE [--step=N] [--no-check] [--debug]
 
 Restores ``DIR/checkpoints/<step>/`` with :func:`irnet_jax.checkpointing.load_model`,
 packs it, writes FILE and prints the sizes: float32 parameters, the checkpoint on
 disk (model state only where Orbax stores it separately) and the packed file. With
 the check (default) it also runs the packed model on two random images at the
 training resolution and reports the largest logit difference to the float model's
-eval forward.
+eval forward. The model is built for this host's devices whatever backend the run
+was trained with. Errors are one ``error: ...`` line and exit status 1 (``--debug``
+or ``IRNET_JAX_DEBUG=1``: the traceback).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from irnet_jax import workdir as workdir_lib
 from irnet_jax.export.format import save
 from irnet_jax.export.infer import infer
 from irnet_jax.export.pack import float32_param_bytes, pack
@@ -56,8 +59,18 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   parser.add_argument("--no-check", dest="check", action="store_false",
                       help="skip comparing packed inference with the float model")
+  parser.add_argument("--debug", action="store_true",
+                      help=f"show the traceback of an error (or {workdir_lib.DEBUG_ENV}=1)")
   args = parser.parse_args(argv)
+  with workdir_lib.cli_errors(workdir_lib.debug_requested(args.debug)):
+    return _export(args)
 
+
+def _export(args: argparse.Namespace) -> int:
+  """Restores, packs, writes and checks; prints the sizes (see the module docstring)."""
+  out_dir = os.path.dirname(os.path.abspath(args.out))
+  if not os.path.isdir(out_dir):  # Said before minutes of restoring and packing.
+    raise FileNotFoundError(2, "the directory of --out does not exist", out_dir)
   # Imported here: restoring needs Orbax, which the rest of the export package does not.
   # pylint: disable-next=import-outside-toplevel
   from irnet_jax import checkpointing, config as config_lib

@@ -22,17 +22,20 @@ entry per array, as in .npz, would cost ~0.3 KB each -- a third of a packed
 ResNet-20). :func:`load` checks, in this order, magic, version, length
 (truncation or trailing bytes), checksum, the index, then that the program's
 arrays are present with the expected shapes and dtypes, and raises
-``ValueError`` naming the first problem.
+:class:`PackedFormatError` (a ``ValueError``) naming the file and the first problem:
+a damaged or crafted file never surfaces as another exception.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 
 import numpy as np
 
+from irnet_jax import workdir as workdir_lib
 from irnet_jax.export.pack import INPUT, OPS, PackedModel, expected_arrays
 
 MAGIC = b"IRNETPKD"
@@ -43,6 +46,10 @@ _HEADER = struct.Struct("<8sIIQ32s")  # magic, version, reserved, length, sha256
 # Array dtypes a packed model uses; anything else in a file is rejected.
 _DTYPES = ("float32", "uint32", "int8")
 _ALIGN = 8
+
+
+class PackedFormatError(ValueError):
+  """A file that is not a valid packed model (damaged, truncated, crafted or newer)."""
 
 
 def _aligned(n: int) -> int:
@@ -84,37 +91,35 @@ def to_bytes(packed: PackedModel) -> bytes:
 
 
 def save(packed: PackedModel, path: str | os.PathLike) -> int:
-  """Writes ``packed`` to ``path`` (atomically, via a temporary file); returns its size."""
+  """Writes ``packed`` to ``path`` (atomically: a temporary in the same directory,
+  fsynced, renamed; a symlink at ``path`` is replaced); returns its size."""
   data = to_bytes(packed)
-  tmp = f"{os.fspath(path)}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  workdir_lib.write_atomic(os.fspath(path), data)
   return len(data)
 
 
 def from_bytes(data: bytes, source: str = "<bytes>") -> PackedModel:
   """Parses and validates file contents; ``ValueError`` on any problem."""
   if len(data) < _HEADER.size:
-    raise ValueError(f"{source}: truncated file: {len(data)} bytes, the header alone is "
+    raise PackedFormatError(f"{source}: truncated file: {len(data)} bytes, the header alone is "
                      f"{_HEADER.size}")
   magic, version, _, length, digest = _HEADER.unpack_from(data)
   if magic != MAGIC:
-    raise ValueError(f"{source}: not an irnet_jax packed model (bad magic {magic!r})")
+    raise PackedFormatError(f"{source}: not an irnet_jax packed model (bad magic {magic!r})")
   if version > FORMAT_VERSION:
-    raise ValueError(f"{source}: format version {version} is newer than the newest this "
+    raise PackedFormatError(f"{source}: format version {version} is newer than the newest this "
                      f"irnet_jax reads ({FORMAT_VERSION}); upgrade irnet_jax")
   if version < 1:
-    raise ValueError(f"{source}: invalid format version {version}")
+    raise PackedFormatError(f"{source}: invalid format version {version}")
   payload = data[_HEADER.size:]
   if len(payload) < length:
-    raise ValueError(f"{source}: truncated file: payload has {len(payload)} of {length} "
+    raise PackedFormatError(f"{source}: truncated file: payload has {len(payload)} of {length} "
                      "bytes")
   if len(payload) > length:
-    raise ValueError(f"{source}: {len(payload) - length} unexpected trailing bytes after "
+    raise PackedFormatError(f"{source}: {len(payload) - length} unexpected trailing bytes after "
                      "the payload")
   if hashlib.sha256(payload).digest() != digest:
-    raise ValueError(f"{source}: checksum mismatch (sha256 of the payload): the file is "
+    raise PackedFormatError(f"{source}: checksum mismatch (sha256 of the payload): the file is "
                      "corrupt")
   packed = _parse_payload(payload, source)
   validate(packed, source)
@@ -125,20 +130,27 @@ def _parse_payload(payload: bytes, source: str) -> PackedModel:
   try:
     (n,) = struct.unpack_from("<Q", payload)
     doc = json.loads(payload[8:8 + n].decode())
+    if not isinstance(doc, dict) or not isinstance(doc.get("arrays"), list):
+      raise ValueError("the index is not an object with an 'arrays' list")
     arrays = {}
     for e in doc["arrays"]:
       if e["dtype"] not in _DTYPES:
         raise ValueError(f"array {e['name']!r} has unsupported dtype {e['dtype']!r}")
       dtype, shape, offset = np.dtype(e["dtype"]).newbyteorder("<"), e["shape"], e["offset"]
-      count = int(np.prod(shape, dtype=np.int64))
+      if not isinstance(shape, list) or not all(
+          isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"array {e['name']!r} has shape {shape!r}, not a list of sizes")
+      if not isinstance(offset, int) or isinstance(offset, bool):
+        raise ValueError(f"array {e['name']!r} has offset {offset!r}, not an integer")
+      count = math.prod(shape)  # Python ints: a crafted shape cannot overflow.
       if offset < 8 + n or offset + count * dtype.itemsize > len(payload):
         raise ValueError(f"array {e['name']!r} lies outside the payload")
       arrays[e["name"]] = np.frombuffer(payload, dtype, count, offset).reshape(shape).astype(
           dtype.newbyteorder("="))
     return PackedModel(program=doc["program"], output=doc["output"], arrays=arrays,
                        meta=doc["meta"])
-  except (KeyError, TypeError, ValueError, struct.error) as e:
-    raise ValueError(f"{source}: malformed payload: {e}") from e
+  except (KeyError, TypeError, ValueError, struct.error, RecursionError) as e:
+    raise PackedFormatError(f"{source}: malformed payload: {e}") from e
 
 
 def load(path: str | os.PathLike) -> PackedModel:
@@ -150,21 +162,34 @@ def load(path: str | os.PathLike) -> PackedModel:
 def validate(packed: PackedModel, source: str = "<packed>") -> None:
   """Checks that every instruction is known and finds its arrays with the right
   shapes/dtypes, and that registers are defined before use."""
+  if not isinstance(packed.program, list) or not isinstance(packed.meta, dict):
+    raise PackedFormatError(f"{source}: the program must be a list and meta an object")
   defined = {INPUT}
   for n, ins in enumerate(packed.program):
-    if ins.get("op") not in OPS:
-      raise ValueError(f"{source}: instruction {n} has unknown op {ins.get('op')!r}")
-    missing = [r for r in ins.get("inputs", []) if r not in defined]
+    if not isinstance(ins, dict) or ins.get("op") not in OPS:
+      op = ins.get("op") if isinstance(ins, dict) else ins
+      raise PackedFormatError(f"{source}: instruction {n} has unknown op {op!r}")
+    inputs, out = ins.get("inputs", []), ins.get("out")
+    if not isinstance(inputs, list) or not all(isinstance(r, str) for r in inputs) \
+        or not isinstance(out, str):
+      raise PackedFormatError(f"{source}: instruction {n} ({ins['op']}) needs 'inputs' "
+                              "(a list of register names) and 'out' (a register name)")
+    missing = [r for r in inputs if r not in defined]
     if missing:
-      raise ValueError(f"{source}: instruction {n} ({ins['op']}) reads undefined "
-                       f"registers {missing}")
-    for key, (shape, dtype) in expected_arrays(ins).items():
+      raise PackedFormatError(f"{source}: instruction {n} ({ins['op']}) reads undefined "
+                              f"registers {missing}")
+    try:
+      expected = expected_arrays(ins)
+    except (KeyError, TypeError, ValueError) as e:
+      raise PackedFormatError(f"{source}: instruction {n} ({ins['op']}) has a missing or "
+                              f"malformed attribute ({type(e).__name__}: {e})") from e
+    for key, (shape, dtype) in expected.items():
       arr = packed.arrays.get(key)
       if arr is None:
-        raise ValueError(f"{source}: array {key!r} is missing")
+        raise PackedFormatError(f"{source}: array {key!r} is missing")
       if arr.dtype != np.dtype(dtype) or (shape is not None and arr.shape != shape):
-        raise ValueError(f"{source}: array {key!r} is {arr.dtype}{list(arr.shape)}, "
-                         f"expected {dtype}{list(shape) if shape else ''}")
-    defined.add(ins["out"])
-  if packed.output not in defined:
-    raise ValueError(f"{source}: output register {packed.output!r} is never written")
+        raise PackedFormatError(f"{source}: array {key!r} is {arr.dtype}{list(arr.shape)}, "
+                                f"expected {dtype}{list(shape) if shape else ''}")
+    defined.add(out)
+  if not isinstance(packed.output, str) or packed.output not in defined:
+    raise PackedFormatError(f"{source}: output register {packed.output!r} is never written")
