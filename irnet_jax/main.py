@@ -8,7 +8,9 @@ Errors a user can fix are one ``error: ...`` line and exit status 1 (``--debug``
 ``preemption.EXIT_CODE``.
 
 Multi-host: add ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``
-on every process (``jax.distributed.initialize``; on CPU, gloo collectives).
+on every process (``jax.distributed.initialize``; on CPU, gloo collectives), or
+``--distributed`` where JAX finds them in the environment (Cloud TPU VMs, SLURM, Open
+MPI; docs/launch.md).
 """
 from __future__ import annotations
 
@@ -35,22 +37,30 @@ flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics).")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_bool("distributed", False, "Multi-host from the environment: "
+                  "jax.distributed.initialize() with no arguments (Cloud TPU VMs, SLURM "
+                  "srun, Open MPI), which finds the coordinator and process ids itself.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def init_distributed() -> None:
-  """``jax.distributed.initialize`` when the multi-host flags are given."""
+  """``jax.distributed.initialize`` when the multi-host flags or ``--distributed`` are
+  given."""
   given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
-  if all(v is None for v in given):
+  if all(v is None for v in given) and not FLAGS.distributed:
     return
-  if any(v is None for v in given):
+  if any(v is None for v in given) and not all(v is None for v in given):
     raise app.UsageError("--coordinator_address, --num_processes and --process_id must be "
-                         "given together.")
+                         "given together (or none of them, with --distributed).")
   # Collectives between processes on CPU devices need gloo (the default is none); the
   # setting only concerns CPU devices, so it is harmless on GPU/TPU hosts.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                             num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  if all(v is None for v in given):  # --distributed: JAX reads the cluster's environment.
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
 
 
 def main(argv) -> None:
