@@ -384,7 +384,9 @@ def restore(c: ml_collections.ConfigDict, state: nnx.State, ckpt: checkpointing.
   run, else the model of ``c.init_from``'s newest checkpoint with a fresh optimizer,
   else ``state`` (the fresh build). Raises ``IncompatibleCheckpointError`` for
   checkpoints of another run or model; damaged ones fall back with a warning."""
-  restored = ckpt.restore_latest(state[0], state[1], fingerprint)
+  # This run's own checkpoints: damaged ones are moved aside, so their steps are saved
+  # again; another workdir's (init_from) are only read.
+  restored = ckpt.restore_latest(state[0], state[1], fingerprint, repair=True)
   if restored is not None:
     model_state, opt_state, meta = restored
     log.info("resumed from step %d of %s", meta["step"], ckpt.directory)
@@ -393,7 +395,7 @@ def restore(c: ml_collections.ConfigDict, state: nnx.State, ckpt: checkpointing.
   if c.get("init_from"):
     source = checkpointing.Checkpointer(os.path.join(c.init_from, "checkpoints"))
     try:
-      restored = source.restore_latest(state[0])
+      restored = source.restore_latest(state[0], repair=False)
     finally:
       source.close()
     if restored is None:
