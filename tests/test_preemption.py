@@ -181,6 +181,32 @@ def test_signal_checkpoints_exits_75_and_resumes_exactly(signum, npz, uninterrup
   assert _fingerprint(workdir) == uninterrupted_single
 
 
+@pytest.mark.slow
+def test_second_launch_into_a_running_workdir_is_refused(npz, uninterrupted_single,
+                                                          tmp_path):
+  # The same command again (a launch with another config is refused by run.json first).
+  workdir = tmp_path / "run"
+  launches = []
+  try:
+    launches.append(_Launch(workdir, npz, SINGLE_STEPS, tmp_path / "first.txt"))
+    _wait_for_train_steps(launches, workdir, SIGNAL_AFTER_STEP, SINGLE_STEPS)
+    # Held still (its lock too) so that it is mid-run whenever the second one starts.
+    launches[0].proc.send_signal(signal.SIGSTOP)
+    started = time.monotonic()
+    launches.append(_Launch(workdir, npz, SINGLE_STEPS, tmp_path / "second.txt"))
+    rc = launches[1].wait(60)
+    launches[0].proc.send_signal(signal.SIGCONT)
+    assert rc not in (0, preemption.EXIT_CODE) and time.monotonic() - started < 30
+    message = launches[1].output()
+    assert f"pid {launches[0].proc.pid}" in message and "Traceback" not in message, message
+    _run_to_end(launches[:1])
+  finally:
+    _kill_all(launches)
+  assert _fingerprint(workdir) == uninterrupted_single
+  with open(workdir / "run.json") as f:
+    assert json.load(f)["fields"]["seed"] == 0
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
