@@ -447,6 +447,7 @@ class _Loop:
     self.train_seconds, self.last_good = train_seconds, start_step
     self.interval, self.pending, self.prev_signs = _Interval(), None, None
     self.profiler = _Profiler(config_lib.profile_range(plan.config), workdir)
+    self.compile_seconds: float | None = None  # The first call's, until it is logged.
     self.loop_start = time.perf_counter()
 
   def seconds(self) -> float:
@@ -506,8 +507,7 @@ class _Loop:
   def preempted(self, done: int, state: nnx.State) -> None:
     """Checkpoint at the reached step (unless just saved), say so, stop the run."""
     self.drain()
-    if self.last_good != done or not self.ckpt.all_steps() or \
-        max(self.ckpt.all_steps()) != done:
+    if done not in self.ckpt.all_steps():  # A periodic checkpoint may have just saved it.
       self.ckpt.save(done, state[0], state[1], self.meta(done))
     self.ckpt.wait()
     self.last_good = done
@@ -525,7 +525,7 @@ class _Loop:
     if done % c.log_every_steps == 0 or last:
       self.drain()
       record = self.interval.summary()
-      if getattr(self, "compile_seconds", None) is not None:
+      if self.compile_seconds is not None:
         record["compile_seconds"] = self.compile_seconds
         self.compile_seconds = None
       self.writer.write(dict(step=done, split="train", **record))

@@ -11,14 +11,19 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _random_cifar(path, num_train, num_test):
+  """A CIFAR-shaped npz of random uint8 images and 10 classes; returns ``path``."""
+  rng = np.random.default_rng(0)
+  np.savez(path, x_train=rng.integers(0, 256, (num_train, 32, 32, 3), dtype=np.uint8),
+           y_train=rng.integers(0, 10, num_train),
+           x_test=rng.integers(0, 256, (num_test, 32, 32, 3), dtype=np.uint8),
+           y_test=rng.integers(0, 10, num_test))
+  return path
+
+
 @pytest.mark.slow
 def test_gpu_check_cpu_mode_prints_every_figure(tmp_path):
-  rng = np.random.default_rng(0)
-  data = tmp_path / "tiny.npz"
-  np.savez(data, x_train=rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8),
-           y_train=rng.integers(0, 10, 256), x_test=rng.integers(0, 256, (50, 32, 32, 3),
-                                                                 dtype=np.uint8),
-           y_test=rng.integers(0, 10, 50))
+  data = _random_cifar(tmp_path / "tiny.npz", 256, 50)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device, as a user.
   env.update(PYTHONPATH=REPO, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu",
              GPU_CHECK_STEPS="1", GPU_CHECK_WARMUP="1", GPU_CHECK_R20_BATCH="8",
@@ -63,12 +68,7 @@ def test_gpu_check_rejects_missing_data(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_paper_cifar_cpu_mode_ends_in_a_json_line(tmp_path):
-  rng = np.random.default_rng(0)
-  data = tmp_path / "tiny.npz"
-  np.savez(data, x_train=rng.integers(0, 256, (600, 32, 32, 3), dtype=np.uint8),
-           y_train=rng.integers(0, 10, 600), x_test=rng.integers(0, 256, (300, 32, 32, 3),
-                                                                  dtype=np.uint8),
-           y_test=rng.integers(0, 10, 300))
+  data = _random_cifar(tmp_path / "tiny.npz", 600, 300)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One device, as a user.
   env.update(PYTHONPATH=REPO, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu")
   proc = subprocess.run(["bash", "experiments/gpu_check.sh", "--cpu", "--paper_cifar",
