@@ -7,9 +7,13 @@ micro-batch when gradients are accumulated).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import nnx
 
 
 def learning_rate_schedule(c: ml_collections.ConfigDict, steps_per_epoch: int,
@@ -45,3 +49,86 @@ def make_optimizer(c: ml_collections.ConfigDict, schedule: optax.Schedule
   if o.weight_decay:
     opt = optax.chain(optax.add_decayed_weights(o.weight_decay), opt)
   return opt
+
+
+# --- Bop: the latent-free binary optimizer ------------------------------------------
+
+class BopState(NamedTuple):
+  """State of :func:`bop`: the step (for schedules) and the gradient moving average."""
+  count: jax.Array
+  m: optax.Updates
+
+
+def _larq_sign(x: jax.Array) -> jax.Array:
+  # ``larq.math.sign``: sign(0) = +1 (never 0); NaN stays NaN so divergence shows.
+  return jnp.sign(jnp.sign(x) + jnp.asarray(0.1, x.dtype))
+
+
+def bop(threshold: float | optax.Schedule = 1e-8,
+        gamma: float | optax.Schedule = 1e-4) -> optax.GradientTransformation:
+  """Bop (Helwegen et al., NeurIPS 2019, "Latent Weights Do Not Exist"), as Larq's
+  ``larq.optimizers.Bop`` (same defaults), as an optax transformation.
+
+  Per element, with ``t`` the optimizer step (0 on the first update) and ``g`` the
+  gradient, exactly as Larq's ``Bop._resource_apply_dense``::
+
+    m <- m + gamma(t) * (g - m)                          # = (1-gamma) m + gamma g
+    w <- larq_sign(-sign(w * m - threshold(t)) * w)      # larq_sign(0) = +1
+
+  For ``w = +-1`` this flips ``w`` iff ``|m| > threshold`` and ``sign(m) == sign(w)``
+  (the paper's Algorithm 1); otherwise it keeps ``w``. The returned updates are
+  ``w_new - w``, so ``optax.apply_updates`` yields ``w_new`` and the transformation
+  composes with ``optax.partition``/``chain``; there is no learning rate to scale.
+
+  The weights are expected to be +-1. Real-valued weights (e.g. a He init) become
+  ``sign(w)`` -- or ``-sign(w)`` where ``w * m > threshold`` -- after the first step,
+  so Bop discards their magnitude; that step is exact only up to the rounding of
+  ``w + (w_new - w)`` (float32: ``.3 + fl(-1.3) = -0.99999994``), so binarize the
+  kernels (``where(w >= 0, 1, -1)``) before the first step. From +-1 every update
+  (``0`` or ``-2w``) is exact. ``m`` has the parameters' dtype, like Larq's slot.
+  """
+  def init(params: optax.Params) -> BopState:
+    return BopState(count=jnp.zeros([], jnp.int32),
+                    m=jax.tree.map(jnp.zeros_like, params))
+
+  def update(grads: optax.Updates, state: BopState, params: optax.Params | None = None
+             ) -> tuple[optax.Updates, BopState]:
+    if params is None:
+      raise ValueError("bop needs params: the new weight is a function of the old")
+    g_t = gamma(state.count) if callable(gamma) else gamma
+    tau = threshold(state.count) if callable(threshold) else threshold
+    m = jax.tree.map(
+        lambda m, g: m + jnp.asarray(g_t, m.dtype) * (g.astype(m.dtype) - m),
+        state.m, grads)
+    def step(w, m):
+      w_new = _larq_sign(-jnp.sign(w * m - jnp.asarray(tau, w.dtype)) * w)
+      return w_new - w
+    updates = jax.tree.map(step, params, m)
+    return updates, BopState(count=optax.safe_increment(state.count), m=m)
+
+  return optax.GradientTransformation(init, update)
+
+
+def binary_weight_labels(model: nnx.Module) -> nnx.State:
+  """``"binary"`` / ``"real"`` for every ``nnx.Param`` of ``model``, with the structure
+  of ``nnx.state(model, nnx.Param)``: the labels of ``optax.partition``.
+
+  Binary are the ``kernel`` Params of modules with a true ``binary_weights`` attribute
+  (``layers.BinaryConv`` and any layer following that convention), i.e. the weights
+  that the forward pass quantizes to +-1; all else (full-precision convolutions,
+  BatchNorm, the classifier) is real.
+  """
+  binary = {tuple(path) + ("kernel",) for path, node in nnx.graph.iter_graph(model)
+            if isinstance(node, nnx.Module) and getattr(node, "binary_weights", False)
+            and isinstance(getattr(node, "kernel", None), nnx.Param)}
+  return nnx.map_state(lambda path, _: "binary" if tuple(path) in binary else "real",
+                       nnx.state(model, nnx.Param))
+
+
+def bop_with(real_optimizer: optax.GradientTransformation, model: nnx.Module, *,
+             threshold: float | optax.Schedule = 1e-8,
+             gamma: float | optax.Schedule = 1e-4) -> optax.GradientTransformation:
+  """Bop on the binary kernels of ``model``, ``real_optimizer`` on all other Params
+  (Larq's ``CaseOptimizer(Bop.is_binary_variable, ...)``); for ``wrt=nnx.Param``."""
+  return optax.partition({"binary": bop(threshold, gamma), "real": real_optimizer},
+                         binary_weight_labels(model))
