@@ -17,7 +17,7 @@
 #
 # Steps: print the devices; experiments/throughput.py for CIFAR ResNet-20 and ImageNet
 # ResNet-18, each binary (1w1a) and its full-precision twin, float32 and bfloat16
-# compute (8 runs); one epoch of configs/cifar10_resnet20.py on the npz through the
+# compute (8 runs); one epoch of cifar10_resnet20 on the npz through the
 # launcher. A failing step is recorded and the others still run. The last stdout line
 # is one JSON object with every figure ("failed" lists failed steps; exit status 1 if
 # any).
@@ -119,10 +119,10 @@ print(json.dumps(dict(backend=jax.default_backend(), jax_version=jax.__version__
 
 # name config batch image_size num_classes
 BENCHES=(
-  "resnet20 configs/cifar10_resnet20.py $GPU_CHECK_R20_BATCH 32 10"
-  "resnet20_fp configs/cifar10_resnet20_fp.py $GPU_CHECK_R20_BATCH 32 10"
-  "resnet18 configs/imagenet_resnet18.py $GPU_CHECK_R18_BATCH $GPU_CHECK_R18_SIZE 1000"
-  "resnet18_fp configs/imagenet_resnet18_fp.py $GPU_CHECK_R18_BATCH $GPU_CHECK_R18_SIZE 1000"
+  "resnet20 cifar10_resnet20 $GPU_CHECK_R20_BATCH 32 10"
+  "resnet20_fp cifar10_resnet20_fp $GPU_CHECK_R20_BATCH 32 10"
+  "resnet18 imagenet_resnet18 $GPU_CHECK_R18_BATCH $GPU_CHECK_R18_SIZE 1000"
+  "resnet18_fp imagenet_resnet18_fp $GPU_CHECK_R18_BATCH $GPU_CHECK_R18_SIZE 1000"
 )
 for bench in "${BENCHES[@]}"; do
   read -r name config batch size classes <<< "$bench"
@@ -136,7 +136,7 @@ done
 
 # One epoch (or GPU_CHECK_TRAIN_STEPS steps) of the real recipe through the launcher.
 echo "== cifar10_resnet20_1epoch" >&2
-timeout "$GPU_CHECK_STEP_TIMEOUT" "$PY" -m irnet_jax.main --config=configs/cifar10_resnet20.py \
+timeout "$GPU_CHECK_STEP_TIMEOUT" "$PY" -m irnet_jax.main --config=cifar10_resnet20 \
   --workdir="$WORK/cifar10_run" --config.num_epochs=1 \
   --config.num_train_steps="$GPU_CHECK_TRAIN_STEPS" --config.dataset.name=npz \
   --config.dataset.path="$DATA" --config.progress_bar=False \

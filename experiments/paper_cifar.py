@@ -3,7 +3,7 @@
   python experiments/paper_cifar.py --data=CIFAR.npz --budget_s=600 \\
       --workdir=runs/paper_cifar --out=experiments/results/paper_cifar [--plot=PNG]
 
-The official recipe (configs/cifar10_resnet20.py: 400 epochs, batch 128, SGD 0.1 with
+The official recipe (the cifar10_resnet20 config: 400 epochs, batch 128, SGD 0.1 with
 cosine stepped per epoch, EDE per epoch, pad-4 crop + flip), trained by the launcher
 (``irnet_jax.train.train_and_evaluate``) with the data set on the device
 (``dataset.cache_on_device``) and ``--steps_per_call`` steps per device call.
@@ -46,14 +46,10 @@ PAPER_ACCURACY = 0.865  # Qin et al., CVPR 2020, Table 3: ResNet-20 1w1a on CIFA
 
 
 def recipe(data: str, epochs: int):
-  """configs/cifar10_resnet20.py on the npz, data on the device, K steps per call."""
+  """The cifar10_resnet20 recipe on the npz, data on the device, K steps per call."""
   from irnet_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "cifar10_resnet20.py")
-  spec = importlib.util.spec_from_file_location("recipe", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  from irnet_jax import configs  # pylint: disable=import-outside-toplevel
+  c = configs.get_config("cifar10_resnet20")
   c.seed, c.num_epochs, c.compute_dtype = FLAGS.seed, epochs, FLAGS.compute_dtype
   c.dataset.name, c.dataset.path, c.dataset.cache_on_device = "npz", data, True
   c.steps_per_call = FLAGS.steps_per_call
@@ -189,7 +185,7 @@ def main(argv) -> None:
           f"{r['images_per_sec'] or 0:.0f} img/s", flush=True)
   rates = sorted(r["images_per_sec"] for r in rows[1:] if r["images_per_sec"])
   summary = dict(
-      recipe="configs/cifar10_resnet20.py (ResNet-20 1w1a, batch 128, cosine per epoch, "
+      recipe="cifar10_resnet20 (ResNet-20 1w1a, batch 128, cosine per epoch, "
              "EDE per epoch)", data=os.path.basename(FLAGS.data), cpu_test_size=FLAGS.cpu,
       epochs=epochs, recipe_epochs=FLAGS.epochs, scaled=epochs < FLAGS.epochs,
       steps_per_call=c.steps_per_call, compute_dtype=c.compute_dtype, seed=c.seed,

@@ -1,6 +1,6 @@
 """Train/eval throughput of a config's real jitted steps on synthetic data.
 
-  python experiments/throughput.py --config=configs/cifar10_resnet20.py --steps=20 \
+  python experiments/throughput.py --config=cifar10_resnet20 --steps=20 \
       [--steps_per_call=K] [--resident]
 
 Builds exactly what ``python -m irnet_jax.main`` builds (``irnet_jax.train.build``) and
@@ -28,12 +28,11 @@ if __name__ == "__main__":
 import jax  # pylint: disable=wrong-import-position
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
-from irnet_jax import train
+from irnet_jax import configs, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+configs.define_flag("config")
 flags.DEFINE_integer("steps", 20, "Timed train steps.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).")
 flags.DEFINE_integer("num_classes", 10, "Classes of the synthetic labels.")

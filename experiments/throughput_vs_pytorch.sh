@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 TORCH_PYTHON=${TORCH_PYTHON:?set TORCH_PYTHON to a python with torch==2.13.0 installed}
 HUGE=glibc.malloc.hugetlb=1
 torch_bench() { "$TORCH_PYTHON" experiments/torch_reference.py bench --batch 128 --steps 20 --threads 2 2>/dev/null | tail -1; }
-jax_bench() { python experiments/throughput.py --config=configs/cifar10_resnet20.py --steps=20 2>/dev/null | tail -1; }
+jax_bench() { python experiments/throughput.py --config=cifar10_resnet20 --steps=20 2>/dev/null | tail -1; }
 for _ in $(seq 1 "${1:-3}"); do
   echo "torch_plain $(torch_bench)"
   echo "jax_default $(jax_bench)"

@@ -1,6 +1,6 @@
-"""Shared config defaults and validation for every experiment in ``configs/``.
+"""Shared config defaults and validation for every experiment in ``irnet_jax/configs/``.
 
-Every ``configs/NAME.py`` starts from :func:`base_config` and overrides what its
+Every ``irnet_jax/configs/NAME.py`` starts from :func:`base_config` and overrides what its
 recipe needs. :func:`validate` checks a config against the data and the devices
 before anything is compiled, with one message naming the problem and the fix.
 """

@@ -1,7 +1,11 @@
 """Experiment launcher.
 
-  python -m irnet_jax.main --config=configs/NAME.py --workdir=DIR [--config.a.b=value ...]
-      [--debug]
+  python -m irnet_jax.main --config=NAME --workdir=DIR [--config.a.b=value ...] [--debug]
+  python -m irnet_jax.main --config=my_config.py --workdir=DIR ...
+  python -m irnet_jax.main --list-configs
+
+``--config`` names a packaged recipe (``irnet_jax/configs/``; ``--list-configs`` prints
+them with their one-line descriptions) or the path of a config file of your own.
 
 Errors a user can fix are one ``error: ...`` line and exit status 1 (``--debug`` or
 ``IRNET_JAX_DEBUG=1``: the traceback); a preempted run exits with
@@ -18,25 +22,30 @@ import logging
 import sys
 
 if __name__ == "__main__":
+  if {"--list-configs", "--list_configs"} & set(sys.argv[1:]):
+    from irnet_jax import configs
+    print(configs.listing())
+    sys.exit(0)
   # Before the heavy imports: maybe re-execute with huge pages (see hugepages.py).
   from irnet_jax import hugepages
   hugepages.reexec(__name__)
 
 import jax  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
-from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 from irnet_jax import config as config_lib  # pylint: disable=wrong-import-position
+from irnet_jax import configs  # pylint: disable=wrong-import-position
 from irnet_jax import preemption, train  # pylint: disable=wrong-import-position
 from irnet_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                lock_config=True)
+configs.define_flag("config")
 flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics).")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_bool("list_configs", False, "Print the packaged recipes (--config=NAME) with "
+                  "their one-line descriptions, and exit (also --list-configs).")
 flags.DEFINE_bool("distributed", False, "Multi-host from the environment: "
                   "jax.distributed.initialize() with no arguments (Cloud TPU VMs, SLURM "
                   "srun, Open MPI), which finds the coordinator and process ids itself.")

@@ -21,7 +21,7 @@ Conventions:
 
 CLI::
 
-    python -m irnet_jax.summary --config=configs/NAME.py
+    python -m irnet_jax.summary --config=NAME   (or --config=FILE.py)
     python -m irnet_jax.summary --model=resnet18 --image_size=224 --num_classes=1000
 
 Errors are one ``error: ...`` line (``--debug`` or ``IRNET_JAX_DEBUG=1``: the traceback).
@@ -288,10 +288,11 @@ def _main(argv: Sequence[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags
-  from ml_collections import config_flags
+  from irnet_jax import configs
 
-  config_flags.DEFINE_config_file("config", None, "Training config (configs/NAME.py).",
-                                  lock_config=False)
+  configs.define_flag("config", "Training config: a packaged recipe's name "
+                      "(python -m irnet_jax.main --list-configs) or a config file's path.",
+                      lock_config=False)
   flags.DEFINE_string("model", "resnet20", "Model name (irnet_jax.models.REGISTRY).")
   flags.DEFINE_integer("image_size", None, "Input height = width; default: the model's.")
   flags.DEFINE_integer("num_classes", None, "Number of classes; default: the model's.")

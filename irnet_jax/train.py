@@ -573,7 +573,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   :func:`final_report`.
 
   Args:
-    config: an experiment config (``configs/*.py``).
+    config: an experiment config (``irnet_jax/configs/*.py``).
     workdir: output directory: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``,
       ``final_metrics.json``, ``config.json``, ``run.json``.
     step_hook: called on the host with the number of completed steps after each device

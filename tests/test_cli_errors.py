@@ -87,7 +87,7 @@ def test_bad_values_are_refused_before_the_workdir_is_made(tmp_path, override):
 
 
 def _config_file(path, c, extra=""):
-  """A configs/*.py-style file returning ``c`` (plus ``extra`` lines in get_config)."""
+  """A config file returning ``c`` (plus ``extra`` lines in get_config)."""
   path.write_text("import json\nimport ml_collections\n\n\ndef get_config():\n"
                   f"  c = ml_collections.ConfigDict(json.loads({c.to_json()!r}))\n"
                   f"{extra}  return c\n")

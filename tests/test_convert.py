@@ -290,7 +290,7 @@ def test_official_trainer_file_converts_evaluates_exports_and_round_trips(tmp_pa
     return out.stdout
 
   w = str(tmp_path / "w")
-  run("irnet_jax.convert", f"--torch={path}", "--config=configs/cifar10_resnet20.py",
+  run("irnet_jax.convert", f"--torch={path}", "--config=cifar10_resnet20",
       f"--workdir={w}")
   run("irnet_jax.evaluate", f"--workdir={w}", "--config.dataset.name=npz",
       f"--config.dataset.path={npz}")

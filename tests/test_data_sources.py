@@ -567,7 +567,7 @@ def test_launcher_trains_resnet18_from_image_folder(tmp_path):
   root = _jpeg_imagenet(tmp_path / "imagenet")
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "irnet_jax.main",
-         "--config=configs/imagenet_resnet18.py", f"--workdir={workdir}",
+         "--config=imagenet_resnet18", f"--workdir={workdir}",
          "--config.dataset.name=imagefolder", f"--config.dataset.path={root}"]
   # One worker process: files are read and decoded outside the main process.
   cmd += [f"--config.{k}={v}" for k, v in

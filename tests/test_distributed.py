@@ -22,7 +22,7 @@ def _env(devices):
 
 
 def _launch(workdir, devices, extra=()):
-  cmd = [sys.executable, "-m", "irnet_jax.main", "--config=configs/quickstart.py",
+  cmd = [sys.executable, "-m", "irnet_jax.main", "--config=quickstart",
          f"--workdir={workdir}", *OVERRIDES, *extra]
   return subprocess.Popen(cmd, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)

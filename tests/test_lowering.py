@@ -20,8 +20,6 @@ tracing cost does not depend on them, and no program is compiled.
 from __future__ import annotations
 
 import functools
-import glob
-import importlib.util
 import os
 import re
 from typing import Callable
@@ -32,7 +30,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from irnet_jax import config as config_lib, models, train
+from irnet_jax import config as config_lib, configs, models, train
 from irnet_jax.kernels import avx512
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,26 +49,19 @@ CPU_TARGET_PREFIXES = ("irnet_", "lapack_", "xla_python_cpu_callback",
 
 @functools.cache
 def _config_files() -> dict[str, str]:
-  """model name -> the first ``configs/*.py`` (sorted) that trains it."""
+  """model name -> the first packaged recipe (by name, sorted) that trains it."""
   found: dict[str, str] = {}
-  for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
-    found.setdefault(_load_config(path).model.name, path)
+  for name in configs.names():
+    found.setdefault(configs.get_config(name).model.name, name)
   return found
 
 
-def _load_config(path: str) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def model_config(name: str, compute_dtype: str) -> ml_collections.ConfigDict:
-  """The launcher config of model ``name`` (its file under ``configs/``, or the base
+  """The launcher config of model ``name`` (its packaged recipe, or the base
   recipe of its input size), with the backend GPU/TPU get and a resolved class count."""
-  path = _config_files().get(name)
-  if path is not None:
-    c = _load_config(path)
+  recipe = _config_files().get(name)
+  if recipe is not None:
+    c = configs.get_config(recipe)
   elif models.spec(name).input_size == 32:
     c = config_lib.base_config()
     c.model.name = name

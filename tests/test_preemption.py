@@ -56,7 +56,7 @@ class _Launch:
 
   def __init__(self, workdir, npz, total, log_path, extra=()):
     self.workdir, self.log_path = str(workdir), str(log_path)
-    cmd = [sys.executable, "-m", "irnet_jax.main", "--config=configs/quickstart.py",
+    cmd = [sys.executable, "-m", "irnet_jax.main", "--config=quickstart",
            f"--workdir={workdir}", *_overrides(npz, total), *extra]
     self.log = open(log_path, "w")
     self.proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=self.log,

@@ -142,7 +142,7 @@ def test_lr_warmup_multistep_boundaries():
 
 
 def test_lr_imagenet_config_boundaries():
-  # configs/imagenet_resnet18.py as shipped: 62,500 steps, warm-up 2,500 from 0.2 to
+  # The imagenet_resnet18 recipe as shipped: 62,500 steps, warm-up 2,500 from 0.2 to
   # 0.8, x0.1 at 18,750 / 37,500 / 56,250.
   c = config_lib.imagenet_config("resnet18")
   want = {0: 0.2, 1250: 0.5, 2499: 0.2 + 0.6 * 2499 / 2500, 2500: 0.8, 18749: 0.8,

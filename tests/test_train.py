@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from irnet_jax import checkpointing, config as config_lib, kernels, train
+from irnet_jax import checkpointing, config as config_lib, configs, kernels, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,19 +58,14 @@ def npz(tmp_path_factory):
 
 
 def test_every_config_loads_and_validates():
-  import importlib.util
-  paths = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
-  assert len(paths) >= 15
-  for path in paths:
-    spec = importlib.util.spec_from_file_location("cfg", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+  assert len(configs.names()) >= 15
+  for name in configs.names():
+    c = configs.get_config(name)
     config_lib.validate(c, num_devices=1)
-    assert module.__doc__, f"{path} has no docstring naming its paper row"
+    assert configs.summary(name), f"{name} has no docstring naming its paper row"
     for field in ("seed", "num_epochs", "num_train_steps", "batch_size",
                   "checkpoint_every_steps", "eval_every_steps"):
-      assert field in c, (path, field)
+      assert field in c, (name, field)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -93,7 +88,7 @@ def test_missing_npz_file_is_a_clear_error(tmp_path):
 
 
 def test_cli_override_and_typo(tmp_path):
-  base = [sys.executable, "-m", "irnet_jax.main", "--config=configs/quickstart.py",
+  base = [sys.executable, "-m", "irnet_jax.main", "--config=quickstart",
           f"--workdir={tmp_path}"]
   typo = subprocess.run(base + ["--config.optimizer.learnig_rate=0.1"], cwd=REPO,
                         capture_output=True, text=True, timeout=120)
@@ -229,7 +224,7 @@ def _hash_tree(root):
 
 
 def _config_file(tmp_path, c):
-  """A configs/*.py-style file returning ``c`` (for the launcher in a subprocess)."""
+  """A config file (like irnet_jax/configs/*.py) returning ``c``, for the launcher."""
   path = tmp_path / "tiny_config.py"
   path.write_text("import json\nimport ml_collections\n\n\ndef get_config():\n"
                   f"  return ml_collections.ConfigDict(json.loads({c.to_json()!r}))\n")
@@ -339,7 +334,7 @@ def test_cadence_not_a_multiple_of_the_call_is_an_error_before_compiling(npz, tm
 
 def test_cli_non_multiple_cadence_is_one_line(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "irnet_jax.main", "--config=configs/quickstart.py",
+      [sys.executable, "-m", "irnet_jax.main", "--config=quickstart",
        f"--workdir={tmp_path}", "--config.steps_per_call=8"], cwd=REPO,
       capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0

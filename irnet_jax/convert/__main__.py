@@ -1,6 +1,6 @@
 """Official PyTorch checkpoints in and out of workdirs.
 
-  python -m irnet_jax.convert --torch=model.th --config=configs/NAME.py --workdir=W
+  python -m irnet_jax.convert --torch=model.th --config=NAME --workdir=W
       [--config.a.b=value ...]
   python -m irnet_jax.convert --workdir=W --to_torch=out.pth [--step=N]
 
@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
+
+from irnet_jax import configs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("torch", None, "Official PyTorch checkpoint to import (.th/.pth).")
-config_flags.DEFINE_config_file("config", None, "Experiment config of the model (with "
-                                "--torch).", lock_config=True)
+configs.define_flag("config", "Experiment config of the model (with --torch): a packaged "
+                    "recipe's name or a config file's path.")
 flags.DEFINE_string("workdir", None, "Workdir to write (with --torch) or read.")
 flags.DEFINE_string("to_torch", None, "Write the workdir's model as a torch state_dict here.")
 flags.DEFINE_integer("step", None, "Checkpoint to export with --to_torch (default: newest).")
@@ -87,7 +88,7 @@ def main(argv) -> None:
   from irnet_jax.convert import workdir as workdir_lib  # After flags: JAX is heavy.
   if FLAGS.torch:
     if FLAGS.config is None:
-      raise app.UsageError("--torch needs --config=configs/NAME.py (the model's config).")
+      raise app.UsageError("--torch needs --config=NAME (the model's recipe) or --config=FILE.py.")
     # A ValueError (a bad config or state_dict) is one line: see __main__ below.
     meta = workdir_lib.import_state_dict(read_torch_file(FLAGS.torch), FLAGS.config,
                                          FLAGS.workdir, source=FLAGS.torch)

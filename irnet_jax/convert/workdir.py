@@ -46,7 +46,7 @@ def import_state_dict(obj: Mapping[str, Any], config: ml_collections.ConfigDict,
     obj: what ``torch.load`` returned, tensors as numpy arrays: a state_dict or an
       official checkpoint dict (``{'state_dict': ..., 'best_prec1': ...}``, keys with
       or without ``module.``).
-    config: the experiment config of the model (``configs/NAME.py``);
+    config: the experiment config of the model (e.g. ``irnet_jax.configs.get_config(NAME)``);
       ``model.num_classes <= 0`` is taken from the classifier's weight.
     workdir: a new (or empty) directory.
     source: recorded as ``imported`` in the meta (the file's path).
