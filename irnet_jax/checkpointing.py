@@ -304,12 +304,12 @@ def _differences(recorded: dict, now: dict, defaults: dict) -> list[tuple[str, A
 
 
 def read_run(workdir: str) -> dict | None:
-  """The run recorded in ``workdir``: ``run.json``, or for a workdir written before
-  run.json existed, the spec of its ``config.json``; None for a new workdir."""
+  """The run recorded in ``workdir`` (its ``run.json``); None for a new workdir."""
   path = os.path.join(workdir, RUN_FILE)
   if os.path.exists(path):
     if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-      fix = f"delete it (rm {path}): the next launch rebuilds it from {CONFIG_FILE}"
+      fix = (f"delete it (rm {path}) and relaunch with this workdir's config (its "
+             f"{CONFIG_FILE}): the launch writes it again")
     else:
       fix = (f"{workdir} has no {CONFIG_FILE} either: use another --workdir, or delete "
              f"{path} to use this one for the run you launch")
@@ -318,8 +318,6 @@ def read_run(workdir: str) -> dict | None:
       raise workdir_lib.WorkdirError(f"{path} is damaged (no 'fields' record of the run); "
                                      f"{fix}.")
     return record
-  if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-    return dict(fields=run_spec(load_config(workdir)), derived={})
   return None
 
 
@@ -410,7 +408,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
     raise workdir_lib.WorkdirError(f"{path} is damaged (no 'model' section); restore it "
                                    "from a copy, or rewrite it from the run's config file.")
-  return config_lib.migrate(ml_collections.ConfigDict(record))
+  return ml_collections.ConfigDict(record)
 
 
 def load_model(workdir: str, step: int | None = None,

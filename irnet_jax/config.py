@@ -20,8 +20,6 @@ from irnet_jax import kernels, models, ops
 OPTIMIZERS = ("sgd", "nesterov", "adam")
 SCHEDULES = ("cosine_epoch", "cosine", "warmup_multistep", "constant")
 EDE_SCHEDULE_BY = ("epoch", "step")
-# Fields renamed since earlier releases: old name -> new name (same values).
-RENAMED_FIELDS = {"ede.update": "ede.schedule_by"}
 COMPUTE_DTYPES = ("float32", "bfloat16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -162,49 +160,6 @@ def _choice(value, allowed, field):
     raise ConfigError(f"config.{field}={value!r} is not valid; choose one of {list(allowed)}.")
 
 
-def _renamed_message(old: str, new: str, value=None) -> str:
-  shown = "" if value is None else f"={value!r}"
-  return (f"config.{old}{shown} was renamed to config.{new} (same values); set "
-          f"--config.{new}=... (or c.{new} in the config file) instead. Workdirs written "
-          f"before the rename are read with {old} mapped to {new}.")
-
-
-def _check_renamed(c: ml_collections.ConfigDict) -> None:
-  for old, new in RENAMED_FIELDS.items():
-    parent, leaf = old.rsplit(".", 1)
-    # `in`, not getattr: ConfigDict.update is a method, so `c.ede.update` is always set.
-    if parent in c and leaf in c[parent]:
-      raise ConfigError(_renamed_message(old, new, c[parent][leaf]))
-
-
-def migrate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """``c`` with fields of :data:`RENAMED_FIELDS` moved to their new names (in place).
-
-  For configs saved by earlier runs (``WORKDIR/config.json``); configs written now
-  are rejected by :func:`validate` instead, so a stale override does not go unseen.
-  """
-  for old, new in RENAMED_FIELDS.items():
-    parent, leaf = old.rsplit(".", 1)
-    if parent in c and leaf in c[parent]:
-      node = c[parent]
-      value = node[leaf]
-      del node[leaf]
-      node[new.rsplit(".", 1)[1]] = value
-  return c
-
-
-def reject_renamed_flags(argv: list[str]) -> None:
-  """Exits with the rename message when ``argv`` overrides a renamed field.
-
-  absl's config flags cannot report it clearly themselves: ``--config.ede.update``
-  resolves to the ConfigDict method ``update`` and fails with an unrelated message.
-  """
-  for arg in argv:
-    for old, new in RENAMED_FIELDS.items():
-      if arg.split("=", 1)[0].lstrip("-") == f"config.{old}":
-        raise SystemExit(f"error: {_renamed_message(old, new)}")
-
-
 # Fields whose values may take another type than their default's: profile_steps as
 # (START, STOP) from a config file; num_epochs fractional (steps = ceil(epochs x steps
 # per epoch)).
@@ -239,18 +194,35 @@ def _fields(c: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def field_names() -> list[str]:
+  """Every field of :func:`base_config`, dotted (``optimizer.learning_rate``)."""
+  return list(_fields(base_config()))
+
+
+def nearest_field(field: str, known: Sequence[str]) -> str | None:
+  """The field of ``known`` that ``field`` most likely misspells (difflib), or None.
+
+  A close name in the same section first (``optimizer.lerning_rate``), else a very
+  close name in any section (``learning_rate`` or ``optimiser.learning_rate`` ->
+  ``optimizer.learning_rate``).
+  """
+  parent, _, leaf = field.rpartition(".")
+  siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+  anywhere = {k.rpartition(".")[2]: k for k in known}
+  for names, cutoff in ((siblings, 0.6), (anywhere, 0.8)):
+    close = difflib.get_close_matches(leaf, list(names), n=1, cutoff=cutoff)
+    if close:
+      return names[close[0]]
+  return None
+
+
 def _unknown_field_message(field: str, known: Sequence[str]) -> str:
   """The error for a field that base_config() does not have, with the closest one."""
-  parent, _, leaf = field.rpartition(".")
-  siblings = [k for k in known if k.rpartition(".")[0] == parent]
-  by_name = {k.rpartition(".")[2]: k for k in siblings}
-  close = [by_name[m] for m in difflib.get_close_matches(leaf, list(by_name), n=1, cutoff=0.6)]
-  if not close:  # The right name in another section (c.learning_rate for c.optimizer.*).
-    by_leaf = {k.rpartition(".")[2]: k for k in known}
-    close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1,
-                                                           cutoff=0.8)]
-  hint = (f"did you mean config.{close[0]}? Rename it" if close else
-          f"the fields of config{'.' + parent if parent else ''} are {', '.join(by_name)}")
+  parent = field.rpartition(".")[0]
+  close = nearest_field(field, known)
+  siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+  hint = (f"did you mean config.{close}? Rename it" if close else
+          f"the fields of config{'.' + parent if parent else ''} are {', '.join(siblings)}")
   return (f"config.{field} is not a config field (a typo in the config file?); {hint} "
           "(every field and its default: irnet_jax.config.base_config()).")
 
@@ -279,8 +251,9 @@ def _type_name(default: Any) -> str:
           str: "a string"}.get(type(default), type(default).__name__)
 
 
-def _check_schema(c: ml_collections.ConfigDict) -> None:
-  """Every field of ``c`` is one of :func:`base_config`'s, of its type, and finite."""
+def check_fields(c: ml_collections.ConfigDict) -> None:
+  """Raises :class:`ConfigError` unless every field of ``c`` is one of
+  :func:`base_config`'s, of its type, and finite (the first part of :func:`validate`)."""
   schema = _fields(base_config())
   sections = {k.rpartition(".")[0] for k in schema} - {""}
   for key in c.keys():  # A section replaced by a value (c.optimizer = 0.1).
@@ -332,14 +305,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raises :class:`ConfigError` naming the bad field and the fix; cheap (no data, no
   compile), so it runs before anything is written.
 
-  Checks, in order: renamed fields, fields :func:`base_config` does not have (a typo
-  in a config file; typos in ``--config.*`` flags are caught by ml_collections), value
+  Checks, in order: fields :func:`base_config` does not have (a typo in a config file;
+  typos in ``--config.*`` flags are answered by :mod:`irnet_jax.cli`), value
   types, finiteness, the choices and ranges of every field, and the relations between
   fields. ``num_devices``: the devices the run will use (``batch_size`` must divide
   evenly).
   """
-  _check_renamed(c)
-  _check_schema(c)
+  check_fields(c)
   _check_ranges(c)
   _choice(c.model.name, sorted(models.REGISTRY), "model.name")
   _choice(c.model.estimator, ops.ESTIMATORS, "model.estimator")

@@ -33,7 +33,6 @@ if __name__ == "__main__":
 import jax  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 
-from irnet_jax import config as config_lib  # pylint: disable=wrong-import-position
 from irnet_jax import configs  # pylint: disable=wrong-import-position
 from irnet_jax import preemption, train  # pylint: disable=wrong-import-position
 from irnet_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
@@ -96,6 +95,5 @@ _DEBUG = False  # --debug / IRNET_JAX_DEBUG=1: tracebacks instead of one-line er
 
 if __name__ == "__main__":
   _DEBUG = workdir_lib.pop_debug_flag(sys.argv)
-  config_lib.reject_renamed_flags(sys.argv[1:])
   with workdir_lib.cli_errors(_DEBUG):  # Errors of the config file itself (absl parses it).
     app.run(main)

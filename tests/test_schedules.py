@@ -5,15 +5,12 @@ official code: EDE ``t = 10^(log10 t_min + (log10 t_max - log10 t_min) * progres
 ``k = max(1/t, 1)``; torch ``CosineAnnealingLR`` ``lr/2 (1 + cos(pi e / E))``),
 never computed by the code under test.
 """
-import json
 import math
-import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from irnet_jax import checkpointing
 from irnet_jax import config as config_lib
 from irnet_jax import optim, steps
 
@@ -152,7 +149,7 @@ def test_lr_imagenet_config_boundaries():
   np.testing.assert_allclose(got, list(want.values()), rtol=1e-6)
 
 
-# ------------------------------------------------------------------ the renamed field
+# ------------------------------------------------------------------ the EDE schedule field
 
 
 def test_ede_schedule_by_is_a_plain_field():
@@ -162,28 +159,3 @@ def test_ede_schedule_by_is_a_plain_field():
   assert config_lib.imagenet_config("resnet18").ede.schedule_by == "step"
   assert "update" not in c.ede
 
-
-def test_old_ede_update_field_is_a_clear_error():
-  c = config_lib.base_config()
-  c.ede["update"] = "step"
-  with pytest.raises(ValueError, match=r"ede\.update='step' was renamed to "
-                     r"config\.ede\.schedule_by"):
-    config_lib.validate(c)
-
-
-def test_old_ede_update_flag_is_a_clear_error():
-  with pytest.raises(SystemExit, match=r"ede\.update was renamed to config\.ede\.schedule_by"):
-    config_lib.reject_renamed_flags(["--config=configs/quickstart.py",
-                                     "--config.ede.update=step"])
-  config_lib.reject_renamed_flags(["--config.ede.schedule_by=step"])  # The new one passes.
-
-
-def test_old_workdir_config_json_is_migrated(tmp_path):
-  old = config_lib.base_config().to_dict()
-  old["ede"].pop("schedule_by")
-  old["ede"]["update"] = "step"
-  with open(os.path.join(tmp_path, checkpointing.CONFIG_FILE), "w") as f:
-    json.dump(old, f)
-  c = checkpointing.load_config(str(tmp_path))
-  assert c.ede.schedule_by == "step" and "update" not in c.ede
-  config_lib.validate(c)
