@@ -25,12 +25,15 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 NOT_IN_TRAIN = ("tensorflow_datasets", "tensorflow", "matplotlib", "torch",
                 "pytest", "chex", "nbclient", "nbformat", "ipykernel", "tensorboard")
 
-_BLOCKER = f'''"""Hides the packages of irnet_jax's other extras (tests/test_packaging.py):
-the path finder does not see them, as if they were not installed."""
+# ... and those of [train] itself: the core must do without them.
+TRAIN = ("grain", "array_record", "PIL", "tqdm", "tensorboardX", "sklearn")
+
+_BLOCKER = '''"""Hides the packages of irnet_jax's extras (tests/test_packaging.py): the path
+finder does not see them, as if they were not installed."""
 import importlib.machinery
 import sys
 
-HIDDEN = {NOT_IN_TRAIN!r}
+HIDDEN = {hidden!r}
 _PATH_FINDER = importlib.machinery.PathFinder
 
 
@@ -48,6 +51,16 @@ class _PathFinderWithout:
 
 sys.meta_path[:] = [_PathFinderWithout if f is _PATH_FINDER else f for f in sys.meta_path]
 '''
+
+
+def test_core_imports_without_the_extras():
+  """``import irnet_jax`` and its ops, layers and models need the core dependencies only."""
+  code = (_BLOCKER.format(hidden=NOT_IN_TRAIN + TRAIN) + "\nimport irnet_jax, irnet_jax.ops, "
+          "irnet_jax.layers, irnet_jax.models\nimport importlib.util\n"
+          "assert importlib.util.find_spec('PIL') is None\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
 
 
 def _build_wheel(tmp_path: pathlib.Path) -> pathlib.Path:
@@ -111,7 +124,7 @@ def test_wheel_in_a_fresh_venv_runs_the_quickstart_from_another_directory(tmp_pa
   # not run there.
   (purelib / "_irnet_test_parent_env.pth").write_text(
       "\n".join(p for p in site.getsitepackages() if os.path.isdir(p)) + "\n")
-  (purelib / "_irnet_test_hide_extras.py").write_text(_BLOCKER)
+  (purelib / "_irnet_test_hide_extras.py").write_text(_BLOCKER.format(hidden=NOT_IN_TRAIN))
   (purelib / "_irnet_test_hide_extras.pth").write_text("import _irnet_test_hide_extras\n")
   # --ignore-installed: never touches the editable install this environment has.
   subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q",
