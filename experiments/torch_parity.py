@@ -25,7 +25,7 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from irnet_jax import convert, models, ops  # noqa: E402
+from irnet_jax import binarize, convert, models, ops  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ref", None, "npz written by torch_reference.py dump.")
@@ -55,7 +55,8 @@ def main(argv) -> None:
   model.train()
 
   def loss_fn(m):
-    logits = m(x, ede=ede)
+    binarize.set_ede(m, ede)
+    logits = m(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
   (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from irnet_jax import layers, ops
+from irnet_jax import binarize, layers, ops
 
 
 # ----------------------------------------------------------------------------------
@@ -160,17 +160,10 @@ def _dotted(path: tuple) -> str:
   return ".".join(str(p) for p in path)
 
 
-def binary_layers(model: nnx.Module) -> dict[str, layers.BinaryConv]:
-  """Every :class:`~irnet_jax.layers.BinaryConv` with binary weights or activations.
-
-  Keyed by the torch-style dotted path (``"layer1.0.conv1"``); full-precision
-  convolutions (first layer, 1x1 shortcuts) are left out. Sorted by path.
-  """
-  found = {}
-  for path, node in nnx.iter_graph(model):
-    if isinstance(node, layers.BinaryConv) and (node.binary_weights or node.binary_acts):
-      found[_dotted(path)] = node
-  return dict(sorted(found.items()))
+def binary_layers(model: nnx.Module) -> dict[str, layers.BinaryConv | layers.BinaryDense]:
+  """:func:`irnet_jax.binarize.binary_layers` (every layer with binary weights or
+  activations, by torch-style dotted path ``"layer1.0.conv1"``), sorted by path."""
+  return dict(sorted(binarize.binary_layers(model).items()))
 
 
 def _sign_input(layer: layers.BinaryConv) -> jax.Array:
@@ -261,8 +254,10 @@ def binary_conv_inputs(model: nnx.Module, x: jax.Array,
   # (with split/merge they would reach the caller's Variables under nnx.jit).
   copy = nnx.clone(model)
   wanted = {name for name, layer in binary_layers(copy).items() if layer.binary_acts}
-  with record_calls(copy, (layers.BinaryConv,)) as calls:
-    copy(x, ede)
+  if ede is not None:
+    binarize.set_ede(copy, ede)
+  with record_calls(copy, (layers.BinaryConv, layers.BinaryDense)) as calls:
+    copy(x)
   out = {}
   for c in calls:
     if c.path in wanted and c.path not in out:

@@ -1,8 +1,10 @@
 """Flax NNX layers over :mod:`irnet_jax.ops`.
 
 * :class:`BinaryConv` -- IR-Net's ``IRConv2d``: Libra-PB weights and EDE-binarized
-  inputs, or any ablation of them; with 32 bits for both it is a plain convolution,
-  which the models use for their full-precision first layer and shortcuts.
+  inputs, or any ablation or method of :mod:`irnet_jax.methods`; with 32 bits for both
+  it is a plain convolution, which the models use for their full-precision first layer
+  and shortcuts.
+* :class:`BinaryDense` -- the same for a dense layer.
 * :class:`BatchNorm` -- batch normalization with PyTorch's semantics.
 
 Layouts: activations NHWC, kernels HWIO (``(kh, kw, in, out)``). A convolution runs
@@ -27,19 +29,98 @@ def he_normal(mode: str = "fan_in") -> nnx.Initializer:
   return nnx.initializers.variance_scaling(2.0, mode, "normal")
 
 
-class BinaryConv(nnx.Module):
-  """kxk convolution with binary weights (Libra-PB) and binary inputs (EDE).
+class EDEState(nnx.Variable):
+  """EDE's ``t`` or ``k`` held by a binary layer (a float32 scalar), set from training
+  progress by :func:`irnet_jax.binarize.set_progress` inside the train step, so that any
+  model's ``__call__`` binarizes with the current (t, k) without passing them down.
+  Not a Param: optimizers and gradients ignore it. A scalar in the layer's param_dtype."""
 
-  ``x (N, H, W, in) -> (N, H', W', out)``. The input is binarized *before* zero
-  padding, so border taps see 0 (not +-1), exactly like ``F.conv2d`` on ``sign(x)``.
+
+class _Binary(nnx.Module):
+  """What BinaryConv and BinaryDense share: the latent kernel (last axis = output
+  channels), its quantizer, the inputs' sign with its estimator, EDE's (t, k), and the
+  method's extra parameters (ReActNet's threshold and RPReLU; an optional bias)."""
+
+  def _init_binary(self, kernel: jax.Array, in_features: int, out_features: int, *,
+                   weight_bits: int, act_bits: int, estimator: str,
+                   weight_estimator: str | None, weight_quantizer: str,
+                   act_threshold: bool, rprelu: bool, use_bias: bool,
+                   param_dtype: Dtype) -> None:
+    if weight_bits not in (1, 32) or act_bits not in (1, 32):
+      raise ValueError(f"weight_bits and act_bits must be 1 or 32, got "
+                       f"{weight_bits} and {act_bits}")
+    weight_estimator = weight_estimator or estimator
+    for name, value in (("estimator", estimator), ("weight_estimator", weight_estimator)):
+      if value not in ops.ESTIMATORS:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {ops.ESTIMATORS}")
+    if weight_quantizer not in ops.WEIGHT_QUANTIZERS:
+      raise ValueError(f"unknown weight_quantizer {weight_quantizer!r}; expected one of "
+                       f"{ops.WEIGHT_QUANTIZERS}")
+    self.kernel = nnx.Param(kernel)
+    self.in_features, self.out_features = in_features, out_features
+    self.binary_weights = weight_bits == 1 and weight_quantizer != "none"
+    self.binary_acts = act_bits == 1
+    self.estimator, self.weight_estimator = estimator, weight_estimator
+    self.weight_quantizer = weight_quantizer
+    self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+    self.act_shift = (nnx.Param(jnp.zeros((in_features,), param_dtype))
+                      if act_threshold and self.binary_acts else None)
+    self.rprelu = None
+    if rprelu:  # ReActNet's init: shifts 0, slope 0.25 (PReLU's).
+      zeros = jnp.zeros((out_features,), param_dtype)
+      self.rprelu = nnx.Dict(shift_in=nnx.Param(zeros), slope=nnx.Param(zeros + 0.25),
+                             shift_out=nnx.Param(zeros))
+    uses_ede = "ede" in ((estimator,) if self.binary_acts else ()) + (
+        (weight_estimator,) if self.binary_weights else ())
+    # In the parameters' dtype: a float64 model's EDE backward is float64 throughout.
+    self.ede_t = EDEState(jnp.asarray(ops.DEFAULT_EDE.t, param_dtype)) if uses_ede else None
+    self.ede_k = EDEState(jnp.asarray(ops.DEFAULT_EDE.k, param_dtype)) if uses_ede else None
+
+  @property
+  def ede(self) -> ops.EDE | None:
+    """The (t, k) this layer binarizes with (None: it uses no EDE)."""
+    return None if self.ede_t is None else ops.EDE(self.ede_t[...], self.ede_k[...])
+
+  def quantized_kernel(self) -> jax.Array:
+    """The kernel the layer uses (its Flax layout): quantized, or the float one."""
+    kernel = self.kernel[...]
+    if self.binary_weights:
+      kernel = ops.quantize_weights(kernel, self.weight_quantizer, self.weight_estimator,
+                                    self.ede)
+    return kernel
+
+  def _shifted(self, x: jax.Array) -> jax.Array:
+    """The input the sign sees: ``x - threshold`` with RSign, else ``x``."""
+    return x if self.act_shift is None else x - self.act_shift[...].astype(x.dtype)
+
+  def _finish(self, y: jax.Array) -> jax.Array:
+    """Bias, then RPReLU, on the output (last axis = output channels)."""
+    if self.bias is not None:
+      y = y + self.bias[...].astype(y.dtype)
+    if self.rprelu is not None:
+      r = {k: v[...].astype(y.dtype) for k, v in self.rprelu.items()}
+      y = ops.rprelu(y, r["shift_in"], r["slope"], r["shift_out"])
+    return y
+
+
+class BinaryConv(_Binary):
+  """kxk convolution with binary weights (Libra-PB) and binary inputs (EDE), or any
+  method of :mod:`irnet_jax.methods` (``methods.get(name).layer_kwargs()``).
+
+  ``x (N, H, W, in) -> (N, H', W', out)``, kernel HWIO. The input is binarized *before*
+  zero padding, so border taps see 0 (not +-1), exactly like ``F.conv2d`` on ``sign(x)``.
 
   Args:
     in_features, out_features: channels.
     kernel_size, strides, padding: as in ``nn.Conv2d`` (symmetric integer padding).
     weight_bits: 1 (quantized with ``weight_quantizer``) or 32 (float).
     act_bits: 1 (inputs binarized with ``estimator``) or 32 (float).
-    estimator: backward of sign: "ede", "ste" or "approx_sign".
-    weight_quantizer: "libra_pb", "sign" or "none".
+    estimator: backward of the inputs' sign: "ede", "ste" or "approx_sign".
+    weight_estimator: backward of the weights' sign (None: ``estimator``).
+    weight_quantizer: one of :data:`irnet_jax.ops.WEIGHT_QUANTIZERS`.
+    act_threshold: ReActNet's RSign, a learnable threshold per input channel.
+    rprelu: ReActNet's RPReLU on the output.
+    use_bias: a float bias per output channel (kept from a user's ``nnx.Conv``).
     dtype: compute dtype of the convolution (e.g. bfloat16); None keeps the
       promoted dtype of input and kernel.
     conv_impl: the resolved convolution backend, "xla", "xla_cpu" or "avx512"
@@ -48,42 +129,60 @@ class BinaryConv(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, *,
                strides: int = 1, padding: int = 1, weight_bits: int = 1,
-               act_bits: int = 1, estimator: str = "ede",
-               weight_quantizer: str = "libra_pb", kernel_init: nnx.Initializer | None = None,
+               act_bits: int = 1, estimator: str = "ede", weight_estimator: str | None = None,
+               weight_quantizer: str = "libra_pb", act_threshold: bool = False,
+               rprelu: bool = False, use_bias: bool = False,
+               kernel_init: nnx.Initializer | None = None,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
                conv_impl: str = "xla", rngs: nnx.Rngs):
     kernels.get(conv_impl)  # a clear error for an unknown or unresolved name
-    if weight_bits not in (1, 32) or act_bits not in (1, 32):
-      raise ValueError(f"weight_bits and act_bits must be 1 or 32, got "
-                       f"{weight_bits} and {act_bits}")
-    if estimator not in ops.ESTIMATORS:
-      raise ValueError(f"unknown estimator {estimator!r}; expected one of {ops.ESTIMATORS}")
-    if weight_quantizer not in ops.WEIGHT_QUANTIZERS:
-      raise ValueError(f"unknown weight_quantizer {weight_quantizer!r}; expected one of "
-                       f"{ops.WEIGHT_QUANTIZERS}")
     init = kernel_init or he_normal("fan_in")
     shape = (kernel_size, kernel_size, in_features, out_features)
-    self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
-    self.in_features, self.out_features = in_features, out_features
+    self._init_binary(init(rngs.params(), shape, param_dtype), in_features, out_features,
+                      weight_bits=weight_bits, act_bits=act_bits, estimator=estimator,
+                      weight_estimator=weight_estimator, weight_quantizer=weight_quantizer,
+                      act_threshold=act_threshold, rprelu=rprelu, use_bias=use_bias,
+                      param_dtype=param_dtype)
     self.kernel_size, self.strides, self.padding = kernel_size, strides, padding
-    self.binary_weights = weight_bits == 1 and weight_quantizer != "none"
-    self.binary_acts = act_bits == 1
-    self.estimator, self.weight_quantizer = estimator, weight_quantizer
     self.dtype = dtype
     self.conv_impl = conv_impl
 
-  def quantized_kernel(self, ede: ops.EDE | None = None) -> jax.Array:
-    """The kernel the convolution uses (HWIO): quantized, or the float one."""
-    kernel = self.kernel[...]
-    if self.binary_weights:
-      kernel = ops.quantize_weights(kernel, self.weight_quantizer, self.estimator, ede)
-    return kernel
-
-  def __call__(self, x: jax.Array, ede: ops.EDE | None = None) -> jax.Array:
-    return kernels.get(self.conv_impl).conv(
-        x, self.quantized_kernel(ede), self.strides, self.padding,
-        estimator=self.estimator if self.binary_acts else None, ede=ede,
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = kernels.get(self.conv_impl).conv(
+        self._shifted(x), self.quantized_kernel(), self.strides, self.padding,
+        estimator=self.estimator if self.binary_acts else None, ede=self.ede,
         binary_kernel=self.binary_weights, dtype=self.dtype)
+    return self._finish(y)
+
+
+class BinaryDense(_Binary):
+  """Dense layer with binary weights and binary inputs: ``x (..., in) -> (..., out)``,
+  kernel ``(in, out)`` (``nnx.Linear``'s layout), the same quantizers, estimators and
+  method parameters as :class:`BinaryConv`. Runs on XLA on every backend (the CPU
+  kernels are convolutions)."""
+
+  def __init__(self, in_features: int, out_features: int, *, weight_bits: int = 1,
+               act_bits: int = 1, estimator: str = "ede", weight_estimator: str | None = None,
+               weight_quantizer: str = "libra_pb", act_threshold: bool = False,
+               rprelu: bool = False, use_bias: bool = True,
+               kernel_init: nnx.Initializer | None = None, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    init = kernel_init or nnx.initializers.lecun_normal()
+    self._init_binary(init(rngs.params(), (in_features, out_features), param_dtype),
+                      in_features, out_features, weight_bits=weight_bits,
+                      act_bits=act_bits, estimator=estimator,
+                      weight_estimator=weight_estimator, weight_quantizer=weight_quantizer,
+                      act_threshold=act_threshold, rprelu=rprelu, use_bias=use_bias,
+                      param_dtype=param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self._shifted(x)
+    if self.binary_acts:
+      x = ops.binarize(x, self.estimator, self.ede)
+    kernel = self.quantized_kernel()
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    return self._finish(jnp.dot(x.astype(dtype), kernel.astype(dtype)))
 
 
 class BatchNorm(nnx.Module):

@@ -8,6 +8,8 @@ grad-friendly, dtype-preserving (float64 stays float64 under ``jax_enable_x64``)
 * :func:`ede_schedule` -- the t/k schedule (Eq. 12) as a function of training progress.
 * :func:`libra_pb` -- Libra Parameter Binarization of a kernel (Eq. 7-9).
 * :func:`ste_sign`, :func:`approx_sign` -- baseline estimators for ablations.
+* :func:`mean_abs_sign` -- XNOR-Net / Bi-Real weights ``sign(w) * mean|w|`` per channel.
+* :func:`rprelu` -- ReActNet's shifted PReLU.
 * :func:`conv2d` -- ``F.conv2d`` on NHWC/HWIO. How a model's convolutions run (XLA,
   or the CPU kernels) is chosen by :mod:`irnet_jax.kernels`, not here.
 
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 ESTIMATORS = ("ede", "ste", "approx_sign")
-WEIGHT_QUANTIZERS = ("libra_pb", "sign", "none")
+WEIGHT_QUANTIZERS = ("libra_pb", "sign", "mean_abs", "mean_abs_detached", "none")
 
 
 class EDE(NamedTuple):
@@ -178,13 +180,33 @@ def libra_pb(kernel: jax.Array, ede: EDE | None = None,
   return binarize(w_std, estimator, ede) * libra_scale(w_std)
 
 
+def mean_abs_sign(kernel: jax.Array, estimator: str = "ste", ede: EDE | None = None,
+                  detach_scale: bool = False) -> jax.Array:
+  """``sign(w) * alpha`` with ``alpha = mean|w|`` per output channel (last axis).
+
+  XNOR-Net (Rastegari et al., ECCV 2016, Eq. 4) keeps alpha's gradient, so with the
+  straight-through sign ``dq/dw = 1/n + alpha * 1{|w| <= 1}`` (its Sec. 3.1). Bi-Real Net
+  (Liu et al., ECCV 2018, "magnitude-aware gradient") and ReActNet detach alpha:
+  ``detach_scale=True`` gives ``dq/dw = alpha * 1{|w| <= 1}`` -- as their official code
+  does (``scaling_factor.detach()``).
+  """
+  alpha = jnp.mean(jnp.abs(kernel), axis=_reduce_axes(kernel), keepdims=True)
+  if detach_scale:
+    alpha = jax.lax.stop_gradient(alpha)
+  return binarize(kernel, estimator, ede) * alpha
+
+
 def quantize_weights(kernel: jax.Array, quantizer: str = "libra_pb",
                      estimator: str = "ede", ede: EDE | None = None) -> jax.Array:
-  """Weight quantizer dispatch: "libra_pb", "sign" (plain sign, no scale) or "none"."""
+  """Weight quantizer dispatch, one of :data:`WEIGHT_QUANTIZERS`: "libra_pb", "sign"
+  (plain sign, no scale), "mean_abs" / "mean_abs_detached" (:func:`mean_abs_sign`) or
+  "none"."""
   if quantizer == "libra_pb":
     return libra_pb(kernel, ede, estimator)
   if quantizer == "sign":
     return binarize(kernel, estimator, ede)
+  if quantizer in ("mean_abs", "mean_abs_detached"):
+    return mean_abs_sign(kernel, estimator, ede, quantizer == "mean_abs_detached")
   if quantizer == "none":
     return kernel
   raise ValueError(
@@ -194,6 +216,14 @@ def quantize_weights(kernel: jax.Array, quantizer: str = "libra_pb",
 def hardtanh(x: jax.Array) -> jax.Array:
   """``clip(x, -1, 1)``, the activation IR-Net uses instead of ReLU."""
   return jnp.clip(x, -1.0, 1.0)
+
+
+def rprelu(x: jax.Array, shift_in: jax.Array, slope: jax.Array,
+           shift_out: jax.Array) -> jax.Array:
+  """ReActNet's RPReLU (Liu et al., ECCV 2020, Eq. 3): ``PReLU(x - gamma) + zeta`` with
+  per-channel (last axis) ``gamma = shift_in``, slope ``beta`` and ``zeta = shift_out``."""
+  y = x - shift_in
+  return jnp.where(y > 0, y, slope * y) + shift_out
 
 
 ACTIVATIONS = {"hardtanh": hardtanh, "relu": jax.nn.relu}

@@ -24,17 +24,17 @@ import ml_collections
 import optax
 from flax import nnx
 
-from irnet_jax import data, diagnostics, ops
+from irnet_jax import binarize, data, diagnostics, ops
 from irnet_jax.data import device as data_device
 
 State = nnx.State
 Batch = dict
 
 
-def ede_at(c: ml_collections.ConfigDict, step: jax.Array, steps_per_epoch: int,
-           total_steps: int) -> ops.EDE:
-  """EDE (t, k) for a (traced) step: per epoch like the official CIFAR code, or every
-  ``ede.every_steps`` steps by progress like the official ImageNet code."""
+def progress_at(c: ml_collections.ConfigDict, step: jax.Array, steps_per_epoch: int,
+                total_steps: int) -> jax.Array:
+  """EDE's training progress in [0, 1] at a (traced) step: per epoch like the official
+  CIFAR code, or every ``ede.every_steps`` steps like the official ImageNet code."""
   step = step.astype(jnp.float32)
   if c.ede.schedule_by == "epoch":
     num_epochs = max(1, math.ceil(total_steps / steps_per_epoch))
@@ -42,7 +42,15 @@ def ede_at(c: ml_collections.ConfigDict, step: jax.Array, steps_per_epoch: int,
   else:
     every = c.ede.every_steps
     progress = jnp.floor(step / every) * every / max(total_steps, 1)
-  return ops.ede_schedule(jnp.minimum(progress, 1.0), c.ede.t_min, c.ede.t_max)
+  return jnp.minimum(progress, 1.0)
+
+
+def set_progress_at(c: ml_collections.ConfigDict, model: nnx.Module, step: jax.Array,
+                    steps_per_epoch: int, total_steps: int) -> ops.EDE:
+  """:func:`irnet_jax.binarize.set_progress` at ``step``: the one way (t, k) reach the
+  binary layers of any model, registry or a user's; returns them (for the metrics)."""
+  return binarize.set_progress(model, progress_at(c, step, steps_per_epoch, total_steps),
+                               c.ede.t_min, c.ede.t_max)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -59,8 +67,7 @@ def _micro_batches(x: jax.Array, count: int) -> jax.Array:
   return x.reshape((x.shape[0] // count, count) + x.shape[1:]).swapaxes(0, 1)
 
 
-def _gradients(model: nnx.Module, images: jax.Array, labels: jax.Array, ede: ops.EDE,
-               accumulate: int) -> tuple[jax.Array, jax.Array, State]:
+def _gradients(model: nnx.Module, images: jax.Array, labels: jax.Array, accumulate: int) -> tuple[jax.Array, jax.Array, State]:
   """``(mean loss, accuracy, gradients of the mean loss)`` over the batch.
 
   With ``accumulate = A > 1`` the batch runs as A micro-batches in a ``lax.scan``
@@ -70,7 +77,7 @@ def _gradients(model: nnx.Module, images: jax.Array, labels: jax.Array, ede: ops
   """
 
   def loss_fn(m, x, y):
-    logits = m(x, ede=ede)
+    logits = m(x)
     loss = cross_entropy(logits, y).mean()
     return loss, jnp.mean(jnp.argmax(logits, -1) == y)
 
@@ -124,7 +131,7 @@ def make_train_step(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     step = optimizer.step[...]
-    ede = ede_at(c, step, steps_per_epoch, total_steps)
+    ede = set_progress_at(c, model, step, steps_per_epoch, total_steps)
     if "index" in batch:  # Resident data: gather this step's rows and augment them.
       images, labels = data_device.gather_train_batch(
           batch["train_image"], batch["train_label"], batch["index"], step, c.seed,
@@ -133,7 +140,7 @@ def make_train_step(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
       images, labels = batch["image"], batch["label"]
     jitter = data_device.jitter_key(c.seed, step) if device_jitter else None
     images = data_device.model_input(images, ds.mean, ds.std, jitter)
-    loss, accuracy, grads = _gradients(model, images, labels, ede, accumulate)
+    loss, accuracy, grads = _gradients(model, images, labels, accumulate)
     optimizer.update(model, grads)
     metrics = dict(loss=loss, accuracy=accuracy,
                    param_norm=optax.tree.norm(nnx.state(model, nnx.Param)),
@@ -247,7 +254,7 @@ def make_diagnose(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
 
   def diagnose(model_state, step, prev_signs, x):
     model = nnx.merge(graphdef, model_state)  # Eval mode: BN statistics untouched.
-    ede = ede_at(c, step, steps_per_epoch, total_steps)
+    ede = set_progress_at(c, model, step, steps_per_epoch, total_steps)
     x = data_device.model_input(x, c.dataset.mean, c.dataset.std)
     metrics = diagnostics.measure(model, ede, prev_signs, x)
     return metrics, diagnostics.weight_signs(model)

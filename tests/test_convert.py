@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from irnet_jax import convert, layers, models, ops
+from irnet_jax import binarize, convert, layers, models, ops
 
 ALL_MODELS = ["resnet20", "resnet20_1w32a", "resnet18_cifar", "vgg_small", "resnet18",
               "resnet34", "resnet18_1w32a"]
@@ -65,7 +65,8 @@ def test_refuses_unknown_missing_and_misshaped_keys():
 
 def _loss_and_grads(model, x, ede):
   def loss_fn(m):
-    return jnp.mean(jnp.sum(jnp.square(m(x, ede=ede)), axis=-1))
+    binarize.set_ede(m, ede)
+    return jnp.mean(jnp.sum(jnp.square(m(x)), axis=-1))
   loss, grads = nnx.value_and_grad(loss_fn)(model)
   return loss, convert.to_torch_state_dict(grads)
 
@@ -159,9 +160,12 @@ def test_irconv_matches_hand_written_float64_reference(x64):
   graphdef, state = nnx.split(conv)
 
   def loss(state, xin):
-    return jnp.sum(nnx.merge(graphdef, state)(xin, ede) * g_nhwc)
+    m = nnx.merge(graphdef, state)
+    binarize.set_ede(m, ede)
+    return jnp.sum(m(xin) * g_nhwc)
 
-  out = conv(x_nhwc, ede)
+  binarize.set_ede(conv, ede)
+  out = conv(x_nhwc)
   np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), ref_out, rtol=0, atol=1e-12)
   d_state, dx = jax.grad(loss, argnums=(0, 1))(state, x_nhwc)
   dw = d_state["kernel"][...]
@@ -253,7 +257,7 @@ def test_imported_workdir_evaluates_exports_and_fine_tunes(tmp_path):
 
 
 @pytest.mark.slow
-def test_official_trainer_file_converts_evaluates_exports_and_round_trips(tmp_path, capsys):
+def test_official_trainer_file_converts_evaluates_exports_and_round_trips(tmp_path):
   """Acceptance: a model.th saved the official trainer's way, through the commands."""
   torch = pytest.importorskip("torch")
   import importlib.util
@@ -261,8 +265,6 @@ def test_official_trainer_file_converts_evaluates_exports_and_round_trips(tmp_pa
   import os
   import subprocess
   import sys
-
-  from irnet_jax.export.__main__ import main as export_main
 
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location(
@@ -308,8 +310,8 @@ def test_official_trainer_file_converts_evaluates_exports_and_round_trips(tmp_pa
   assert got["test_accuracy"] == accuracy
   np.testing.assert_allclose(got["test_loss"], loss, rtol=1e-4)
 
-  assert export_main([f"--workdir={w}", f"--out={tmp_path / 'model.irnet'}"]) == 0
-  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  report = json.loads(run("irnet_jax.export", f"--workdir={w}",
+                          f"--out={tmp_path / 'model.irnet'}").strip().splitlines()[-1])
   assert report["check_same_argmax"] and report["check_max_abs_diff"] < 1e-3
 
   out = str(tmp_path / "back.pth")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from irnet_jax import export, layers, models
+from irnet_jax import binarize, export, layers, models, ops
 from irnet_jax.export import format as fmt
 from irnet_jax.export.infer import apply_instruction
 from irnet_jax.export.pack import float32_param_bytes, pack_layer
@@ -239,6 +239,7 @@ def test_single_conv_exact_with_zeros_and_padding(stride, pad, kw):
   # Channel 0: 120 each of -1, 0, +1, mean exactly 0: Libra-PB zeros as well.
   kernel[..., 0] = rng.permutation(np.repeat([-1.0, 0.0, 1.0], 120)).reshape(3, 3, 40)
   conv.kernel = nnx.Param(jnp.asarray(kernel, jnp.float32))
+  binarize.set_ede(conv, ops.DEFAULT_EDE)  # The abstract layer's (t, k).
   x = jnp.asarray(x, jnp.float32)
   ins, p = pack_layer(conv, "c")
   assert ins["has_zeros"] == ins["binary_weights"]
@@ -352,11 +353,11 @@ def test_packed_size_binary_layers_32x_smaller():
 # --- CLI ---------------------------------------------------------------------------
 
 
-def test_cli_exports_latest_checkpoint(tmp_path, capsys):
-  import json  # pylint: disable=import-outside-toplevel
-  # pylint: disable-next=import-outside-toplevel
-  from irnet_jax import checkpointing, config as config_lib
-  from irnet_jax.export.__main__ import main  # pylint: disable=import-outside-toplevel
+def test_export_workdir_exports_the_latest_checkpoint(tmp_path):
+  # pylint: disable=import-outside-toplevel
+  from irnet_jax import checkpointing
+  from irnet_jax import config as config_lib
+  from irnet_jax.export.workdir import export_workdir
   c = config_lib.base_config()
   c.model.num_classes = 10
   checkpointing.save_config(str(tmp_path), c)
@@ -367,8 +368,7 @@ def test_cli_exports_latest_checkpoint(tmp_path, capsys):
     ckpt.wait()
   ckpt.close()
   out = tmp_path / "model.irnet"
-  assert main([f"--workdir={tmp_path}", f"--out={out}"]) == 0
-  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  report = export_workdir(str(tmp_path), str(out))
   assert report["checkpoint_dir"].endswith("2") and report["check_same_argmax"]
   assert report["check_max_abs_diff"] <= 1e-4
   assert report["packed_file_bytes"] == out.stat().st_size

@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 import golden_inputs
-from irnet_jax import convert, models, ops
+from irnet_jax import binarize, convert, models, ops
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
 TOL = 1e-10  # Max |jax - torch| relative to the reference tensor's max |value|.
@@ -59,7 +59,8 @@ def _load(name: str):
 @nnx.jit
 def _train_pass(model, x, y, t, k):
   def loss_fn(m):
-    logits = m(x, ede=ops.EDE(t, k))
+    binarize.set_ede(m, ops.EDE(t, k))
+    logits = m(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
   (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from irnet_jax import layers, models, ops
+from irnet_jax import binarize, layers, models, ops
 
 # Every registered model as registered, and variants of the options on two of them.
 CASES = [(name, {}) for name in models.REGISTRY] + [
@@ -33,7 +33,8 @@ def test_forward_backward_shapes(name, kw):
   model.train()
 
   def grads_at(k):
-    return nnx.grad(lambda m: jnp.mean(m(x, ede=ops.EDE(0.3, k)) ** 2))(model)
+    binarize.set_ede(model, ops.EDE(0.3, k))
+    return nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
 
   grads = grads_at(3.3)
   leaves = jax.tree.leaves(grads)
@@ -75,7 +76,8 @@ def test_float64_end_to_end(x64):
   model = models.create("resnet20", param_dtype=jnp.float64)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)))
   model.train()
-  grads = nnx.grad(lambda m: m(x, ede=ops.EDE(0.5, 2.0)).sum())(model)
+  binarize.set_ede(model, ops.EDE(0.5, 2.0))
+  grads = nnx.grad(lambda m: m(x).sum())(model)
   assert model(x).dtype == jnp.float64
   assert all(g.dtype == jnp.float64 for g in jax.tree.leaves(grads))
 
@@ -84,7 +86,7 @@ def test_bfloat16_compute_keeps_float32_params_and_stats():
   model = models.create("resnet20", dtype=jnp.bfloat16)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   model.train()
-  y = model(x, ede=ops.EDE(1.0, 1.0))
+  y = model(x)
   assert y.dtype == jnp.bfloat16
   assert model.layer1[0].bn1.mean.dtype == jnp.float32
   assert model.layer1[0].conv1.kernel.dtype == jnp.float32

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from irnet_jax import config as config_lib
-from irnet_jax import optim, steps
+from irnet_jax import ops, optim, steps
 
 
 def _config(**fields):
@@ -24,7 +24,8 @@ def _config(**fields):
 
 
 def _ede(c, step, steps_per_epoch, total_steps):
-  ede = steps.ede_at(c, jnp.asarray(step, jnp.int32), steps_per_epoch, total_steps)
+  progress = steps.progress_at(c, jnp.asarray(step, jnp.int32), steps_per_epoch, total_steps)
+  ede = ops.ede_schedule(progress, c.ede.t_min, c.ede.t_max)
   return float(ede.t), float(ede.k)
 
 

@@ -34,6 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from irnet_jax import binarize, ops
+
+# EDE's (t, k) (layers.EDEState): plain attributes in the official code, not state.
+_NOT_IN_TORCH = ("ede_t", "ede_k")
 _LEAF_TO_TORCH = {"kernel": "weight", "bias": "bias", "scale": "weight",
                   "mean": "running_mean", "var": "running_var"}
 _IGNORED_LEAVES = ("num_batches_tracked",)
@@ -114,6 +118,8 @@ def to_torch_state_dict(state: Any) -> dict[str, np.ndarray]:
   """
   out: dict[str, np.ndarray] = {}
   for path, value in _flat_variables(state):
+    if str(path[-1]) in _NOT_IN_TORCH:
+      continue
     key = torch_key(path)
     out[key] = to_torch_layout(np.asarray(value))
     if str(path[-1]) == "mean":
@@ -163,6 +169,9 @@ def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, Any]) -> n
   for path, node in nnx.iter_graph(model):
     if isinstance(node, (nnx.Param, nnx.BatchStat)) and tuple(path) in by_path:
       node.set_value(jnp.asarray(from_torch_layout(arrays[by_path[tuple(path)]])))
+  # EDE's (t, k) are not in a state_dict (the official code keeps them in module
+  # attributes): give them values, so an abstract model (nnx.eval_shape) becomes concrete.
+  binarize.set_ede(model, ops.DEFAULT_EDE)
   return model
 
 

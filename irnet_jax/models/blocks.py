@@ -75,14 +75,14 @@ class BasicBlock(nnx.Module):
     conv, bn = getattr(self, self.shortcut_attr)
     return bn(conv(x))
 
-  def __call__(self, x: jax.Array, ede: ops.EDE | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     act = self.act
     if self.structure == "bireal":
       stream = kernels.get(self.conv_impl).residual
-      out = stream(act(self.bn1(self.conv1(x, ede)) + self.residual(x)))
-      return stream(act(self.bn2(self.conv2(out, ede)) + out))
-    out = act(self.bn1(self.conv1(x, ede)))
-    return act(self.bn2(self.conv2(out, ede)) + self.residual(x))
+      out = stream(act(self.bn1(self.conv1(x)) + self.residual(x)))
+      return stream(act(self.bn2(self.conv2(out)) + out))
+    out = act(self.bn1(self.conv1(x)))
+    return act(self.bn2(self.conv2(out)) + self.residual(x))
 
   def export_program(self, b, x: str) -> str:
     """:meth:`__call__` (eval mode) as export instructions: register ``x`` in, the

@@ -59,13 +59,13 @@ class CifarResNet(nnx.Module):
     self.stem_act, self.head_act = stem_act, head_act
     self.act = ops.activation(activation)
 
-  def __call__(self, x: jax.Array, ede: ops.EDE | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     out = self.bn1(self.conv1(x))
     if self.stem_act:
       out = self.act(out)
     for i in range(self.num_stages):
       for block in getattr(self, f"layer{i + 1}"):
-        out = block(out, ede)
+        out = block(out)
     out = self.bn2(layers.global_avg_pool(out))
     if self.head_act:
       out = self.act(out)

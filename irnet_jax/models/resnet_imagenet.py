@@ -55,12 +55,12 @@ class ImageNetResNet(nnx.Module):
     self.bn3 = layers.BatchNorm(num_classes, param_dtype=param_dtype)
     self.act = ops.activation(activation)
 
-  def __call__(self, x: jax.Array, ede: ops.EDE | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     x = self.act(self.bn1(self.conv1(x)))
     x = layers.max_pool(x, 3, 2, padding=1)
     for i in range(len(_WIDTHS)):
       for block in getattr(self, f"layer{i + 1}"):
-        x = block(x, ede)
+        x = block(x)
     return self.fc(self.bn2(layers.global_avg_pool(x)))
 
   def export_program(self, b) -> str:

@@ -38,10 +38,10 @@ class VGGSmall(nnx.Module):
                            kernel_init=nnx.initializers.normal(0.01), dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, ede: ops.EDE | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     x = ops.hardtanh(self.bn0(self.conv0(x)))
     for i in range(1, 6):
-      x = getattr(self, f"conv{i}")(x, ede)
+      x = getattr(self, f"conv{i}")(x)
       if i in POOL_AFTER:
         x = layers.max_pool(x, 2, 2)
       x = ops.hardtanh(getattr(self, f"bn{i}")(x))
