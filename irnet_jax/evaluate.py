@@ -2,7 +2,7 @@
 
   python -m irnet_jax.evaluate --workdir=DIR [--config.a.b=value ...]
 
-The config is ``DIR/config.json``; ``--config.*`` overrides it, e.g.
+The config is ``DIR/config.json``; ``--config.*`` overrides its fields, e.g.
 ``--config.dataset.name=npz --config.dataset.path=test.npz`` to evaluate on other
 images. Uses the training loop's own evaluation (:func:`irnet_jax.train.evaluate`
 over the same jitted eval step and mesh), prints the result and writes
@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
+from typing import Any, Sequence
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from irnet_jax import checkpointing, config as config_lib, data, kernels, train
-from irnet_jax import workdir as workdir_lib
+from irnet_jax import checkpointing, cli, data, kernels, train
+from irnet_jax import config as config_lib
 
 EVAL_FILE = "eval_metrics.json"
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Workdir of a training run or of irnet_jax.convert.")
 
 
 def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
@@ -84,47 +83,37 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
   return out
 
 
-def _workdir_from(argv: list[str]) -> str | None:
-  """``--workdir`` before absl parses flags (the config flag's default depends on it)."""
-  for i, arg in enumerate(argv):
-    if arg.startswith("--workdir="):
-      return arg.split("=", 1)[1]
-    if arg == "--workdir" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+def define_flags() -> None:
+  """``--workdir`` and ``--config.a.b=value`` overrides of the workdir's config (checked
+  against :func:`irnet_jax.config.base_config`, whose fields every workdir has)."""
+  flags.DEFINE_string("workdir", None, "Workdir of a training run or of irnet_jax.convert.")
+  flags.mark_flag_as_required("workdir")
+  config_flags.DEFINE_config_dict(
+      "config", config_lib.base_config(), "Overrides of the workdir's config.json: "
+      "--config.a.b=value (e.g. --config.dataset.path=other.npz).", lock_config=True)
+  FLAGS["config"].default_as_str = "the workdir's config.json"  # Not base_config's dump.
 
 
-def _conv_impl_from(argv: list[str]) -> str:
-  """The backend asked for with ``--config.model.conv_impl`` (else "auto": the recorded
-  one is the training host's)."""
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config.model.conv_impl="):
-      return arg.split("=", 1)[1]
-    if arg == "--config.model.conv_impl" and i + 1 < len(argv):
-      return argv[i + 1]
-  return "auto"
+def overridden_config(workdir: str) -> tuple[ml_collections.ConfigDict, str]:
+  """(``workdir``'s config with the ``--config.*`` overrides, the conv backend to use:
+  the overridden ``model.conv_impl``, else "auto" (the recorded one is the training
+  host's))."""
+  c = checkpointing.load_config(workdir)
+  overrides: dict[str, Any] = config_flags.get_override_values(FLAGS["config"])
+  c.update_from_flattened_dict(overrides)
+  return c, overrides.get("model.conv_impl", "auto")
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str]) -> None:
+  """Evaluates ``--workdir``; prints the metrics and where they were written."""
+  del argv  # cli.run refuses positional arguments.
   logging.getLogger().setLevel(logging.WARNING)
-  with workdir_lib.cli_errors(_DEBUG):
-    out = evaluate_workdir(FLAGS.workdir, FLAGS.config, _conv_impl_from(sys.argv[1:]))
+  config, conv_impl = overridden_config(FLAGS.workdir)
+  out = evaluate_workdir(FLAGS.workdir, config, conv_impl)
   print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                  for k, v in out.items() if k != "dataset"))
   print(f"wrote {os.path.join(FLAGS.workdir, EVAL_FILE)}")
 
 
-_DEBUG = False  # --debug / IRNET_JAX_DEBUG=1: tracebacks instead of one-line errors.
-
 if __name__ == "__main__":
-  _DEBUG = workdir_lib.pop_debug_flag(sys.argv)
-  _workdir = _workdir_from(sys.argv[1:])
-  if _workdir is None:
-    sys.exit("error: --workdir=DIR is required (a training or irnet_jax.convert workdir).")
-  with workdir_lib.cli_errors(_DEBUG):
-    _config = checkpointing.load_config(_workdir)
-  config_flags.DEFINE_config_dict("config", _config, "The workdir's config; override "
-                                  "fields with --config.a.b=value.", lock_config=True)
-  app.run(main)
+  cli.run(main, define_flags)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Sequence
 
 if __name__ == "__main__":
   if {"--list-configs", "--list_configs"} & set(sys.argv[1:]):
@@ -33,9 +34,7 @@ if __name__ == "__main__":
 import jax  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 
-from irnet_jax import configs  # pylint: disable=wrong-import-position
-from irnet_jax import preemption, train  # pylint: disable=wrong-import-position
-from irnet_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
+from irnet_jax import cli, configs, preemption, train  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 configs.define_flag("config")
@@ -71,29 +70,26 @@ def init_distributed() -> None:
                                process_id=FLAGS.process_id)
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str]) -> None:
+  """Trains ``--config`` in ``--workdir`` and prints the final test metrics.
+
+  Expected failures (a refused (re)start, a bad config, data or workdir, a full disk,
+  a diverged run) are one ``error: ...`` line (:func:`irnet_jax.cli.run`).
+  """
+  del argv  # cli.run refuses positional arguments.
   # Our progress goes to the bar and metrics.jsonl; keep Orbax's INFO chatter out.
   logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger("irnet_jax").setLevel(logging.INFO)
-  # Expected failures (a refused (re)start, a bad config, data or workdir, a full disk,
-  # a diverged run) are one `error: ...` line: their message is the whole story.
-  with workdir_lib.cli_errors(_DEBUG):
-    init_distributed()
-    try:
-      final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except preemption.Preempted as e:
-      print(f"preempted: {e}", file=sys.stderr, flush=True)
-      sys.exit(preemption.EXIT_CODE)
+  init_distributed()
+  try:
+    final = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except preemption.Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_CODE)
   if jax.process_index() == 0:
     print(f"test_accuracy={final['test_accuracy']:.4f} test_loss={final['test_loss']:.4f} "
           f"train_seconds={final['train_seconds']:.1f} workdir={FLAGS.workdir}")
 
 
-_DEBUG = False  # --debug / IRNET_JAX_DEBUG=1: tracebacks instead of one-line errors.
-
 if __name__ == "__main__":
-  _DEBUG = workdir_lib.pop_debug_flag(sys.argv)
-  with workdir_lib.cli_errors(_DEBUG):  # Errors of the config file itself (absl parses it).
-    app.run(main)
+  cli.run(main)

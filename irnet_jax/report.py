@@ -106,8 +106,9 @@ def _last(records: Records, split: str, key: str) -> float | None:
 
 
 def _plt():
-  import matplotlib
   import sys
+
+  import matplotlib
   # Headless (Agg) unless pyplot was already set up, e.g. inline in a notebook,
   # whose backend we must not switch.
   if "matplotlib.pyplot" not in sys.modules:
@@ -425,29 +426,28 @@ def write_report(workdir: str | os.PathLike, compare: str | os.PathLike | None =
   return report
 
 
-def _main(argv: Sequence[str]) -> None:
-  del argv
-  from absl import flags
-  f = flags.FLAGS
-  with workdir_lib.cli_errors(_DEBUG):
-    report = write_report(f.workdir, f.compare, f.out)
-  print(f"wrote {report}")
-
-
-_DEBUG = False  # --debug / IRNET_JAX_DEBUG=1: tracebacks instead of one-line errors.
-
-if __name__ == "__main__":
-  import sys
-
-  from absl import app, flags
-
-  _DEBUG = workdir_lib.pop_debug_flag(sys.argv)
-
+def define_flags() -> None:
+  # pylint: disable-next=import-outside-toplevel
+  from absl import flags  # Imported here: only the command line needs absl.
   flags.DEFINE_string("workdir", None, "Run directory containing metrics.jsonl.")
   flags.DEFINE_string("compare", None, "Optional second run directory to compare with.")
   flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/report).")
   flags.mark_flag_as_required("workdir")
-  app.run(_main)
+
+
+def main(argv: Sequence[str]) -> None:
+  """Writes the report of ``--workdir`` and prints where."""
+  del argv  # cli.run refuses positional arguments.
+  # pylint: disable-next=import-outside-toplevel
+  from absl import flags
+  f = flags.FLAGS
+  print(f"wrote {write_report(f.workdir, f.compare, f.out)}")
+
+
+if __name__ == "__main__":
+  from irnet_jax import cli  # pylint: disable=ungrouped-imports
+
+  cli.run(main, define_flags)
 
 
 __all__ = ["write_report", "load_metrics", "series", "layer_names", "headline", "plot_curves",

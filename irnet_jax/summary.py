@@ -265,16 +265,20 @@ def _config_kwargs(config) -> tuple[str, dict, int | None]:
   return mc.name, kw, dataset.get("image_size")
 
 
-def _main(argv: Sequence[str]) -> None:
-  del argv
-  from absl import flags  # Imported here: only the CLI needs absl.
+def _model_from_flags() -> tuple[str, dict, int]:
+  """(model name, ``models.create`` kwargs, image size): ``--config``'s, overridden by
+  the model flags given on the command line."""
+  # pylint: disable=import-outside-toplevel  # Only the command line needs these.
+  from absl import flags
+
+  from irnet_jax import config as config_lib
   from irnet_jax import models
 
   f = flags.FLAGS
   name, kw, image_size = f.model, {}, None
   if f.config is not None:
+    config_lib.check_fields(f.config)  # A typo in the config file: one line, nearest field.
     name, kw, image_size = _config_kwargs(f.config)
-  # Flags given on the command line override the config.
   for key in _MODEL_KEYS:
     if f[key].present:
       kw[key] = f[key].value
@@ -282,12 +286,23 @@ def _main(argv: Sequence[str]) -> None:
     name = f.model
   if f["image_size"].present or not image_size:
     image_size = f.image_size or models.spec(name).input_size
+  return name, kw, image_size
+
+
+def main(argv: Sequence[str]) -> None:
+  """Prints the summary table of the model the flags describe."""
+  del argv  # cli.run refuses positional arguments.
+  from irnet_jax import models  # pylint: disable=import-outside-toplevel
+
+  name, kw, image_size = _model_from_flags()
   model = nnx.eval_shape(lambda: models.create(name, **kw))  # Shapes only.
   print(format_summary(summary(model, (1, image_size, image_size, 3))))
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
+  # pylint: disable=import-outside-toplevel
   from absl import flags
+
   from irnet_jax import configs
 
   configs.define_flag("config", "Training config: a packaged recipe's name "
@@ -314,14 +329,9 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-  from absl import app
+  from irnet_jax import cli
 
-  from irnet_jax import workdir as workdir_lib
-
-  _define_flags()
-  # An unknown model, a bad config: one `error: ...` line (--debug: the traceback).
-  with workdir_lib.cli_errors(workdir_lib.pop_debug_flag(sys.argv)):
-    app.run(_main)
+  cli.run(main, define_flags)
 
 
 __all__ = ["summary", "format_summary", "Summary", "LayerRow"]

@@ -418,14 +418,6 @@ def debug_requested(flag: bool = False) -> bool:
   return flag or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def pop_debug_flag(argv: list[str]) -> bool:
-  """Removes ``--debug`` from ``argv[1:]`` (in place: absl would refuse an unknown flag)
-  and says whether tracebacks were asked for (:func:`debug_requested`)."""
-  found = DEBUG_FLAG in argv[1:]
-  argv[1:] = [a for a in argv[1:] if a != DEBUG_FLAG]
-  return debug_requested(found)
-
-
 def error_line(e: BaseException) -> str:
   """The ``error: ...`` text of an expected failure (see :data:`EXPECTED_ERRORS`)."""
   if isinstance(e, OSError) and e.strerror:

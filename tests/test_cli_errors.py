@@ -190,10 +190,12 @@ def test_cli_expected_failures_are_one_error_line(cli_runs, case):
 
 
 def test_export_out_in_a_missing_directory_is_said_before_restoring(tmp_path):
-  from irnet_jax.export.__main__ import main  # pylint: disable=import-outside-toplevel
-  with pytest.raises(SystemExit) as e:
-    main([f"--workdir={tmp_path}", f"--out={tmp_path / 'nowhere' / 'm.irnet'}"])
-  assert str(e.value.code).startswith("error: the directory of --out does not exist")
+  # pylint: disable-next=import-outside-toplevel
+  from irnet_jax.export.workdir import export_workdir
+  with pytest.raises(FileNotFoundError) as e:  # tmp_path holds no run: nothing restored.
+    export_workdir(str(tmp_path), str(tmp_path / "nowhere" / "m.irnet"))
+  assert workdir_lib.error_line(e.value).startswith(
+      "error: the directory of --out does not exist")
 
 
 def test_error_lines_of_os_errors_name_the_path_and_what_to_do():

@@ -65,6 +65,18 @@ def test_other_dataset_and_top5_match_the_model(trained):
   assert got["dataset"]["path"] == other
 
 
+def test_cli_overrides_apply_to_the_workdirs_config(trained):
+  workdir, _, tmp = trained
+  other = make_npz(tmp / "other_cli.npz", n_test=13, seed=5)
+  out = subprocess.run([sys.executable, "-m", "irnet_jax.evaluate", f"--workdir={workdir}",
+                        f"--config.dataset.path={other}", "--config.eval_batch_size=4"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.load(open(os.path.join(workdir, "eval_metrics.json")))
+  assert got["dataset"]["path"] == other and got["test_examples"] == 13
+  assert got["model"] == checkpointing.load_config(workdir).model.name  # The rest kept.
+
+
 def test_clear_errors(trained, tmp_path):
   workdir, _, tmp = trained
   with pytest.raises(ValueError, match="no config.json"):

@@ -17,21 +17,26 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from absl import app, flags
 
-from irnet_jax import configs
+from irnet_jax import cli, configs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("torch", None, "Official PyTorch checkpoint to import (.th/.pth).")
-configs.define_flag("config", "Experiment config of the model (with --torch): a packaged "
-                    "recipe's name or a config file's path.")
-flags.DEFINE_string("workdir", None, "Workdir to write (with --torch) or read.")
-flags.DEFINE_string("to_torch", None, "Write the workdir's model as a torch state_dict here.")
-flags.DEFINE_integer("step", None, "Checkpoint to export with --to_torch (default: newest).")
-flags.mark_flag_as_required("workdir")
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("torch", None, "Official PyTorch checkpoint to import (.th/.pth).")
+  configs.define_flag("config", "Experiment config of the model (with --torch): a "
+                      "packaged recipe's name or a config file's path.")
+  flags.DEFINE_string("workdir", None, "Workdir to write (with --torch) or read.")
+  flags.DEFINE_string("to_torch", None, "Write the workdir's model as a torch state_dict "
+                      "here.")
+  flags.DEFINE_integer("step", None, "Checkpoint to export with --to_torch (default: "
+                       "newest).")
+  flags.mark_flag_as_required("workdir")
 
 
 def _torch():
@@ -78,36 +83,43 @@ def write_torch_file(state_dict: dict[str, np.ndarray], path: str) -> None:
              path)
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str]) -> None:
+  """Imports ``--torch`` into ``--workdir``, or exports it to ``--to_torch``."""
+  del argv  # cli.run refuses positional arguments.
   logging.getLogger().setLevel(logging.WARNING)  # Keep Orbax's INFO chatter out.
-  if FLAGS.torch or FLAGS.to_torch:
-    _torch()  # Before anything else: a missing torch is the first thing to hear about.
-  # pylint: disable-next=import-outside-toplevel
-  from irnet_jax.convert import workdir as workdir_lib  # After flags: JAX is heavy.
-  if FLAGS.torch:
-    if FLAGS.config is None:
-      raise app.UsageError("--torch needs --config=NAME (the model's recipe) or --config=FILE.py.")
-    # A ValueError (a bad config or state_dict) is one line: see __main__ below.
-    meta = workdir_lib.import_state_dict(read_torch_file(FLAGS.torch), FLAGS.config,
-                                         FLAGS.workdir, source=FLAGS.torch)
-    print(f"imported {FLAGS.torch} ({meta['model']}, {meta['num_classes']} classes"
-          + "".join(f", {k}={v}" for k, v in meta["official"].items())
-          + f") into {FLAGS.workdir}")
-  elif FLAGS.to_torch:
-    state_dict = workdir_lib.export_state_dict(FLAGS.workdir, FLAGS.step)
-    write_torch_file(state_dict, FLAGS.to_torch)
-    print(f"wrote {FLAGS.to_torch}: {len(state_dict)} tensors (official key names, "
-          "load_state_dict-ready)")
-  else:
+  if not FLAGS.torch and not FLAGS.to_torch:
     raise app.UsageError("give --torch=FILE --config=... (import) or --to_torch=FILE "
                          "(export).")
+  if FLAGS.torch and FLAGS.config is None:
+    raise app.UsageError("--torch needs --config=NAME (the model's recipe) or "
+                         "--config=FILE.py.")
+  _torch()  # Before anything else: a missing torch is the first thing to hear about.
+  if FLAGS.torch:
+    _import_torch_file()
+  else:
+    _export_torch_file()
+
+
+def _import_torch_file() -> None:
+  """``--torch`` -> a new workdir ``--workdir`` (model of ``--config``)."""
+  # pylint: disable-next=import-outside-toplevel
+  from irnet_jax.convert import workdir as workdir_lib  # After the flags: JAX is heavy.
+  meta = workdir_lib.import_state_dict(read_torch_file(FLAGS.torch), FLAGS.config,
+                                       FLAGS.workdir, source=FLAGS.torch)
+  print(f"imported {FLAGS.torch} ({meta['model']}, {meta['num_classes']} classes"
+        + "".join(f", {k}={v}" for k, v in meta["official"].items())
+        + f") into {FLAGS.workdir}")
+
+
+def _export_torch_file() -> None:
+  """``--workdir``'s model state (``--step``) -> the state_dict file ``--to_torch``."""
+  # pylint: disable-next=import-outside-toplevel
+  from irnet_jax.convert import workdir as workdir_lib  # After the flags: JAX is heavy.
+  state_dict = workdir_lib.export_state_dict(FLAGS.workdir, FLAGS.step)
+  write_torch_file(state_dict, FLAGS.to_torch)
+  print(f"wrote {FLAGS.to_torch}: {len(state_dict)} tensors (official key names, "
+        "load_state_dict-ready)")
 
 
 if __name__ == "__main__":
-  from irnet_jax import workdir as _workdir  # pylint: disable=ungrouped-imports
-
-  # A bad workdir, config or file: one `error: ...` line (--debug: the traceback).
-  with _workdir.cli_errors(_workdir.pop_debug_flag(sys.argv)):
-    app.run(main)
+  cli.run(main, define_flags)
