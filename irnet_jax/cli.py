@@ -5,7 +5,8 @@ involved) and hands its ``main`` to :func:`run`, which adds to absl's ``app.run`
 
 * ``--help`` (also ``-h``, ``--helpshort``; ``--helpfull``: every library's flags too)
   prints the tool's docstring and flags and exits 0, before any config is loaded;
-* ``--debug`` (or ``IRNET_JAX_DEBUG=1``) shows tracebacks;
+* ``--debug`` (or ``IRNET_JAX_DEBUG=1``) shows tracebacks; log records below WARNING
+  (JAX's, Orbax's) only with absl's ``--verbosity=0``;
 * what a user can mistype is one ``error: ...`` line and exit status 1: an unknown
   flag or config field names the nearest valid one (difflib); a bad flag value, a
   missing required flag or a config file that does not load says which. Failures of
@@ -55,6 +56,8 @@ def run(main: Callable[[Sequence[str]], Any],
       define_flags()
 
   def guarded_main(argv: Sequence[str]) -> Any:
+    if not FLAGS["verbosity"].present:  # Libraries' INFO chatter only with --verbosity=0.
+      FLAGS.verbosity = -1
     with workdir_lib.cli_errors(debug):
       try:
         return main(argv)
