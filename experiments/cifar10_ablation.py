@@ -15,6 +15,13 @@ ablation resumes where it stopped; a finished run is only re-read). Writes
 test accuracy, wall time and training img/s per run, and in the JSON the per-epoch
 test accuracy and train loss read from each run's ``metrics.jsonl``.
 
+Binarization methods (irnet_jax.methods) on the same network and budget: ResNet-20
+built full precision and binarized with ``config.model.binarize``:
+
+  python experiments/cifar10_ablation.py --data=~/cifar10_q75.npz --epochs=20 \\
+      --runs=method_irnet,method_bnn,method_xnor,method_bireal,method_reactnet \\
+      --workdir=runs/methods --out=experiments/results/methods --plot=docs/methods.png
+
 Learning curves (IR-Net against the sign + STE baseline over a longer budget):
 
   python experiments/cifar10_ablation.py --data=~/cifar10_q75.npz --epochs=20 \\
@@ -61,25 +68,30 @@ flags.DEFINE_bool("no_train", False, "Train nothing: tabulate and plot what the 
 flags.DEFINE_string("note", "", "Extra sentence for the Markdown table (e.g. machine load).")
 flags.mark_flags_as_required(["data"])
 
-# run -> (weight_bits, act_bits, weight_quantizer, estimator, description)
+# run -> (config.model overrides, description). The ablation rows set IR-Net's parts
+# one by one; the method rows build ResNet-20's float twin and binarize it with one
+# method of irnet_jax.methods (config.model.binarize), as a user's network would be.
+_ABLATION = ("weight_bits", "act_bits", "weight_quantizer", "estimator")
 RUNS = {
-    "fp": (32, 32, "none", "ede", "full precision"),
-    "irnet": (1, 1, "libra_pb", "ede", "IR-Net (Libra-PB + EDE)"),
-    "libra_pb": (1, 1, "libra_pb", "ste", "Libra-PB only (STE backward)"),
-    "ede": (1, 1, "sign", "ede", "EDE only (plain-sign weights)"),
-    "baseline": (1, 1, "sign", "ste", "baseline (sign + STE)"),
+    "fp": (dict(zip(_ABLATION, (32, 32, "none", "ede"))), "full precision"),
+    "irnet": (dict(zip(_ABLATION, (1, 1, "libra_pb", "ede"))), "IR-Net (Libra-PB + EDE)"),
+    "libra_pb": (dict(zip(_ABLATION, (1, 1, "libra_pb", "ste"))),
+                 "Libra-PB only (STE backward)"),
+    "ede": (dict(zip(_ABLATION, (1, 1, "sign", "ede"))), "EDE only (plain-sign weights)"),
+    "baseline": (dict(zip(_ABLATION, (1, 1, "sign", "ste"))), "baseline (sign + STE)"),
+    **{f"method_{m}": (dict(binarize=m), f"binarize_model(method={m!r})")
+       for m in ("irnet", "bnn", "xnor", "bireal", "reactnet")},
 }
 
 
 def run_config(run: str, seed: int, data: str, epochs: int, max_steps: int = -1):
-  wb, ab, quantizer, estimator, _ = RUNS[run]
+  model, _ = RUNS[run]
   c = config_lib.base_config()  # The official CIFAR-10 ResNet-20 1w1a recipe.
   c.seed = seed
   c.dataset.name, c.dataset.path = "npz", data
   c.num_epochs = epochs
   c.checkpoint_every_steps = 390  # About one epoch at batch 128.
-  c.model.weight_bits, c.model.act_bits = wb, ab
-  c.model.weight_quantizer, c.model.estimator = quantizer, estimator
+  c.model.update(model)
   c.progress_bar = False
   if max_steps > 0:
     c.num_train_steps = max_steps
@@ -159,7 +171,7 @@ def _row(run: str, seed: int, workdir: str, c, final: dict | None) -> dict:
   records = _records(workdir) if os.path.exists(os.path.join(workdir, "metrics.jsonl")) else []
   curve = curves(records, steps_per_epoch)
   accs = curve["test_accuracy"] + ([final["test_accuracy"]] if final else [])
-  return dict(run=run, description=RUNS[run][4], seed=seed, epochs=FLAGS.epochs,
+  return dict(run=run, description=RUNS[run][1], seed=seed, epochs=FLAGS.epochs,
               finished=final is not None,
               epochs_completed=(final["train_steps"] if final else
                                 max([r["step"] for r in records if r["split"] == "test"],

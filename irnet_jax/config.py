@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from irnet_jax import kernels, models, ops
+from irnet_jax import binarize, kernels, methods, models, ops
 
 OPTIMIZERS = ("sgd", "nesterov", "adam")
 SCHEDULES = ("cosine_epoch", "cosine", "warmup_multistep", "constant")
@@ -87,7 +87,15 @@ def base_config() -> ml_collections.ConfigDict:
                                      # data on the device(s); shuffle/crop/flip in the step.
 
   c.model = ml_collections.ConfigDict()
+  # A registry name (irnet_jax.models.REGISTRY) or a user's "package.module:factory",
+  # called as factory(rngs=..., num_classes=..., **model.kwargs).
   c.model.name = "resnet20"
+  c.model.kwargs = ml_collections.ConfigDict()  # Free-form: the factory's own arguments.
+  # A method of irnet_jax.methods ("irnet", "bnn", "xnor", "bireal", "reactnet"): build
+  # the network full-precision (a registry network's float twin, or the factory's), then
+  # irnet_jax.binarize_model. "": the registry network as weight_bits/act_bits/... say.
+  c.model.binarize = ""
+  c.model.keep = ""  # With binarize: comma-separated layer paths to keep real-valued.
   c.model.num_classes = -1        # -1: from the dataset.
   c.model.structure = ""          # "": the model's default ("bireal" for resnet20).
   c.model.weight_bits = 1
@@ -262,6 +270,8 @@ def check_fields(c: ml_collections.ConfigDict) -> None:
                         f"set one of its fields instead (e.g. config.{key}."
                         f"{next(k for k in schema if k.startswith(key + '.')).split('.')[1]}).")
   for field, value in _fields(c).items():
+    if field.startswith("model.kwargs."):  # The user's factory checks its own arguments.
+      continue
     if field not in schema:
       raise ConfigError(_unknown_field_message(field, list(schema)))
     default = schema[field]
@@ -313,7 +323,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """
   check_fields(c)
   _check_ranges(c)
-  _choice(c.model.name, sorted(models.REGISTRY), "model.name")
+  _check_model_name(c.model.name)
+  _choice(c.model.binarize, ("", *methods.METHODS), "model.binarize")
+  if models.is_factory(c.model.name) and not c.model.binarize:
+    raise ConfigError(f"config.model.name={c.model.name!r} is your own network: say how to "
+                      "binarize it with --config.model.binarize=irnet (or bnn, xnor, "
+                      "bireal, reactnet).")
   _choice(c.model.estimator, ops.ESTIMATORS, "model.estimator")
   _choice(c.model.weight_quantizer, ops.WEIGHT_QUANTIZERS, "model.weight_quantizer")
   _choice(c.model.weight_bits, (1, 32), "model.weight_bits")
@@ -398,17 +413,38 @@ def profile_range(c: ml_collections.ConfigDict) -> tuple[int, int] | None:
   return start, stop
 
 
+def _check_model_name(name: str) -> None:
+  if not models.is_factory(name):
+    _choice(name, sorted(models.REGISTRY), "model.name")
+    return
+  try:
+    models.factory(name)  # Imports the user's module now, before any data or compile.
+  except ValueError as e:
+    raise ConfigError(f"config.model.name: {e}") from e
+
+
 def model_kwargs(c: ml_collections.ConfigDict) -> dict:
-  """``models.create`` keyword arguments of ``c.model`` (num_classes must be resolved)."""
+  """``models.create`` keyword arguments of ``c.model`` (num_classes must be resolved).
+
+  A user's factory gets ``num_classes`` and ``model.kwargs``; a registry network gets
+  the model fields, forced to full precision when ``model.binarize`` binarizes it."""
   m = c.model
   if m.num_classes <= 0:
     raise ConfigError("config.model.num_classes is not resolved; set it or let the training "
                      "loop take it from the dataset.")
-  dtype = {"float32": None, "bfloat16": jnp.bfloat16}[c.get("compute_dtype", "float32")]
+  if models.is_factory(m.name):
+    return dict(num_classes=m.num_classes, **m.get("kwargs", {}))
+  if m.get("binarize"):
+    return dict(num_classes=m.num_classes, structure=m.structure or None, weight_bits=32,
+                act_bits=32, dtype=_compute_dtype(c), conv_impl=m.get("conv_impl", "auto"))
   return dict(num_classes=m.num_classes, structure=m.structure or None,
               weight_bits=m.weight_bits, act_bits=m.act_bits, estimator=m.estimator,
-              weight_quantizer=m.weight_quantizer, dtype=dtype,
+              weight_quantizer=m.weight_quantizer, dtype=_compute_dtype(c),
               conv_impl=m.get("conv_impl", "auto"))
+
+
+def _compute_dtype(c: ml_collections.ConfigDict):
+  return {"float32": None, "bfloat16": jnp.bfloat16}[c.get("compute_dtype", "float32")]
 
 
 def build_model(c: ml_collections.ConfigDict, seed: int | None = None,
@@ -418,10 +454,15 @@ def build_model(c: ml_collections.ConfigDict, seed: int | None = None,
   ``conv_impl`` (default ``c.model.conv_impl``) resolved for ``devices`` (None: JAX's
   default device)."""
   kw = model_kwargs(c)
-  if conv_impl is not None:
-    kw["conv_impl"] = conv_impl
-  return models.create(c.model.name, rngs=nnx.Rngs(c.seed if seed is None else seed),
-                       devices=devices, **kw)
+  impl = kernels.resolve(conv_impl or c.model.get("conv_impl", "auto"), devices)
+  if not models.is_factory(c.model.name):
+    kw["conv_impl"] = impl
+  model = models.create(c.model.name, rngs=nnx.Rngs(c.seed if seed is None else seed),
+                        devices=devices, **kw)
+  if c.model.get("binarize"):
+    keep = [k.strip() for k in c.model.get("keep", "").split(",") if k.strip()]
+    binarize.binarize_model(model, c.model.binarize, keep=keep or None, conv_impl=impl)
+  return model
 
 
 def num_train_steps(c: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:

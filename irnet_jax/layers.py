@@ -65,11 +65,11 @@ class _Binary(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
     self.act_shift = (nnx.Param(jnp.zeros((in_features,), param_dtype))
                       if act_threshold and self.binary_acts else None)
-    self.rprelu = None
-    if rprelu:  # ReActNet's init: shifts 0, slope 0.25 (PReLU's).
-      zeros = jnp.zeros((out_features,), param_dtype)
-      self.rprelu = nnx.Dict(shift_in=nnx.Param(zeros), slope=nnx.Param(zeros + 0.25),
-                             shift_out=nnx.Param(zeros))
+    # ReActNet's init: shifts 0, slope 0.25 (PReLU's). Three arrays, not one shared: the
+    # train step donates its state, and XLA refuses a buffer donated twice.
+    full = lambda v: nnx.Param(jnp.full((out_features,), v, param_dtype))  # noqa: E731
+    self.rprelu = nnx.Dict(shift_in=full(0.0), slope=full(0.25),
+                           shift_out=full(0.0)) if rprelu else None
     uses_ede = "ede" in ((estimator,) if self.binary_acts else ()) + (
         (weight_estimator,) if self.binary_weights else ())
     # In the parameters' dtype: a float64 model's EDE backward is float64 throughout.

@@ -6,10 +6,11 @@ memory, and totals. ``format_summary`` renders it as a text table.
 
 Conventions:
 
-* **1-bit params**: kernels of convs with binary weights (Libra-PB or sign). The
-  per-channel Libra-PB scale is derived from the weights and folds into the next
-  BN at deployment, so it is not counted. Everything else (FP convs, dense, BN
-  scale/bias) is 32-bit.
+* **1-bit params**: kernels of convs and dense layers (``BinaryConv``, ``BinaryDense``)
+  with binary weights, whatever the method. The per-channel scale is derived from the
+  weights and folds into the next BN at deployment, so it is not counted. Everything
+  else (FP convs and dense layers, ``nnx.Conv``/``nnx.Linear``, BN scale/bias, biases,
+  ReActNet's thresholds and RPReLU) is 32-bit.
 * **Binary MACs** are those with *both* operands binary (XNOR + popcount): convs
   with binary weights *and* binary activations. A 1w32a conv (binary weights,
   float activations) counts as float MACs, as do the FP first conv, 1x1 shortcuts
@@ -22,6 +23,7 @@ Conventions:
 CLI::
 
     python -m irnet_jax.summary --config=NAME   (or --config=FILE.py)
+    python -m irnet_jax.summary --workdir=RUN   (a training run's network, any model)
     python -m irnet_jax.summary --model=resnet18 --image_size=224 --num_classes=1000
 
 Errors are one ``error: ...`` line (``--debug`` or ``IRNET_JAX_DEBUG=1``: the traceback).
@@ -41,7 +43,8 @@ from flax import nnx
 from irnet_jax import layers
 from irnet_jax.diagnostics import record_calls
 
-_LAYER_TYPES = (layers.BinaryConv, layers.BatchNorm, nnx.Linear)
+_LAYER_TYPES = (layers.BinaryConv, layers.BinaryDense, layers.BatchNorm, nnx.Conv,
+                nnx.Linear, nnx.BatchNorm)
 
 
 @dataclasses.dataclass
@@ -145,29 +148,27 @@ def _output_shapes(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, t
 
 def _layer_row(name: str, layer: nnx.Module, shape: tuple | None) -> LayerRow:
   n_params = _count(layer, nnx.Param)
-  if isinstance(layer, layers.BatchNorm):
+  if isinstance(layer, (layers.BatchNorm, nnx.BatchNorm)):
     return LayerRow(name, "BatchNorm", "-", shape, params_32bit=n_params,
                     batch_stats=_count(layer, nnx.BatchStat))
-  if isinstance(layer, layers.BinaryConv):
-    w_bits = 1 if layer.binary_weights else 32
-    a_bits = 1 if layer.binary_acts else 32
-    k = layer.kernel_size
-    kind = f"Conv{k}x{k}" + (" (binary)" if layer.binary_weights or layer.binary_acts else "")
-    n_w = _size(layer.kernel.get_value())
-    row = LayerRow(name, kind, f"{w_bits}/{a_bits}", shape,
-                   params_1bit=n_w if layer.binary_weights else 0,
-                   params_32bit=n_params - (n_w if layer.binary_weights else 0))
-    if shape is not None:
-      macs = shape[1] * shape[2] * k * k * layer.in_features * layer.out_features
-      if layer.binary_weights and layer.binary_acts:
-        row.macs_binary = macs
-      else:
-        row.macs_float = macs
-    return row
-  # nnx.Linear: full precision.
-  row = LayerRow(name, "Dense", "32/32", shape, params_32bit=n_params)
+  binary_w = getattr(layer, "binary_weights", False)
+  binary_a = getattr(layer, "binary_acts", False)
+  if isinstance(layer, (layers.BinaryConv, nnx.Conv)):
+    k = layer.kernel_size if isinstance(layer.kernel_size, int) else layer.kernel_size[0]
+    kind, window = f"Conv{k}x{k}", k * k
+  else:  # BinaryDense, nnx.Linear: MACs per output position (the last axis).
+    kind, window = "Dense", 1
+  kind += " (binary)" if binary_w or binary_a else ""
+  n_w = _size(layer.kernel.get_value()) if binary_w else 0
+  row = LayerRow(name, kind, f"{1 if binary_w else 32}/{1 if binary_a else 32}", shape,
+                 params_1bit=n_w, params_32bit=n_params - n_w)
   if shape is not None:
-    row.macs_float = layer.in_features * layer.out_features
+    positions = math.prod(shape[1:-1])  # H_out * W_out for convs, 1 for (N, C) dense.
+    macs = positions * window * layer.in_features * layer.out_features
+    if binary_w and binary_a:
+      row.macs_binary = macs
+    else:
+      row.macs_float = macs
   return row
 
 
@@ -285,6 +286,9 @@ def _model_from_flags() -> tuple[str, dict, int]:
   if f["model"].present:
     name = f.model
   if f["image_size"].present or not image_size:
+    if not (f.image_size or not models.is_factory(name)):
+      raise ValueError(f"--image_size is needed for {name!r} (a user's network has no "
+                       "registry input size)")
     image_size = f.image_size or models.spec(name).input_size
   return name, kw, image_size
 
@@ -292,10 +296,27 @@ def _model_from_flags() -> tuple[str, dict, int]:
 def main(argv: Sequence[str]) -> None:
   """Prints the summary table of the model the flags describe."""
   del argv  # cli.run refuses positional arguments.
-  from irnet_jax import models  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from absl import flags
 
+  from irnet_jax import config as config_lib
+  from irnet_jax import models
+
+  if flags.FLAGS.workdir:  # A training run's network, as its config.json records it.
+    from irnet_jax import checkpointing
+    c = checkpointing.load_config(flags.FLAGS.workdir)
+    size = int(flags.FLAGS.image_size or c.dataset.image_size)
+    model = nnx.eval_shape(lambda: config_lib.build_model(c, conv_impl="xla"))
+    print(format_summary(summary(model, (1, size, size, 3))))
+    return
   name, kw, image_size = _model_from_flags()
-  model = nnx.eval_shape(lambda: models.create(name, **kw))  # Shapes only.
+  c = flags.FLAGS.config
+  if c is not None and (models.is_factory(name) or c.model.get("binarize")):
+    # A user's network or a binarized one: built exactly as the launcher builds it.
+    c.model.name, c.model.num_classes = name, kw.get("num_classes", c.model.num_classes)
+    model = nnx.eval_shape(lambda: config_lib.build_model(c, conv_impl="xla"))
+  else:
+    model = nnx.eval_shape(lambda: models.create(name, **kw))  # Shapes only.
   print(format_summary(summary(model, (1, image_size, image_size, 3))))
 
 
@@ -308,6 +329,8 @@ def define_flags() -> None:
   configs.define_flag("config", "Training config: a packaged recipe's name "
                       "(python -m irnet_jax.main --list-configs) or a config file's path.",
                       lock_config=False)
+  flags.DEFINE_string("workdir", None, "A training run's --workdir: summarize its network "
+                      "(any model, binarized or not) as its config.json says.")
   flags.DEFINE_string("model", "resnet20", "Model name (irnet_jax.models.REGISTRY).")
   flags.DEFINE_integer("image_size", None, "Input height = width; default: the model's.")
   flags.DEFINE_integer("num_classes", None, "Number of classes; default: the model's.")

@@ -197,7 +197,7 @@ def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
                      out_shardings=replicated)
   diagnose = jax.jit(steps.make_diagnose(eval_graphdef, c, steps_per_epoch, total_steps))
   return Setup(state, train_step, train_call, eval_step, eval_all, batch_sharding,
-               stacked_sharding, mesh, diagnose, model.conv_impl, resident)
+               stacked_sharding, mesh, diagnose, c.model.conv_impl, resident)
 
 
 def evaluate_setup(setup: Setup, model_state: nnx.State, c: ml_collections.ConfigDict

@@ -17,13 +17,15 @@ networks, which differ in structure (plain blocks, ReLU); see their docstrings.
 JAX's default device) and the model keeps the result as ``model.conv_impl``. The
 model classes themselves take a resolved name (default "xla").
 
-Adding a model = one :class:`ModelSpec` in :data:`REGISTRY`. Everything else reads it:
+A user's network is named ``"package.module:factory"`` (:func:`create` calls it); adding
+a model to the registry = one :class:`ModelSpec` in :data:`REGISTRY`. Everything else reads it:
 the config check, ``python -m irnet_jax.summary``, export (the family's
 ``export_program`` method, next to its ``__call__``) and the test lists.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Callable, Sequence
 
 import jax
@@ -82,19 +84,49 @@ def spec(name: str) -> ModelSpec:
   return REGISTRY[name]
 
 
+def is_factory(name: str) -> bool:
+  """Whether ``name`` is a user's ``"package.module:factory"`` rather than a registry key."""
+  return ":" in name
+
+
+def factory(name: str) -> Callable[..., nnx.Module]:
+  """The callable ``"package.module:factory"`` names (imported now); a ValueError that
+  says what to fix if the module or the attribute is missing."""
+  module_name, _, attr = name.partition(":")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ValueError(f"model {name!r}: cannot import module {module_name!r} ({e}); make "
+                     "it importable (pip install it, or add its directory to PYTHONPATH)"
+                     ) from e
+  fn = getattr(module, attr, None)
+  if not callable(fn):
+    raise ValueError(f"model {name!r}: module {module_name!r} has no callable {attr!r}; "
+                     "name a function or class that takes rngs= and returns an nnx.Module")
+  return fn
+
+
 def create(name: str, *, rngs: nnx.Rngs | None = None, conv_impl: str = "auto",
            devices: Sequence[jax.Device] | None = None, **kw) -> nnx.Module:
   """Builds model ``name``; ``rngs`` defaults to ``nnx.Rngs(0)``.
 
+  ``name`` is a registry key, or ``"package.module:factory"``: a user's callable, called
+  as ``factory(rngs=rngs, **kw)`` (``conv_impl`` does not apply: binarize the result with
+  :func:`irnet_jax.binarize.binarize_model`, which takes the resolved backend).
   ``conv_impl`` is resolved for ``devices`` (the devices the model will run on; None:
   JAX's default device), see :func:`irnet_jax.kernels.resolve`.
   """
+  rngs = rngs if rngs is not None else nnx.Rngs(0)
+  if is_factory(name):
+    model = factory(name)(rngs=rngs, **kw)
+    if not isinstance(model, nnx.Module):
+      raise ValueError(f"model {name!r} returned {type(model).__name__}, not an nnx.Module")
+    return model
   build = spec(name).build
   if kw.get("structure") is None:
     kw.pop("structure", None)
-  return build(rngs=rngs if rngs is not None else nnx.Rngs(0),
-               conv_impl=kernels.resolve(conv_impl, devices), **kw)
+  return build(rngs=rngs, conv_impl=kernels.resolve(conv_impl, devices), **kw)
 
 
-__all__ = ["create", "spec", "ModelSpec", "REGISTRY", "FAMILIES", "CifarResNet",
+__all__ = ["create", "spec", "is_factory", "factory", "ModelSpec", "REGISTRY", "FAMILIES", "CifarResNet",
            "ImageNetResNet", "VGGSmall"]
