@@ -109,6 +109,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
+  # "bop": Bop (irnet_jax.optim.bop) on the binary kernels, which start at +-1; `name`
+  # then optimizes every other parameter. "": `name` optimizes all.
+  c.optimizer.binary = ""
+  c.optimizer.bop_threshold = 1e-8
+  c.optimizer.bop_gamma = 1e-4
   c.optimizer.learning_rate = 0.1
   c.optimizer.momentum = 0.9
   c.optimizer.weight_decay = 1e-4  # L2 added to the gradient of every parameter (torch SGD).
@@ -335,6 +340,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(c.model.act_bits, (1, 32), "model.act_bits")
   _choice(c.model.get("conv_impl", "auto"), kernels.CONV_IMPLS, "model.conv_impl")
   _choice(c.optimizer.name, OPTIMIZERS, "optimizer.name")
+  _choice(c.optimizer.binary, ("", "bop"), "optimizer.binary")
   _choice(c.optimizer.schedule, SCHEDULES, "optimizer.schedule")
   _choice(c.ede.schedule_by, EDE_SCHEDULE_BY, "ede.schedule_by")
   _choice(c.compute_dtype, COMPUTE_DTYPES, "compute_dtype")

@@ -38,9 +38,13 @@ def learning_rate_schedule(c: ml_collections.ConfigDict, steps_per_epoch: int,
   return optax.join_schedules([warmup, decay], [o.warmup_steps])
 
 
-def make_optimizer(c: ml_collections.ConfigDict, schedule: optax.Schedule
-                   ) -> optax.GradientTransformation:
-  """SGD / Nesterov / Adam with torch-style L2 weight decay (added to the gradient)."""
+def make_optimizer(c: ml_collections.ConfigDict, schedule: optax.Schedule,
+                   model: nnx.Module | None = None) -> optax.GradientTransformation:
+  """SGD / Nesterov / Adam with torch-style L2 weight decay (added to the gradient).
+
+  With ``optimizer.binary="bop"`` the binary kernels of ``model`` (needed then) get
+  :func:`bop` (``optimizer.bop_threshold``, ``optimizer.bop_gamma``) and every other
+  Param that optimizer; start from :func:`sign_binary_kernels`."""
   o = c.optimizer
   if o.name == "adam":
     opt = optax.adam(schedule)
@@ -48,6 +52,10 @@ def make_optimizer(c: ml_collections.ConfigDict, schedule: optax.Schedule
     opt = optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.name == "nesterov")
   if o.weight_decay:
     opt = optax.chain(optax.add_decayed_weights(o.weight_decay), opt)
+  if o.get("binary", "") == "bop":
+    if model is None:
+      raise ValueError("optimizer.binary='bop' needs the model (its binary kernels)")
+    opt = bop_with(opt, model, threshold=o.bop_threshold, gamma=o.bop_gamma)
   return opt
 
 
@@ -123,6 +131,16 @@ def binary_weight_labels(model: nnx.Module) -> nnx.State:
             and isinstance(getattr(node, "kernel", None), nnx.Param)}
   return nnx.map_state(lambda path, _: "binary" if tuple(path) in binary else "real",
                        nnx.state(model, nnx.Param))
+
+
+def sign_binary_kernels(model: nnx.Module) -> None:
+  """Sets every binary kernel (:func:`binary_weight_labels`) to ``where(w >= 0, 1, -1)``
+  in place: Bop's weights are +-1 from the first step (see :func:`bop`)."""
+  for _, node in nnx.graph.iter_graph(model):
+    if getattr(node, "binary_weights", False) and isinstance(getattr(node, "kernel", None),
+                                                            nnx.Param):
+      w = node.kernel[...]
+      node.kernel[...] = jnp.where(w >= 0, 1, -1).astype(w.dtype)
 
 
 def bop_with(real_optimizer: optax.GradientTransformation, model: nnx.Module, *,

@@ -166,7 +166,9 @@ def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
   stacked_sharding = NamedSharding(mesh, P(None, "data"))
   model = config_lib.build_model(c, devices=devices)
   schedule = optim.learning_rate_schedule(c, steps_per_epoch, total_steps)
-  optimizer = nnx.Optimizer(model, optim.make_optimizer(c, schedule), wrt=nnx.Param)
+  if c.optimizer.get("binary") == "bop":
+    optim.sign_binary_kernels(model)
+  optimizer = nnx.Optimizer(model, optim.make_optimizer(c, schedule, model), wrt=nnx.Param)
   model.eval()
   eval_graphdef, _ = nnx.split(model)
   model.train()

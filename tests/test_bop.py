@@ -156,3 +156,20 @@ def test_jit_schedules_and_dtype():
   assert int(state.count) == 2
   with pytest.raises(ValueError):
     tx.update(g1, state)
+
+
+def test_launcher_trains_with_bop_on_the_binary_kernels(tmp_path):
+  # optimizer.binary=bop: binary kernels start at +-1 and stay there (Bop flips them);
+  # the full-precision stem and classifier move by SGD.
+  from irnet_jax import checkpointing, config as config_lib, train
+  from test_train import make_npz, tiny_config  # noqa: F401  (shared toy data)
+  c = tiny_config(make_npz(tmp_path / "toy.npz"), **{
+      "optimizer.binary": "bop", "optimizer.bop_gamma": 1e-2, "optimizer.bop_threshold": 1e-6,
+      "model.weight_quantizer": "sign", "num_train_steps": 8})
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  model, recorded = checkpointing.load_model(str(tmp_path / "run"))
+  start = config_lib.build_model(recorded)  # The same seed: the initial weights.
+  kernel = np.asarray(model.layer1[0].conv1.kernel[...])
+  assert set(np.unique(kernel)) == {-1.0, 1.0}
+  assert np.any(kernel != np.where(np.asarray(start.layer1[0].conv1.kernel[...]) >= 0, 1, -1))
+  assert not np.allclose(model.conv1.kernel[...], start.conv1.kernel[...])

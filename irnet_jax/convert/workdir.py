@@ -66,7 +66,7 @@ def import_state_dict(obj: Mapping[str, Any], config: ml_collections.ConfigDict,
   model = config_lib.build_model(c)
   convert.load_torch_state_dict(model, state_dict)
   # The optimizer's state has the same tree whatever the schedule: a fresh one at step 0.
-  optimizer = nnx.Optimizer(model, optim.make_optimizer(c, optax.constant_schedule(0.0)),
+  optimizer = nnx.Optimizer(model, optim.make_optimizer(c, optax.constant_schedule(0.0), model),
                             wrt=nnx.Param)
   spec = checkpointing.run_spec(c)
   meta = dict(step=0, seed=c.seed, model=c.model.name, data_position=0,
