@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from irnet_jax import binarize, export, layers, models, ops
+from irnet_jax import binarize, export, layers, methods, models, ops
 from irnet_jax.export import format as fmt
 from irnet_jax.export.infer import apply_instruction
 from irnet_jax.export.pack import float32_param_bytes, pack_layer
@@ -176,14 +176,48 @@ def test_pack_unpack_round_trip(resnet20):
   np.testing.assert_array_equal(packed.arrays["layer2.0.conv2/exp"], e.astype(np.int8))
 
 
-def test_pack_needs_the_models_own_program():
-  with pytest.raises(ValueError, match="export_program"):
-    export.pack(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
-  # A model whose program names a layer it does not own is refused, not mislabeled.
-  model, stray = _create("resnet20", {}), _create("resnet20", {})
-  model.export_program = lambda b: b.linear(b.conv(b.input, stray.conv1), model.linear)
-  with pytest.raises(ValueError, match="not a submodule"):
-    export.pack(model)
+def test_pack_traces_the_forward_and_leaves_the_model_alone():
+  model = _create("resnet20", {})
+  model.train()
+  conv1 = model.conv1
+  packed = export.pack(model, name="resnet20")
+  # The copy was probed and put in eval mode, not the model.
+  assert model.conv1 is conv1 and not model.bn1.use_running_average
+  ops_used = {i["op"] for i in packed.program}
+  assert ops_used == {"conv", "bn", "act", "add", "slice", "pad", "mean", "linear"}
+  assert packed.meta["input_shape"] == [32, 32, 3] and packed.meta["num_classes"] == 10
+  # Layers are named by module path; the option-A shortcut is its slice and pad.
+  names = [i["name"] for i in packed.program if "name" in i]
+  assert names[:3] == ["conv1", "bn1", "layer1.0.conv1"] and names[-1] == "linear"
+  pad = next(i for i in packed.program if i["op"] == "pad")
+  assert pad["padding_config"][-1] == [8, 8, 0]
+
+
+class _WithCumsum(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 4, (3, 3), padding=1, rngs=rngs)
+    self.head = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    x = jnp.cumsum(self.conv(x), axis=-1)  # no packed instruction for this
+    return self.head(x.mean(axis=(1, 2)))
+
+
+def test_pack_names_an_unsupported_operation():
+  model = _WithCumsum(nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"_WithCumsum: its forward uses `cumsum` on "
+                     r"\(float32\[2,8,8,4\]\) \(after layer 'conv', at .*test_export.py"):
+    export.pack(model, input_shape=(8, 8, 3))
+  # A model that cannot run on the guessed input shape says so.
+  with pytest.raises(ValueError, match="input_shape"):
+    export.pack(nnx.Linear(5, 2, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match=r"cannot trace Linear on inputs of shape \(N, 7\)"):
+    export.pack(nnx.Linear(5, 2, rngs=nnx.Rngs(0)), input_shape=(7,))
+  # The library's binary layers in a form the program cannot hold: named.
+  conv = layers.BinaryConv(4, 4, 3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  model = nnx.Sequential(nnx.Conv(3, 4, (3, 3), padding=1, rngs=nnx.Rngs(0)), conv)
+  with pytest.raises(ValueError, match=r"layers\.1: pack\(\) supports float32 compute only"):
+    export.pack(model, input_shape=(8, 8, 3))
 
 
 def test_pack_rejects_non_finite_kernel():
@@ -245,6 +279,164 @@ def test_single_conv_exact_with_zeros_and_padding(stride, pad, kw):
   assert ins["has_zeros"] == ins["binary_weights"]
   np.testing.assert_array_equal(jax.jit(lambda p, x: apply_instruction(ins, p, x))(p, x),
                                 conv(x))
+
+
+@pytest.mark.parametrize("quantizer", ["libra_pb", "sign", "mean_abs"])
+def test_single_dense_with_method_parameters(quantizer):
+  # BinaryDense with zeros in inputs and weights, a bias, RSign thresholds and RPReLU,
+  # on (..., in) inputs with K = 45 (a partial last word).
+  rng = np.random.default_rng(0)
+  dense = layers.BinaryDense(45, 24, weight_quantizer=quantizer, estimator="ste",
+                             act_threshold=True, rprelu=True, rngs=nnx.Rngs(0))
+  kernel = rng.normal(size=(45, 24))
+  kernel[rng.random((45, 24)) < 0.05] = 0.0
+  kernel[:, 0] = np.repeat([-1.0, 0.0, 1.0], 15)  # Libra-PB zeros: mean exactly 0
+  dense.kernel[...] = jnp.asarray(kernel, jnp.float32)
+  dense.bias[...] = jnp.asarray(rng.normal(size=24), jnp.float32)
+  dense.act_shift[...] = jnp.asarray(rng.normal(0, 0.3, 45) * (rng.random(45) < 0.7),
+                                     jnp.float32)
+  for k in ("shift_in", "slope", "shift_out"):
+    dense.rprelu[k][...] = jnp.asarray(rng.normal(size=24), jnp.float32)
+  x = rng.normal(size=(2, 3, 45)) * (rng.random((2, 3, 45)) < 0.7)
+  x = jnp.asarray(x, jnp.float32) + dense.act_shift[...]  # exact zeros after the shift
+  ins, p = pack_layer(dense, "d")
+  assert ins["op"] == "dense" and ins["has_zeros"]
+  assert ins["scale"] == ("float" if quantizer == "mean_abs" else "exp")
+  got = jax.jit(lambda p, x: apply_instruction(ins, p, x))(p, x)
+  np.testing.assert_array_equal(export.unpack(export.PackedModel([ins], "r0", {
+      f"d/{k}": v for k, v in p.items()}, {}))["d"], dense.quantized_kernel())
+  if quantizer == "mean_abs":  # sum of +-alpha in float vs alpha * integer sum
+    np.testing.assert_allclose(got, dense(x), rtol=1e-6, atol=1e-5)
+  else:
+    np.testing.assert_array_equal(got, dense(x))
+
+
+class SmallCNN(nnx.Module):
+  """A user's network, not in the package: float convs, flax BN, pool, flatten, MLP."""
+
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(3, 16, (3, 3), padding="SAME", rngs=rngs)
+    self.bn1 = nnx.BatchNorm(16, rngs=rngs)
+    self.conv2 = nnx.Conv(16, 16, (3, 3), padding=1, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(16, rngs=rngs)
+    self.fc1 = nnx.Linear(16 * 4 * 4, 32, rngs=rngs)
+    self.fc2 = nnx.Linear(32, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = jax.nn.relu(self.bn1(self.conv1(x)))
+    x = jax.nn.relu(self.bn2(self.conv2(x)))
+    x = nnx.max_pool(x, (2, 2), (2, 2))
+    x = x.reshape(x.shape[0], -1)
+    return self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+def _randomize_vectors(model, seed=0):
+  """Every per-channel vector (BN statistics and affine, biases, RSign thresholds,
+  RPReLU) random, so that none of them is a no-op."""
+  rng = np.random.default_rng(seed)
+  for path, v in nnx.iter_graph(model):
+    if isinstance(v, nnx.Variable) and v[...].ndim == 1:
+      n = v[...].shape[0]
+      if path[-1] == "var":
+        value = rng.uniform(0.5, 2.0, n)
+      elif path[-1] in ("scale", "slope"):
+        value = rng.uniform(0.5, 1.5, n) * rng.choice([-1.0, 1.0], n)
+      else:
+        value = rng.normal(0.0, 0.3, n)
+      v[...] = jnp.asarray(value, jnp.float32)
+
+
+@pytest.mark.parametrize("method", list(methods.METHODS))
+def test_user_cnn_binarized_with_each_method_exports(method):
+  model, _ = binarize.binarize_model(SmallCNN(nnx.Rngs(0)), method)
+  _randomize_vectors(model)
+  model.eval()
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+  packed = export.pack(model, input_shape=(8, 8, 3))
+  assert packed.binary_layers() == ["conv2", "fc1"]
+  assert [i["op"] for i in packed.program] == [
+      "nnx_conv", "nnx_bn", "act", "conv", "nnx_bn", "act", "max_pool", "reshape", "dense",
+      "act", "linear"]
+  ref = model(x)
+  loaded = fmt.from_bytes(fmt.to_bytes(packed))
+  for out in (export.infer(packed, x), export.infer(loaded, x, mode="layers")):
+    if methods.get(method).weight_quantizer in ("libra_pb", "sign"):
+      np.testing.assert_array_equal(out, ref)  # power-of-two scales: exact
+    else:  # mean|w| scales: alpha * (integer dot) vs the model's float sum of +-alpha
+      np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+      np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
+
+
+class _Generic(nnx.Module):
+  """Operations outside the layers: a stride-2 SAME conv, a gate from a keepdims mean,
+  a learnable gain (a constant array), avg pool, max over axes, concatenation, a
+  leaky where."""
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), strides=2, padding="SAME", rngs=rngs)
+    self.gain = nnx.Param(jnp.linspace(0.5, 1.5, 8))
+    self.bconv = layers.BinaryConv(8, 8, 3, rngs=rngs)
+    self.head = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.conv(x)
+    x = (x - x.mean(axis=-1, keepdims=True)) * self.gain[...] + 0.1
+    x = self.bconv(x * jax.nn.sigmoid(x.mean(axis=(1, 2), keepdims=True)))
+    x = jnp.concatenate([nnx.avg_pool(x, (2, 2), (2, 2)).max(axis=(1, 2)),
+                         x.mean(axis=(1, 2))], axis=-1)
+    return self.head(jnp.where(x > 0, x, 0.1 * x))
+
+
+def test_generic_operations_and_other_input_sizes(resnet20):
+  model = _Generic(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (2, 9, 9, 3))  # odd: SAME pads unevenly
+  packed = export.pack(model, input_shape=(9, 9, 3))
+  ops_used = {i["op"] for i in packed.program}
+  assert {"mean", "const", "mul", "reduce_window_sum", "reduce_max", "concatenate",
+          "select_n"} <= ops_used
+  consts = [v for k, v in packed.arrays.items() if k.startswith("const")]
+  assert [c.shape for c in consts] == [(1, 1, 1, 8)]  # the gain, once; scalars inline
+  np.testing.assert_array_equal(export.infer(packed, x), model(x))
+  np.testing.assert_array_equal(export.infer(packed, x, mode="layers"), model(x))
+  # Programs keep no input size: a ResNet-20 packed at 32x32 runs at 16x16.
+  model, _ = resnet20
+  x16 = _images(size=16)
+  np.testing.assert_allclose(export.infer(export.pack(model), x16), model(x16),
+                             rtol=0, atol=1e-4)
+
+
+def _version1(packed):
+  """``packed``'s file as format version 1 wrote it: the hand-written ops of that
+  version (shortcut_a, avg_pool) and no attributes of version 2."""
+  program, i = [], 0
+  while i < len(packed.program):
+    ins = dict(packed.program[i])
+    if ins["op"] == "slice":  # slice + pad: the option-A shortcut
+      pad = packed.program[i + 1]
+      ins = dict(op="shortcut_a", inputs=ins["inputs"], out=pad["out"],
+                 planes=4 * pad["padding_config"][-1][0])
+      i += 1
+    elif ins["op"] == "mean":
+      ins = dict(op="avg_pool", inputs=ins["inputs"], out=ins["out"])
+    for k in ("scale", "bias", "act_shift", "rprelu"):
+      ins.pop(k, None)
+    program.append(ins)
+    i += 1
+  meta = {k: v for k, v in packed.meta.items() if k != "input_shape"}
+  old = export.PackedModel(program, packed.output, packed.arrays, meta)
+  data = fmt.to_bytes(old)
+  return data[:8] + (1).to_bytes(4, "little") + data[12:]
+
+
+def test_version_1_files_still_load_and_run(resnet20, tmp_path):
+  model, x = resnet20
+  packed = export.pack(model)
+  path = tmp_path / "v1.irnet"
+  path.write_bytes(_version1(packed))
+  loaded = export.load(path)
+  assert {i["op"] for i in loaded.program} >= {"shortcut_a", "avg_pool"}
+  np.testing.assert_array_equal(export.infer(loaded, x, mode="layers"),
+                                export.infer(packed, x, mode="layers"))
 
 
 def test_infer_rejects_bad_images(resnet20):

@@ -17,6 +17,13 @@ Layout (all integers little-endian)::
   ...           array data: raw little-endian C-order bytes, each array starting at
                 its "offset" (relative to the payload start, 8-byte aligned)
 
+Versions: 1, programs hand-written per model family (``conv``, ``bn``, ``act``, ``add``,
+``max_pool``, ``avg_pool``, ``shortcut_a``, ``flatten_chw``, ``linear``); 2, programs
+traced from the forward (:mod:`.trace`: ``dense``, ``nnx_*`` layers, generic lax
+instructions and constants; binary layers may have a float ``scale``, a bias, RSign
+and RPReLU). This version reads and runs both; an older irnet_jax refuses a version 2
+file as "newer".
+
 No pickle, no zip: the payload is the arrays' bytes plus a small index (a zip
 entry per array, as in .npz, would cost ~0.3 KB each -- a third of a packed
 ResNet-20). :func:`load` checks, in this order, magic, version, length
@@ -39,7 +46,7 @@ from irnet_jax import workdir as workdir_lib
 from irnet_jax.export.pack import INPUT, OPS, PackedModel, expected_arrays
 
 MAGIC = b"IRNETPKD"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HEADER = struct.Struct("<8sIIQ32s")  # magic, version, reserved, length, sha256
 
 

@@ -1,26 +1,52 @@
-"""Packs a trained IR-Net model into a deployable, NNX-free :class:`PackedModel`.
+"""Packs a binarized model into a deployable, NNX-free :class:`PackedModel`.
 
-A packed model is a *layer program* (a list of instructions over named registers,
-mirroring the model's ``__call__`` in eval mode) plus a flat dict of numpy arrays.
-:func:`irnet_jax.export.infer` runs it without the NNX model.
+A packed model is a *layer program* (a list of instructions over named registers, the
+model's eval-mode ``__call__`` as recorded by tracing it, :mod:`.trace`) plus a flat
+dict of numpy arrays. :func:`irnet_jax.export.infer` runs it without the NNX model.
+No model needs export code of its own: :func:`pack` traces the forward of any NNX
+module built from the layers below and ``jnp``/``lax`` operations on them.
 
-Binary convolutions (binary weights)
-------------------------------------
-The kernel the model uses, ``q = layer.quantized_kernel()`` (HWIO), is
-``sign(w_std) * 2^e[o]`` with ``w_std = standardize(kernel)`` for Libra-PB
-(``e = 0`` for the plain "sign" quantizer). It is stored as
+Layers
+------
+Each call of one of these layers becomes one named instruction (``name``: the module
+path, e.g. ``layer2.0.conv1``, the prefix of its arrays):
+
+* :class:`~irnet_jax.layers.BinaryConv` -> ``conv``; :class:`~irnet_jax.layers.BinaryDense`
+  -> ``dense`` (any method of :mod:`irnet_jax.methods`, or full precision);
+* :class:`~irnet_jax.layers.BatchNorm` -> ``bn``; ``nnx.BatchNorm`` -> ``nnx_bn``;
+* ``nnx.Linear`` -> ``linear``; ``nnx.Conv`` (2D, NHWC) -> ``nnx_conv``.
+
+Everything else the forward does (activations, residual adds, pooling, padding,
+slicing, reshapes, arithmetic with constants, other layers' operations) becomes generic
+instructions named after the ``lax`` primitive (:data:`GENERIC_OPS`); constants are
+``const`` instructions (a scalar ``value``, or an array ``<name>/value``).
+
+Binary weights
+--------------
+The kernel a binary layer uses, ``q = layer.quantized_kernel()`` (HWIO, or ``(in, out)``
+for dense), is ``sign * scale[o]`` per output channel ``o``. It is stored as
 
 * ``<name>/sign``: ``uint32 (out, n_words)``, the sign bits of ``q`` in the library's
-  bit layout (:mod:`irnet_jax.bits`): along the HWIO kernel's reduction axis
-  flattened to ``K = kh * kw * in``, LSB first in uint32 words. A set bit means
-  ``-1``; a clear bit ``+1`` (or 0, see below). ``n_words = ceil(K / 32)``.
-* ``<name>/exp``: ``int8 (out,)``, the Libra-PB scale of each output channel as an
-  exponent: ``scale = 2^exp``.
+  bit layout (:mod:`irnet_jax.bits`): along the kernel's reduction axis flattened to
+  ``K = kh * kw * in`` (``K = in`` for dense), LSB first in uint32 words. A set bit
+  means ``-1``; a clear bit ``+1`` (or 0, see below). ``n_words = ceil(K / 32)``.
+* the scale, by quantizer (instruction attribute ``scale``):
+
+  - ``"exp"`` (Libra-PB: ``2^round(log2 mean|w_std|)``; plain "sign": 1):
+    ``<name>/exp``, ``int8 (out,)``, ``scale = 2^exp``;
+  - ``"float"`` (XNOR-Net / Bi-Real / ReActNet's ``mean|w|``, not a power of two):
+    ``<name>/scale``, ``float32 (out,)``.
+
 * ``<name>/nonzero``: ``uint32 (out, n_words)``, same layout, only present when some
-  standardized weight is exactly 0. ``sign(0) = 0`` (as in ``torch.sign``) is a third
+  quantized weight is exactly 0. ``sign(0) = 0`` (as in ``torch.sign``) is a third
   value that one bit cannot hold, so such a weight is stored exactly as a cleared
   bit in this mask: it contributes 0 to every dot product. Layers without zeros
   (the normal case) have no mask and use the cheaper 2-plane dot product.
+
+and the method's real-valued extras, when the layer has them: ``<name>/bias``
+(``use_bias``), ``<name>/act_shift`` (ReActNet's RSign threshold per input channel:
+inputs are binarized as ``sign(x - act_shift)``) and ``<name>/rprelu.shift_in``,
+``rprelu.slope``, ``rprelu.shift_out`` (RPReLU on the output, after the bias).
 
 Activations are packed at inference time with the same bit order, so a dot
 product is ``valid - 2 * popcount((a XOR w) AND mask)`` (see :mod:`.infer`).
@@ -28,50 +54,81 @@ product is ``valid - 2 * popcount((a XOR w) AND mask)`` (see :mod:`.infer`).
 Float layers
 ------------
 The stem, the 1x1 shortcut convs and the classifier stay float arrays
-(``<name>/kernel``, HWIO or ``(in, out)``, and ``<name>/bias``). BatchNorm (eval
-mode, running statistics) is stored as the per-channel affine
-``y = (x - <name>/mean) * <name>/mul + <name>/bias`` with
-``mul = gamma * rsqrt(var + eps)`` precomputed. The mean is deliberately *not*
-folded into the bias (``y = a * x + b``): that changes the float rounding of the
-BN output, and a one-ulp change right before the next layer's ``sign`` flips a
-+-1 activation whenever the value is within an ulp of 0, which breaks bit-exact
-agreement with the float model. Keeping the model's own order of operations makes
-every value feeding a ``sign`` bitwise identical to the float model's.
+(``<name>/kernel``, HWIO or ``(in, out)``, and ``<name>/bias``). The library's
+BatchNorm (eval mode, running statistics) is stored as ``<name>/mean``, ``<name>/mul``
+and ``<name>/bias`` with ``mul = gamma * rsqrt(var + eps)`` precomputed, and runs as
+the layer does, ``x * mul + (bias - mean * mul)``; flax's ``nnx.BatchNorm`` as flax
+does, ``(x - mean) * mul + bias`` (``mul = rsqrt(var + eps) * gamma``). Keeping each
+layer's own order of operations (and keeping XLA from contracting them into FMAs,
+:mod:`.infer`) makes every value feeding a ``sign`` bitwise identical to the float
+model's: a one-ulp change right before a ``sign`` flips a +-1 activation whenever the
+value is within an ulp of 0.
 
 Layer program
 -------------
-Each model family writes its own program next to its forward: ``export_program(b)``
-(see :class:`ProgramBuilder`), so the two change together. Instructions
-``{"op", "inputs": [registers], "out": register, ...attributes}`` are executed in
-order, starting from register ``"input"`` (NHWC images):
-``conv`` (kernel_size, strides, padding, in/out_features, binary_weights,
-binary_acts, has_zeros), ``bn``, ``act`` (fn: "hardtanh" | "relu"), ``add``,
-``max_pool`` (window, stride, padding), ``avg_pool`` (global), ``shortcut_a``
-(planes; CIFAR option-A subsample + channel zero-pad), ``flatten_chw`` (torch
-order) and ``linear``. Layers with parameters carry ``name`` (their module path,
-e.g. ``layer2.0.conv1``), the prefix of their arrays.
+Instructions ``{"op", "inputs": [registers], "out": register, ...attributes}`` are
+executed in order, starting from register ``"input"`` (NHWC images). The program is
+size-agnostic where the forward is (strides, paddings, "to the end" slices, flatten):
+a CIFAR ResNet packed at 32x32 runs at any size, as its float model does.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from irnet_jax import layers, models, ops
+from irnet_jax import layers
 from irnet_jax.bits import num_words, pack_bits, unpack_bits
 
 # Register holding the network input in every program.
 INPUT = "input"
 
-# Instruction set of the layer program. Every instruction is a JSON-serializable dict
-# ``{"op": ..., "inputs": [register, ...], "out": register, **attrs}``.
-OPS = ("conv", "bn", "act", "add", "max_pool", "avg_pool", "shortcut_a", "flatten_chw",
-       "linear")
+# Instructions of one named layer each (arrays ``<name>/<field>``).
+LAYER_OPS = ("conv", "dense", "bn", "nnx_bn", "linear", "nnx_conv")
+# Generic instructions, named after the lax primitive they run (elementwise ones
+# broadcast numpy-style), plus ``const``, ``act`` (fn: "hardtanh" | "relu"),
+# ``max_pool`` (window, stride, padding) and ``mean`` (axes, keepdims).
+UNARY_OPS = ("neg", "abs", "sign", "floor", "ceil", "round", "is_finite", "exp", "exp2",
+             "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "tan", "sqrt",
+             "rsqrt", "cbrt", "erf", "erfc", "erf_inv", "square", "not", "integer_pow",
+             "convert_element_type", "expand_dims")
+BINARY_OPS = ("add", "sub", "mul", "div", "rem", "pow", "max", "min", "atan2", "and", "or",
+              "xor", "eq", "ne", "gt", "ge", "lt", "le")
+ELEMENTWISE_OPS = UNARY_OPS + BINARY_OPS + ("select_n", "clamp", "act")
+GENERIC_OPS = ELEMENTWISE_OPS + (
+    "const", "max_pool", "mean", "reshape", "squeeze", "transpose", "slice", "pad",
+    "concatenate", "reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
+    "reduce_window_max", "reduce_window_min", "reduce_window_sum", "dot_general",
+    "conv_general_dilated")
+# Programs of format version 1 (hand-written per model family) also used these.
+LEGACY_OPS = ("avg_pool", "shortcut_a", "flatten_chw")
+OPS = LAYER_OPS + GENERIC_OPS + LEGACY_OPS
+
+# Attributes each generic instruction must have (checked when a file is loaded).
+REQUIRED_ATTRS = {
+    "act": ("fn",), "max_pool": ("window", "stride", "padding"), "mean": ("axes",),
+    "round": ("rounding_method",), "integer_pow": ("y",),
+    "convert_element_type": ("dtype",), "expand_dims": ("axes",), "reshape": ("shape",),
+    "squeeze": ("dimensions",), "transpose": ("permutation",),
+    "slice": ("start", "limit", "strides"), "pad": ("padding_config", "value"),
+    "concatenate": ("dimension",), "shortcut_a": ("planes",),
+    **{f"reduce_{r}": ("axes",) for r in ("sum", "max", "min", "prod")},
+    **{f"reduce_window_{r}": ("window_dimensions", "window_strides", "padding",
+                              "base_dilation", "window_dilation")
+       for r in ("max", "min", "sum")},
+    "dot_general": ("dimension_numbers", "preferred_element_type"),
+    "conv_general_dilated": ("window_strides", "padding", "lhs_dilation", "rhs_dilation",
+                             "dimension_numbers", "feature_group_count",
+                             "batch_group_count", "preferred_element_type"),
+}
+
+# Weight quantizers whose per-channel scale is a power of two (stored as an exponent).
+_EXP_QUANTIZERS = ("libra_pb", "sign")
 
 
 @dataclasses.dataclass(eq=False)
@@ -80,11 +137,12 @@ class PackedModel:
 
   Attributes:
     program: instructions executed in order; register :data:`INPUT` holds the
-      NHWC images, ``output`` names the register with the logits.
+      input (NHWC images), ``output`` names the register with the logits.
     output: register holding the logits after the last instruction.
     arrays: parameter arrays keyed ``"<module path>/<field>"`` (see module doc).
     meta: architecture record: ``arch`` (model class), ``name`` and ``kwargs``
-      (the ``models.create`` call, when known), ``num_classes``, ``in_channels``.
+      (the ``models.create`` call, when known), ``num_classes``, ``in_channels`` and
+      ``input_shape`` (one example's shape the program was traced with).
   """
   program: list[dict[str, Any]]
   output: str
@@ -99,20 +157,31 @@ class PackedModel:
     return sum(int(a.nbytes) for a in self.arrays.values())
 
   def binary_layers(self) -> list[str]:
-    """Names of the convolutions stored as packed sign bits."""
-    return [i["name"] for i in self.program if i["op"] == "conv" and i["binary_weights"]]
+    """Names of the convolutions and dense layers stored as packed sign bits."""
+    return [i["name"] for i in self.program
+            if i["op"] in ("conv", "dense") and i["binary_weights"]]
+
+
+def _check_finite(q: np.ndarray, name: str) -> None:
+  if not np.all(np.isfinite(q)):
+    raise ValueError(f"{name}: quantized kernel is not finite (a constant kernel channel "
+                     "has std 0, so Libra-PB divides by zero); cannot pack it")
+
+
+def _magnitudes(q: np.ndarray, name: str) -> np.ndarray:
+  """Per output channel the one magnitude of ``q`` (``(K, O)``): ``|q| == mag or 0``."""
+  _check_finite(q, name)
+  mag = np.abs(q).max(axis=0)
+  if not np.all((np.abs(q) == mag) | (q == 0)):
+    raise ValueError(f"{name}: quantized kernel has more than one magnitude per output "
+                     "channel; not a binary (+-scale) kernel")
+  return mag
 
 
 def _exponents(q: np.ndarray, name: str) -> np.ndarray:
   """Per output channel ``e`` with ``|q| == 2^e`` wherever ``q != 0`` (q: ``(K, O)``)."""
-  if not np.all(np.isfinite(q)):
-    raise ValueError(f"{name}: quantized kernel is not finite (a constant kernel channel "
-                     "has std 0, so Libra-PB divides by zero); cannot pack it")
-  mag = np.abs(q).max(axis=0)
+  mag = _magnitudes(q, name)
   mag = np.where(mag == 0, 1.0, mag)  # An all-zero channel: any scale works.
-  if not np.all((np.abs(q) == mag) | (q == 0)):
-    raise ValueError(f"{name}: quantized kernel has more than one magnitude per output "
-                     "channel; not a binary (+-scale) kernel")
   mant, exp = np.frexp(mag)  # mag = mant * 2^exp, mant in [0.5, 1)
   if not np.all(mant == 0.5):
     raise ValueError(f"{name}: Libra-PB scale is not an exact power of two "
@@ -124,195 +193,347 @@ def _exponents(q: np.ndarray, name: str) -> np.ndarray:
   return e.astype(np.int8)
 
 
-class ProgramBuilder:
-  """Emits instructions and collects arrays; what ``export_program`` methods call.
+def _f32(v) -> np.ndarray:
+  return np.asarray(v, np.float32)
 
-  A model's ``export_program(b)`` mirrors its ``__call__`` in eval mode with these
-  methods: each takes input register(s) (strings; :attr:`input` holds the images)
-  and returns the register of its result. Layers are named by their module path in
-  the model being packed (e.g. ``layer2.0.conv1``), the prefix of their arrays.
-  """
 
-  input = INPUT
+def _require_f32(name: str, module: nnx.Module, *arrays) -> None:
+  dtype = getattr(module, "dtype", None)
+  if dtype is not None and jnp.dtype(dtype) != jnp.float32:
+    raise ValueError(f"{name}: pack() supports float32 compute only (dtype=None), got "
+                     f"dtype={dtype}")
+  for a in arrays:
+    if a is not None and a.dtype != jnp.float32:
+      raise ValueError(f"{name}: pack() supports float32 parameters only, got {a.dtype}")
 
-  def __init__(self, names: dict[int, str]):
-    self.program: list[dict[str, Any]] = []
-    self.arrays: dict[str, np.ndarray] = {}
-    self._names = names  # id(module) -> its path
-    self._count = 0
 
-  @classmethod
-  def for_model(cls, model: nnx.Module) -> ProgramBuilder:
-    return cls({id(m): ".".join(map(str, path)) for path, m in nnx.iter_graph(model)
-                if isinstance(m, nnx.Module)})
+def _pack_binary(layer, name: str, attrs: dict, kernel_shape: tuple[int, ...]
+                 ) -> dict[str, np.ndarray]:
+  """Arrays (by field) of a BinaryConv/BinaryDense; sets ``attrs``' binary fields."""
+  _require_f32(name, layer, layer.kernel[...])
+  out = {}
+  q = _f32(layer.quantized_kernel())  # eval forward: no EDE
+  attrs.update(binary_weights=bool(layer.binary_weights),
+               binary_acts=bool(layer.binary_acts), has_zeros=False)
+  if layer.binary_weights:
+    q2 = q.reshape(-1, layer.out_features)  # (K, O), K in (kh, kw, in) order
+    if layer.weight_quantizer in _EXP_QUANTIZERS:
+      attrs["scale"] = "exp"
+      out["exp"] = _exponents(q2, name)
+    else:  # mean|w|: any float; the sign bits times it are q exactly.
+      attrs["scale"] = "float"
+      out["scale"] = _magnitudes(q2, name).astype(np.float32)
+    out["sign"] = np.asarray(pack_bits(q2.T < 0))
+    if np.any(q2 == 0):
+      attrs["has_zeros"] = True
+      out["nonzero"] = np.asarray(pack_bits(q2.T != 0))
+  else:
+    out["kernel"] = q.reshape(kernel_shape)
+  attrs["bias"] = layer.bias is not None
+  if layer.bias is not None:
+    out["bias"] = _f32(layer.bias[...])
+  attrs["act_shift"] = layer.act_shift is not None
+  if layer.act_shift is not None:
+    out["act_shift"] = _f32(layer.act_shift[...])
+  attrs["rprelu"] = layer.rprelu is not None
+  if layer.rprelu is not None:
+    for k in _RPRELU:
+      out[f"rprelu.{k}"] = _f32(layer.rprelu[k][...])
+  return out
 
-  def _name(self, module: nnx.Module) -> str:
-    if id(module) not in self._names:
-      raise ValueError(f"{type(module).__name__} is not a submodule of the packed model")
-    return self._names[id(module)]
 
-  def emit(self, op: str, inputs: list[str], **attrs) -> str:
-    out = f"r{self._count}"
-    self._count += 1
-    self.program.append(dict(op=op, inputs=list(inputs), out=out, **attrs))
-    return out
+_RPRELU = ("shift_in", "slope", "shift_out")
 
-  def conv(self, x: str, conv: layers.BinaryConv) -> str:
-    name = self._name(conv)
-    if conv.dtype is not None:
-      raise ValueError(f"{name}: pack() supports float32 compute only (dtype=None), got "
-                       f"dtype={conv.dtype}")
-    attrs = dict(name=name, kernel_size=conv.kernel_size, strides=conv.strides,
-                 padding=conv.padding, in_features=conv.in_features,
-                 out_features=conv.out_features, binary_weights=bool(conv.binary_weights),
-                 binary_acts=bool(conv.binary_acts), has_zeros=False)
-    q = np.asarray(conv.quantized_kernel(), np.float32)  # HWIO; eval forward: no EDE
-    if conv.binary_weights:
-      q2 = q.reshape(-1, conv.out_features)  # (K, O), K in (kh, kw, in) order
-      self.arrays[f"{name}/exp"] = _exponents(q2, name)
-      self.arrays[f"{name}/sign"] = np.asarray(pack_bits(q2.T < 0))
-      if np.any(q2 == 0):
-        attrs["has_zeros"] = True
-        self.arrays[f"{name}/nonzero"] = np.asarray(pack_bits(q2.T != 0))
-    else:
-      self.arrays[f"{name}/kernel"] = q
-    return self.emit("conv", [x], **attrs)
 
-  def bn(self, x: str, bn: layers.BatchNorm) -> str:
-    name = self._name(bn)
-    f32 = jnp.float32
-    # Same expression, dtype and op order as BatchNorm.__call__ (eval), so that the
-    # precomputed multiplier is bitwise the one the float model uses.
-    var = bn.var[...].astype(f32)
-    mul = bn.scale[...].astype(f32) * jax.lax.rsqrt(var + bn.epsilon)
-    self.arrays[f"{name}/mean"] = np.asarray(bn.mean[...].astype(f32))
-    self.arrays[f"{name}/mul"] = np.asarray(mul)
-    self.arrays[f"{name}/bias"] = np.asarray(bn.bias[...].astype(f32))
-    return self.emit("bn", [x], name=name)
+def _pack_conv(conv: layers.BinaryConv, name: str):
+  attrs = dict(kernel_size=conv.kernel_size, strides=conv.strides, padding=conv.padding,
+               in_features=conv.in_features, out_features=conv.out_features)
+  k = conv.kernel_size
+  return "conv", attrs, _pack_binary(conv, name, attrs,
+                                     (k, k, conv.in_features, conv.out_features))
 
-  def linear(self, x: str, lin: nnx.Linear) -> str:
-    name = self._name(lin)
-    self.arrays[f"{name}/kernel"] = np.asarray(lin.kernel[...], np.float32)
-    self.arrays[f"{name}/bias"] = np.asarray(lin.bias[...], np.float32)
-    return self.emit("linear", [x], name=name)
 
-  def act(self, x: str, fn) -> str:
-    """``fn``: one of :data:`irnet_jax.ops.ACTIVATIONS`."""
-    names = [k for k, v in ops.ACTIVATIONS.items() if v is fn]
-    if not names:
-      raise ValueError(f"unsupported activation {fn!r}; expected one of "
-                       f"{sorted(ops.ACTIVATIONS)}")
-    return self.emit("act", [x], fn=names[0])
+def _pack_dense(dense: layers.BinaryDense, name: str):
+  attrs = dict(in_features=dense.in_features, out_features=dense.out_features)
+  return "dense", attrs, _pack_binary(dense, name, attrs,
+                                      (dense.in_features, dense.out_features))
 
-  def add(self, x: str, y: str) -> str:
-    return self.emit("add", [x, y])
 
-  def max_pool(self, x: str, window: int, stride: int, padding: int = 0) -> str:
-    return self.emit("max_pool", [x], window=window, stride=stride, padding=padding)
+def _pack_bn(bn: layers.BatchNorm, name: str):
+  _require_f32(name, bn, bn.scale[...], bn.var[...])
+  f32 = jnp.float32
+  # Same expression, dtype and op order as BatchNorm.__call__ (eval), so that the
+  # precomputed multiplier is bitwise the one the float model uses.
+  var = bn.var[...].astype(f32)
+  mul = bn.scale[...].astype(f32) * jax.lax.rsqrt(var + bn.epsilon)
+  return "bn", {}, {"mean": _f32(bn.mean[...]), "mul": _f32(mul), "bias": _f32(bn.bias[...])}
 
-  def avg_pool(self, x: str) -> str:
-    """Global average pool: ``(N, H, W, C) -> (N, C)``."""
-    return self.emit("avg_pool", [x])
 
-  def shortcut_a(self, x: str, planes: int) -> str:
-    """CIFAR option-A shortcut (:func:`irnet_jax.models.blocks.option_a_shortcut`)."""
-    return self.emit("shortcut_a", [x], planes=planes)
+def _pack_nnx_bn(bn: nnx.BatchNorm, name: str):
+  scale = None if bn.scale is None else bn.scale[...]
+  bias = None if bn.bias is None else bn.bias[...]
+  _require_f32(name, bn, bn.mean[...], bn.var[...], scale, bias)
+  # flax's _normalize: mul = rsqrt(var + eps), then mul *= scale.
+  mul = jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+  if scale is not None:
+    mul = mul * scale
+  out = {"mean": _f32(bn.mean[...]), "mul": _f32(mul)}
+  if bias is not None:
+    out["bias"] = _f32(bias)
+  return "nnx_bn", {"bias": bias is not None}, out
 
-  def flatten_chw(self, x: str) -> str:
-    """``(N, H, W, C) -> (N, C*H*W)`` in torch's (C, H, W) order."""
-    return self.emit("flatten_chw", [x])
+
+def _pack_linear(lin: nnx.Linear, name: str):
+  bias = None if lin.bias is None else lin.bias[...]
+  _require_f32(name, lin, lin.kernel[...], bias)
+  out = {"kernel": _f32(lin.kernel[...])}
+  if bias is not None:
+    out["bias"] = _f32(bias)
+  return "linear", {"bias": bias is not None}, out
+
+
+def _pack_nnx_conv(conv: nnx.Conv, name: str):
+  from flax.nnx.nn.linear import canonicalize_padding  # pylint: disable=import-outside-toplevel
+  kernel = conv.kernel[...]
+  bias = None if conv.bias is None else conv.bias[...]
+  _require_f32(name, conv, kernel, bias)
+  if conv.mask is not None:
+    kernel = kernel * conv.mask  # as nnx.Conv.__call__ does
+  pair = lambda v: [1, 1] if v is None else ([v, v] if isinstance(v, int) else list(v))  # noqa: E731
+  padding = canonicalize_padding(conv.padding, 2)
+  attrs = dict(kernel_size=list(conv.kernel_size), in_features=conv.in_features,
+               out_features=conv.out_features, strides=pair(conv.strides),
+               padding=padding if isinstance(padding, str) else [list(p) for p in padding],
+               lhs_dilation=pair(conv.input_dilation), rhs_dilation=pair(conv.kernel_dilation),
+               feature_group_count=conv.feature_group_count, bias=bias is not None)
+  out = {"kernel": _f32(kernel)}
+  if bias is not None:
+    out["bias"] = _f32(bias)
+  return "nnx_conv", attrs, out
+
+
+_PACKERS = (
+    (layers.BinaryConv, _pack_conv), (layers.BinaryDense, _pack_dense),
+    (layers.BatchNorm, _pack_bn), (nnx.BatchNorm, _pack_nnx_bn),
+    (nnx.Linear, _pack_linear), (nnx.Conv, _pack_nnx_conv),
+)
+# Layers that become one instruction each when the traced forward calls them.
+LEAF_TYPES = tuple(t for t, _ in _PACKERS)
+# The library's own layers: an unsupported configuration is an error (the others are
+# traced operation by operation instead).
+OWN_LEAF_TYPES = (layers.BinaryConv, layers.BinaryDense, layers.BatchNorm)
+
+
+def leaf_problem(module: nnx.Module, x: Any, args: tuple, kwargs: dict) -> str | None:
+  """Why a call ``module(x, *args, **kwargs)`` in the traced forward cannot be one
+  instruction (None: it can)."""
+  kwargs = dict(kwargs)
+  if getattr(x, "dtype", None) != jnp.float32:
+    return f"input dtype {getattr(x, 'dtype', type(x).__name__)} (float32 only)"
+  if isinstance(module, nnx.BatchNorm):
+    use_running = kwargs.pop("use_running_average", None)
+    if args or kwargs:
+      return "arguments besides the input"
+    if not (module.use_running_average if use_running is None else use_running):
+      return "BatchNorm in training mode (pack exports eval mode)"
+    axis = module.axis if isinstance(module.axis, int) else tuple(module.axis)
+    if axis not in (-1, x.ndim - 1, (-1,), (x.ndim - 1,)):
+      return f"normalizes axis {module.axis}, not the last"
+    return None
+  if args or kwargs:
+    return "arguments besides the input"
+  if isinstance(module, layers.BinaryConv):
+    return None if x.ndim == 4 else f"input of rank {x.ndim} (NHWC only)"
+  if isinstance(module, layers.BatchNorm):
+    return None if module.use_running_average else (
+        "BatchNorm in training mode (pack exports eval mode)")
+  if isinstance(module, (nnx.Linear, nnx.Conv)):
+    if module.precision is not None or module.preferred_element_type is not None:
+      return "a precision or preferred_element_type"
+    if isinstance(module, nnx.Linear):
+      return None if module.dot_general is jax.lax.dot_general else "a custom dot_general"
+    if module.conv_general_dilated is not jax.lax.conv_general_dilated:
+      return "a custom conv_general_dilated"
+    if len(module.kernel_size) != 2 or x.ndim != 4:
+      return "not a 2D convolution of NHWC inputs"
+    if isinstance(module.padding, str) and module.padding.upper() not in ("SAME", "VALID"):
+      return f"padding {module.padding!r}"
+  return None
+
+
+def pack_leaf(module: nnx.Module, name: str) -> tuple[str, dict[str, Any],
+                                                      dict[str, np.ndarray]]:
+  """``(op, attributes, arrays by field)`` of one layer of :data:`LEAF_TYPES`."""
+  for cls, packer in _PACKERS:
+    if isinstance(module, cls):
+      return packer(module, name)
+  raise ValueError(f"{name}: unsupported layer {type(module).__name__}; expected one of "
+                   f"{[t.__name__ for t in LEAF_TYPES]}")
 
 
 def pack_layer(module: nnx.Module, name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """Packs one BinaryConv, BatchNorm or nnx.Linear on its own: its instruction (input
-  register :data:`INPUT`) and its arrays keyed by field (``"sign"``, ``"mean"``, ...)."""
-  b = ProgramBuilder({id(module): name})
-  if isinstance(module, layers.BinaryConv):
-    b.conv(INPUT, module)
-  elif isinstance(module, layers.BatchNorm):
-    b.bn(INPUT, module)
-  elif isinstance(module, nnx.Linear):
-    b.linear(INPUT, module)
-  else:
-    raise ValueError(f"pack_layer: unsupported module {type(module).__name__}")
-  return b.program[0], {k[len(name) + 1:]: v for k, v in b.arrays.items()}
+  """Packs one layer of :data:`LEAF_TYPES` on its own: its instruction (input register
+  :data:`INPUT`) and its arrays keyed by field (``"sign"``, ``"mean"``, ...)."""
+  op, attrs, arrays = pack_leaf(module, name)
+  return dict(op=op, inputs=[INPUT], out="r0", name=name, **attrs), arrays
 
 
-def pack(model: nnx.Module, *, name: str | None = None,
-         kwargs: dict[str, Any] | None = None, **meta) -> PackedModel:
-  """Packs ``model`` (any network of :mod:`irnet_jax.models`) for deployment.
+def pack(model: nnx.Module, *, input_shape: Sequence[int] | None = None,
+         name: str | None = None, kwargs: dict[str, Any] | None = None,
+         **meta) -> PackedModel:
+  """Packs ``model`` (any NNX module; see the module doc) for deployment.
 
-  The program is the model's own ``export_program`` (every registry family has one).
-  Always exports eval-mode semantics (BatchNorm running statistics), whatever
-  mode ``model`` is in. ``name`` and ``kwargs`` (the ``models.create`` call) are
-  recorded in ``meta`` when given; ``infer`` only needs the program. Extra
-  JSON-serializable ``meta`` entries (e.g. ``config``) are recorded as well.
+  The program is the model's own eval-mode forward, traced (:mod:`.trace`): no model
+  needs export code. Always exports eval-mode semantics (BatchNorm running
+  statistics), whatever mode ``model`` is in; ``model`` itself is not changed.
+
+  Args:
+    model: the model; its forward takes one float32 array (a batch).
+    input_shape: one example's shape, e.g. ``(32, 32, 3)``. None: ``(S, S, C)`` with
+      ``C`` the first convolution's input channels and ``S`` the ``config`` meta's
+      ``dataset.image_size``, else the registry's input size of ``name`` or of the
+      model's class, else 32.
+    name, kwargs: the ``models.create`` call, recorded in ``meta`` when given; ``infer``
+      only needs the program. Extra JSON-serializable ``meta`` entries (e.g.
+      ``config``) are recorded as well.
 
   Raises:
-    ValueError: unsupported model class or compute dtype, or a binary kernel that
-      is not ``+-2^e`` per channel (e.g. NaN from a constant channel).
+    ValueError: an operation the program cannot express (named, with the layer near
+      it), a non-float32 layer, or a binary kernel that is not ``+-scale`` per channel
+      (e.g. NaN from a constant channel).
   """
-  if not hasattr(model, "export_program"):
-    raise ValueError(f"cannot pack {type(model).__name__}: it has no export_program "
-                     f"method; models that do: {[c.__name__ for c in models.FAMILIES]}")
-  b = ProgramBuilder.for_model(model)
-  out = model.export_program(b)
-  last = b.program[-1]
+  from irnet_jax.export import trace as trace_lib  # pylint: disable=import-outside-toplevel
+  shape = _input_shape(model, input_shape, name, meta)
+  traced = trace_lib.trace(model, shape)
+  out_shape = traced.out_shape
   info = dict(arch=type(model).__name__, name=name, kwargs=dict(kwargs or {}),
-              num_classes=int(b.arrays[f"{last['name']}/bias"].shape[0]),
-              in_channels=int(b.program[0]["in_features"]), **meta)
-  return PackedModel(program=b.program, output=out, arrays=b.arrays, meta=info)
+              num_classes=int(out_shape[-1]) if out_shape else None,
+              in_channels=int(shape[-1]), input_shape=list(shape), **meta)
+  return PackedModel(program=traced.program, output=traced.output, arrays=traced.arrays,
+                     meta=info)
+
+
+def _input_shape(model: nnx.Module, input_shape: Sequence[int] | None, name: str | None,
+                 meta: dict[str, Any]) -> tuple[int, ...]:
+  if input_shape is not None:
+    shape = tuple(int(d) for d in input_shape)
+    if not shape or min(shape) < 1:
+      raise ValueError(f"input_shape must be one example's shape, e.g. (32, 32, 3); "
+                       f"got {input_shape}")
+    return shape
+  from irnet_jax import models  # pylint: disable=import-outside-toplevel
+  from irnet_jax.export import trace as trace_lib  # pylint: disable=import-outside-toplevel
+  first = next((m for _, m in trace_lib.leaves(model)
+                if isinstance(m, (layers.BinaryConv, nnx.Conv))), None)
+  if first is None:
+    raise ValueError(f"cannot tell the input shape of {type(model).__name__} (it has no "
+                     "convolution); pass pack(..., input_shape=...)")
+  size = None
+  config = meta.get("config")
+  if isinstance(config, dict):
+    size = (config.get("dataset") or {}).get("image_size")
+  if size is None and name in models.REGISTRY:
+    size = models.REGISTRY[name].input_size
+  if size is None:
+    size = next((s.input_size for s in models.REGISTRY.values()
+                 if s.family is type(model)), 32)
+  return (int(size), int(size), int(first.in_features))
+
+
+def _kernel_shape(ins: dict[str, Any]) -> tuple[int, ...]:
+  if ins["op"] == "dense":
+    return (ins["in_features"], ins["out_features"])
+  k = ins["kernel_size"]
+  return (k, k, ins["in_features"], ins["out_features"])
 
 
 def binary_kernel(ins: dict[str, Any], arrays: dict[str, jax.Array]) -> jax.Array:
-  """The ``+-2^e`` (or 0) HWIO float32 kernel of binary-weight conv ``ins`` from its
-  packed ``arrays`` (keyed by field: ``sign``, ``exp``, ``nonzero``); traceable."""
-  k, cin, cout = ins["kernel_size"], ins["in_features"], ins["out_features"]
-  kk = k * k * cin
+  """The ``+-scale`` (or 0) float32 kernel (HWIO, or ``(in, out)`` for dense) of the
+  binary-weight layer ``ins`` from its packed ``arrays`` (keyed by field: ``sign``,
+  ``exp`` or ``scale``, ``nonzero``); traceable."""
+  shape = _kernel_shape(ins)
+  kk = math.prod(shape[:-1])
   val = 1.0 - 2.0 * unpack_bits(arrays["sign"], kk).astype(jnp.float32)  # (O, K)
   if ins["has_zeros"]:
     val = val * unpack_bits(arrays["nonzero"], kk).astype(jnp.float32)
-  val = val * scale_from_exponent(jnp.asarray(arrays["exp"]))[:, None]
-  return val.T.reshape(k, k, cin, cout)
+  val = val * weight_scale(ins, arrays)[:, None]
+  return val.T.reshape(shape)
+
+
+def weight_scale(ins: dict[str, Any], arrays: dict[str, jax.Array]) -> jax.Array:
+  """The per-output-channel float32 scale of a binary-weight layer."""
+  if ins.get("scale", "exp") == "exp":
+    return scale_from_exponent(jnp.asarray(arrays["exp"]))
+  return jnp.asarray(arrays["scale"], jnp.float32)
 
 
 def unpack(packed: PackedModel) -> dict[str, np.ndarray]:
-  """The kernel every convolution of the float model uses, keyed by module path.
+  """The kernel every BinaryConv and BinaryDense of the float model uses, keyed by
+  module path.
 
-  Binary layers come back as ``sign * nonzero * 2^exp`` (HWIO float32), i.e. the
-  model's ``quantized_kernel()`` bit for bit; float layers as stored.
+  Binary layers come back as ``sign * nonzero * scale`` (HWIO or ``(in, out)``
+  float32), i.e. the model's ``quantized_kernel()`` bit for bit; float ones as stored.
   """
   kernels = {}
   for ins in packed.program:
-    if ins["op"] != "conv":
+    if ins["op"] not in ("conv", "dense"):
       continue
     name = ins["name"]
     if not ins["binary_weights"]:
       kernels[name] = packed.arrays[f"{name}/kernel"]
       continue
-    fields = {f: packed.arrays[f"{name}/{f}"] for f in ("sign", "exp", "nonzero")
+    fields = {f: packed.arrays[f"{name}/{f}"] for f in ("sign", "exp", "scale", "nonzero")
               if f"{name}/{f}" in packed.arrays}
     kernels[name] = np.asarray(binary_kernel(ins, fields))
   return kernels
 
 
-def expected_arrays(ins: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
-  """The arrays (shape, dtype) instruction ``ins`` reads; used to validate loaded files."""
+def expected_arrays(ins: dict[str, Any]) -> dict[str, tuple[tuple[int, ...] | None, str]]:
+  """The arrays (shape, dtype) instruction ``ins`` reads; used to validate loaded files.
+  Raises KeyError/TypeError/ValueError for a missing or malformed attribute."""
   op, name = ins["op"], ins.get("name")
-  if op == "conv":
-    k, cin, cout = ins["kernel_size"], ins["in_features"], ins["out_features"]
+  for attr in REQUIRED_ATTRS.get(op, ()):
+    ins[attr]  # pylint: disable=pointless-statement
+  f32 = "float32"
+  if op in ("conv", "dense"):
+    shape = _kernel_shape(ins)
+    if not all(isinstance(d, int) and d > 0 for d in shape):
+      raise ValueError(f"bad layer sizes {shape}")
+    cin, cout = shape[-2], shape[-1]
     if not ins["binary_weights"]:
-      return {f"{name}/kernel": ((k, k, cin, cout), "float32")}
-    nw = num_words(k * k * cin)
-    out = {f"{name}/sign": ((cout, nw), "uint32"), f"{name}/exp": ((cout,), "int8")}
-    if ins["has_zeros"]:
-      out[f"{name}/nonzero"] = ((cout, nw), "uint32")
-    return out
-  if op == "bn":
-    return {f"{name}/{f}": (None, "float32") for f in ("mean", "mul", "bias")}
-  if op == "linear":
-    return {f"{name}/kernel": (None, "float32"), f"{name}/bias": (None, "float32")}
-  return {}
+      out = {"kernel": (shape, f32)}
+    else:
+      nw = num_words(math.prod(shape[:-1]))
+      out = {"sign": ((cout, nw), "uint32")}
+      scale = ins.get("scale", "exp")
+      if scale not in ("exp", "float"):
+        raise ValueError(f"unknown scale {scale!r}")
+      out.update({"exp": ((cout,), "int8")} if scale == "exp" else {"scale": ((cout,), f32)})
+      if ins["has_zeros"]:
+        out["nonzero"] = ((cout, nw), "uint32")
+    if ins.get("bias"):
+      out["bias"] = ((cout,), f32)
+    if ins.get("act_shift"):
+      out["act_shift"] = ((cin,), f32)
+    if ins.get("rprelu"):
+      out.update({f"rprelu.{k}": ((cout,), f32) for k in _RPRELU})
+  elif op == "bn":
+    out = {f: (None, f32) for f in ("mean", "mul", "bias")}
+  elif op == "nnx_bn":
+    out = {f: (None, f32) for f in ("mean", "mul") + (("bias",) if ins["bias"] else ())}
+  elif op == "linear":
+    out = {f: (None, f32) for f in ("kernel",) + (("bias",) if ins.get("bias", True) else ())}
+  elif op == "nnx_conv":
+    kh, kw = ins["kernel_size"]
+    cin, cout, groups = ins["in_features"], ins["out_features"], ins["feature_group_count"]
+    out = {"kernel": ((kh, kw, cin // groups, cout), f32)}
+    if ins["bias"]:
+      out["bias"] = ((cout,), f32)
+  elif op == "const" and name is not None:
+    out = {"value": (None, f32)}
+  else:
+    return {}
+  return {f"{name}/{k}": v for k, v in out.items()}
 
 
 def scale_from_exponent(exp: jax.Array) -> jax.Array:

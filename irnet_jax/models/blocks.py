@@ -84,22 +84,6 @@ class BasicBlock(nnx.Module):
     out = act(self.bn1(self.conv1(x)))
     return act(self.bn2(self.conv2(out)) + self.residual(x))
 
-  def export_program(self, b, x: str) -> str:
-    """:meth:`__call__` (eval mode) as export instructions: register ``x`` in, the
-    block's output register out (``b``: :class:`irnet_jax.export.pack.ProgramBuilder`)."""
-    if self.option is None:
-      res = x
-    elif self.option == "A":
-      res = b.shortcut_a(x, self.planes)
-    else:
-      conv, bn = getattr(self, self.shortcut_attr)
-      res = b.bn(b.conv(x, conv), bn)
-    if self.structure == "bireal":
-      out = b.act(b.add(b.bn(b.conv(x, self.conv1), self.bn1), res), self.act)
-      return b.act(b.add(b.bn(b.conv(out, self.conv2), self.bn2), out), self.act)
-    out = b.act(b.bn(b.conv(x, self.conv1), self.bn1), self.act)
-    return b.act(b.add(b.bn(b.conv(out, self.conv2), self.bn2), res), self.act)
-
 
 def make_stage(in_planes: int, planes: int, num_blocks: int, stride: int,
                **block_kw) -> nnx.List:

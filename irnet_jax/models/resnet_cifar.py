@@ -71,20 +71,6 @@ class CifarResNet(nnx.Module):
       out = self.act(out)
     return self.linear(out)
 
-  def export_program(self, b) -> str:
-    """:meth:`__call__` (eval mode) as export instructions; returns the logits register
-    (``b``: :class:`irnet_jax.export.pack.ProgramBuilder`)."""
-    out = b.bn(b.conv(b.input, self.conv1), self.bn1)
-    if self.stem_act:
-      out = b.act(out, self.act)
-    for i in range(self.num_stages):
-      for block in getattr(self, f"layer{i + 1}"):
-        out = block.export_program(b, out)
-    out = b.bn(b.avg_pool(out), self.bn2)
-    if self.head_act:
-      out = b.act(out, self.act)
-    return b.linear(out, self.linear)
-
 
 def resnet20(*, structure: str = "bireal", **kw) -> CifarResNet:
   """ResNet-20 (0.27M params): 3 stages of 3 blocks, 16/32/64 channels, option-A shortcuts.

@@ -63,17 +63,6 @@ class ImageNetResNet(nnx.Module):
         x = block(x)
     return self.fc(self.bn2(layers.global_avg_pool(x)))
 
-  def export_program(self, b) -> str:
-    """:meth:`__call__` (eval mode) as export instructions; returns the logits register
-    (``b``: :class:`irnet_jax.export.pack.ProgramBuilder`). ``bn3`` is never called, so
-    it is not exported."""
-    x = b.act(b.bn(b.conv(b.input, self.conv1), self.bn1), self.act)
-    x = b.max_pool(x, 3, 2, padding=1)
-    for i in range(len(_WIDTHS)):
-      for block in getattr(self, f"layer{i + 1}"):
-        x = block.export_program(b, x)
-    return b.linear(b.bn(b.avg_pool(x), self.bn2), self.fc)
-
 
 def resnet18(**kw) -> ImageNetResNet:
   return ImageNetResNet(depths=(2, 2, 2, 2), **kw)

@@ -49,17 +49,6 @@ class VGGSmall(nnx.Module):
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
     return self.fc(x)
 
-  def export_program(self, b) -> str:
-    """:meth:`__call__` (eval mode) as export instructions; returns the logits register
-    (``b``: :class:`irnet_jax.export.pack.ProgramBuilder`)."""
-    x = b.act(b.bn(b.conv(b.input, self.conv0), self.bn0), ops.hardtanh)
-    for i in range(1, 6):
-      x = b.conv(x, getattr(self, f"conv{i}"))
-      if i in POOL_AFTER:
-        x = b.max_pool(x, 2, 2)
-      x = b.act(b.bn(x, getattr(self, f"bn{i}")), ops.hardtanh)
-    return b.linear(b.flatten_chw(x), self.fc)
-
 
 def vgg_small(**kw) -> VGGSmall:
   """VGG-Small 1w1a (or any bit width), 32x32 inputs."""
