@@ -520,6 +520,12 @@ def _crafted(index: bytes, data: bytes = b"") -> bytes:
      b' "output": "x", "meta": {}}', "needs 'inputs'"),
     (b'{"arrays": [], "program": [{"op": "conv", "inputs": ["input"], "out": "x"}],'
      b' "output": "x", "meta": {}}', "missing or malformed attribute"),
+    (b'{"arrays": [], "program": [{"op": "const", "inputs": [], "out": "x", "value": 1,'
+     b' "dtype": "complex64"}], "output": "x", "meta": {}}', "malformed attribute.*complex64"),
+    (b'{"arrays": [], "program": [{"op": "act", "inputs": ["input"], "out": "x",'
+     b' "fn": "gelu"}], "output": "x", "meta": {}}', "malformed attribute.*gelu"),
+    (b'{"arrays": [], "program": [{"op": "slice", "inputs": ["input"], "out": "x"}],'
+     b' "output": "x", "meta": {}}', "malformed attribute.*start"),
     (b'{"arrays": [], "program": [], "output": ["input"], "meta": {}}', "never written"),
 ])
 def test_load_rejects_crafted_files_with_one_error_type(tmp_path, index, match):

@@ -109,8 +109,11 @@ GENERIC_OPS = ELEMENTWISE_OPS + (
 LEGACY_OPS = ("avg_pool", "shortcut_a", "flatten_chw")
 OPS = LAYER_OPS + GENERIC_OPS + LEGACY_OPS
 
+# The dtypes of registers and constants (bool and int32 only inside generic arithmetic).
+REGISTER_DTYPES = ("float32", "bool", "int32")
 # Attributes each generic instruction must have (checked when a file is loaded).
 REQUIRED_ATTRS = {
+    "const": ("dtype",),
     "act": ("fn",), "max_pool": ("window", "stride", "padding"), "mean": ("axes",),
     "round": ("rounding_method",), "integer_pow": ("y",),
     "convert_element_type": ("dtype",), "expand_dims": ("axes",), "reshape": ("shape",),
@@ -494,6 +497,12 @@ def expected_arrays(ins: dict[str, Any]) -> dict[str, tuple[tuple[int, ...] | No
   op, name = ins["op"], ins.get("name")
   for attr in REQUIRED_ATTRS.get(op, ()):
     ins[attr]  # pylint: disable=pointless-statement
+  if op in ("const", "convert_element_type") and ins["dtype"] not in REGISTER_DTYPES:
+    raise ValueError(f"dtype {ins['dtype']!r} is not one of {REGISTER_DTYPES}")
+  if op == "const" and name is None and not isinstance(ins["value"], (bool, int, float)):
+    raise ValueError(f"value {ins['value']!r} is not a number")
+  if op == "act" and ins["fn"] not in ("hardtanh", "relu"):
+    raise ValueError(f"unknown activation {ins['fn']!r}")
   f32 = "float32"
   if op in ("conv", "dense"):
     shape = _kernel_shape(ins)

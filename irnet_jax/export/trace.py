@@ -45,10 +45,10 @@ from jax.extend import core as jcore
 
 from irnet_jax.export.pack import (
   BINARY_OPS,
-  GENERIC_OPS,
   INPUT,
   LEAF_TYPES,
   OWN_LEAF_TYPES,
+  REGISTER_DTYPES,
   UNARY_OPS,
   leaf_problem,
   pack_leaf,
@@ -67,7 +67,6 @@ _IDENTITY_FFI = ("irnet_materialize",)
 _SIMPLE_UNARY = tuple(o for o in UNARY_OPS
                       if o not in ("round", "integer_pow", "convert_element_type",
                                    "expand_dims"))
-_REGISTER_DTYPES = ("float32", "bool", "int32")
 
 
 # --- the module tree ---------------------------------------------------------------
@@ -241,6 +240,8 @@ class _Walker:
     self.last_layer: str | None = None
     self._count = 0
     self._consts: dict[Any, _Reg] = {}
+    self._keep: list[_Const] = []
+    self._packed: dict[str, tuple[str, dict]] = {}
     self._where: list[str] = []  # source lines of the calls being inlined
 
   # -- emission
@@ -264,7 +265,7 @@ class _Walker:
                                "take one)")
       return v
     c = np.asarray(v.value)
-    if c.dtype.name not in _REGISTER_DTYPES:
+    if c.dtype.name not in REGISTER_DTYPES:
       raise self.unsupported(eqn, f"on a {c.dtype} constant")
     if elementwise:
       c = _squeeze_uniform(c)
@@ -274,7 +275,7 @@ class _Walker:
         self._consts[key] = self.emit("const", [], (), c.dtype, value=c.reshape(()).item(),
                                       dtype=c.dtype.name)
       return self._consts[key]
-    key = ("array", id(v))
+    key = ("array", id(v), elementwise)
     if key not in self._consts:
       name = f"const{len(self._consts)}"
       stored = c.astype(np.float32)
@@ -283,6 +284,7 @@ class _Walker:
       self.arrays[f"{name}/value"] = stored
       self._consts[key] = self.emit("const", [], c.shape, c.dtype, name=name,
                                     dtype=c.dtype.name)
+      self._keep.append(v)  # keeps id(v) from being reused by another constant
     return self._consts[key]
 
   def elementwise(self, op: str, eqn, ins: list, **attrs) -> _Reg:
@@ -307,8 +309,8 @@ class _Walker:
     return ValueError(
         f"cannot export {self.model_name}: its forward uses `{prim}` on ({shapes})"
         f"{' ' + why if why else ''} ({where}), which the packed program does not "
-        f"express. It does: the layers {_LEAF_NAMES} and "
-        f"the lax operations {sorted(set(GENERIC_OPS) - {'const', 'act'})}.")
+        f"express (it expresses calls of {_LEAF_NAMES} and the lax operations of "
+        "irnet_jax.export.pack.GENERIC_OPS)")
 
   # -- the walk
 
@@ -404,9 +406,11 @@ class _Walker:
   def layer(self, eqn, ins: list) -> _Reg:
     path, module = self.layers[int(eqn.params["name"][len(_PREFIX):])]
     x = self.operand(ins[0], eqn, False)
-    op, attrs, arrays = pack_leaf(module, path)
-    for k, v in arrays.items():
-      self.arrays[f"{path}/{k}"] = v
+    if path not in self._packed:  # a layer called twice is packed once
+      op, attrs, arrays = pack_leaf(module, path)
+      self.arrays.update({f"{path}/{k}": v for k, v in arrays.items()})
+      self._packed[path] = op, attrs
+    op, attrs = self._packed[path]
     aval = eqn.outvars[0].aval
     self.last_layer = path
     return self.emit(op, [x], aval.shape, aval.dtype, name=path, **attrs)
@@ -431,7 +435,7 @@ class _Walker:
     dtype = np.dtype(eqn.params["new_dtype"])
     if dtype == ins[0].dtype:
       return ins[0]
-    if dtype.name not in _REGISTER_DTYPES:
+    if dtype.name not in REGISTER_DTYPES:
       raise self.unsupported(eqn, f"to {dtype}")
     return self.elementwise("convert_element_type", eqn, ins, dtype=dtype.name)
 
