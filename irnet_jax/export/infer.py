@@ -30,10 +30,15 @@ Exactness. The popcount result is an exact integer. Times a power-of-two scale
 (Libra-PB's ``2^exp``; 1 for plain "sign" weights) it is bitwise the float model's
 convolution output (sums of +-2^e below 2^24 * 2^e are exact in float32). A float
 scale (XNOR-Net / Bi-Real / ReActNet's per-channel ``mean|w|``) is *not* exact: the
-model sums ``+-alpha`` products in float (rounding as it goes, in XLA's order), the
-packed layer rounds ``alpha * integer`` once, so the two differ by a few ulps (and a
-value within those ulps of the next layer's threshold can binarize differently).
-RSign's ``x - threshold``, the bias and RPReLU are the model's own float ops.
+model convolves with the kernel ``sign(w) * alpha`` and so sums ``+-alpha`` in float
+(rounding as it goes, in XLA's order), the packed layer rounds ``alpha * integer``
+once. The two differ by a few ulps, and where the integer is 0 the model often keeps
+a residue (~1e-9) instead of 0, which a following ``sign`` (directly, or through
+RPReLU or a BatchNorm without shift) turns into +-1 instead of 0: such models agree
+with their packed form only up to these flips. (A model that scaled *after* its
+convolution, ``conv(sign(x), sign(w)) * alpha`` -- XNOR-Net's own formulation, with
+the same gradients -- would agree bit for bit.) RSign's ``x - threshold``, the bias
+and RPReLU are the model's own float ops.
 
 Float parts (stem, shortcuts, BN, classifier, generic operations) use the same
 jnp/lax expressions as the model, rounded the same way (products are kept from
@@ -458,7 +463,7 @@ def infer(packed: PackedModel, images: jax.Array | np.ndarray, *,
   Equals ``model.eval()(images)`` of the packed model up to float rounding of the
   float layers after the last binarization (bitwise, in practice, on CPU), with
   power-of-two weight scales; with float ``mean|w|`` scales up to a few ulps per
-  binary layer (see the module doc).
+  binary layer and the sign flips they can cause (see the module doc).
 
   Args:
     packed: from :func:`~irnet_jax.export.pack` or :func:`~irnet_jax.export.load`.
