@@ -7,6 +7,10 @@
 * :class:`BinaryDense` -- the same for a dense layer.
 * :class:`BatchNorm` -- batch normalization with PyTorch's semantics.
 
+Inside ``nnx.capture(fn, BinaryInput)`` a binary-activation layer sows its input
+(before the sign) as ``"binary_input"`` (:func:`irnet_jax.diagnostics.binary_conv_inputs`);
+outside it the layers store nothing.
+
 Layouts: activations NHWC, kernels HWIO (``(kh, kw, in, out)``). A convolution runs
 on the backend named by ``conv_impl`` at construction (:mod:`irnet_jax.kernels`).
 """
@@ -34,6 +38,12 @@ class EDEState(nnx.Variable):
   progress by :func:`irnet_jax.binarize.set_progress` inside the train step, so that any
   model's ``__call__`` binarizes with the current (t, k) without passing them down.
   Not a Param: optimizers and gradients ignore it. A scalar in the layer's param_dtype."""
+
+
+class BinaryInput(nnx.Intermediate):
+  """The input of a binary-activation layer (before its sign), sown under the name
+  ``"binary_input"`` when collected with ``nnx.capture(fn, BinaryInput)``: a tuple with
+  one array per call, e.g. NHWC ``(N, H, W, in)`` for a conv."""
 
 
 class _Binary(nnx.Module):
@@ -82,19 +92,44 @@ class _Binary(nnx.Module):
     return None if self.ede_t is None else ops.EDE(self.ede_t[...], self.ede_k[...])
 
   def quantized_kernel(self) -> jax.Array:
-    """The kernel the layer uses (its Flax layout): quantized, or the float one."""
+    """The kernel the layer computes with (its Flax layout): quantized, or the float one."""
+    kernel, scale = self._kernel_and_scale()
+    return kernel if scale is None else kernel * scale
+
+  def _kernel_and_scale(self) -> tuple[jax.Array, jax.Array | None]:
+    """``(kernel to convolve with, per-output-channel scale applied after or None)``.
+
+    XNOR-Net's and Bi-Real's ``sign(w) * mean|w|`` convolve with ``sign(w)`` and scale
+    the output, as XNOR-Net writes it: the same function and gradients, and the output
+    is ``alpha * (exact integer sum)``, which packed XNOR/popcount inference reproduces
+    bit for bit (a sum of +-alpha terms would round differently)."""
     kernel = self.kernel[...]
-    if self.binary_weights:
-      kernel = ops.quantize_weights(kernel, self.weight_quantizer, self.weight_estimator,
-                                    self.ede)
-    return kernel
+    if not self.binary_weights:
+      return kernel, None
+    if self.weight_quantizer in ("mean_abs", "mean_abs_detached"):
+      scale = ops.mean_abs_scale(kernel, self.weight_quantizer == "mean_abs_detached")
+      return ops.binarize(kernel, self.weight_estimator, self.ede), scale.reshape(-1)
+    return ops.quantize_weights(kernel, self.weight_quantizer, self.weight_estimator,
+                                self.ede), None
+
+  def _sow_input(self, x: jax.Array) -> None:
+    """Sows ``x`` as :class:`BinaryInput` if the layer binarizes its input and runs
+    inside ``nnx.capture``. Outside it (training, eval, export) nothing is stored and
+    nothing is traced: flax 0.12's ``sow`` outside a capture would set an attribute on
+    the layer (deprecated), which would put activations into the model's state."""
+    if self.binary_acts and hasattr(self, "__captures__"):  # set by nnx.capture only
+      self.sow(BinaryInput, "binary_input", x)
 
   def _shifted(self, x: jax.Array) -> jax.Array:
     """The input the sign sees: ``x - threshold`` with RSign, else ``x``."""
+    self._sow_input(x)
     return x if self.act_shift is None else x - self.act_shift[...].astype(x.dtype)
 
-  def _finish(self, y: jax.Array) -> jax.Array:
-    """Bias, then RPReLU, on the output (last axis = output channels)."""
+  def _finish(self, y: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """The weight scale (if applied after), bias, then RPReLU, on the output (last axis =
+    output channels)."""
+    if scale is not None:
+      y = y * scale.astype(y.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     if self.rprelu is not None:
@@ -148,11 +183,12 @@ class BinaryConv(_Binary):
     self.conv_impl = conv_impl
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    kernel, scale = self._kernel_and_scale()
     y = kernels.get(self.conv_impl).conv(
-        self._shifted(x), self.quantized_kernel(), self.strides, self.padding,
+        self._shifted(x), kernel, self.strides, self.padding,
         estimator=self.estimator if self.binary_acts else None, ede=self.ede,
         binary_kernel=self.binary_weights, dtype=self.dtype)
-    return self._finish(y)
+    return self._finish(y, scale)
 
 
 class BinaryDense(_Binary):
@@ -180,9 +216,9 @@ class BinaryDense(_Binary):
     x = self._shifted(x)
     if self.binary_acts:
       x = ops.binarize(x, self.estimator, self.ede)
-    kernel = self.quantized_kernel()
+    kernel, scale = self._kernel_and_scale()
     dtype = self.dtype or jnp.result_type(x, kernel)
-    return self._finish(jnp.dot(x.astype(dtype), kernel.astype(dtype)))
+    return self._finish(jnp.dot(x.astype(dtype), kernel.astype(dtype)), scale)
 
 
 class BatchNorm(nnx.Module):

@@ -190,10 +190,14 @@ def mean_abs_sign(kernel: jax.Array, estimator: str = "ste", ede: EDE | None = N
   ``detach_scale=True`` gives ``dq/dw = alpha * 1{|w| <= 1}`` -- as their official code
   does (``scaling_factor.detach()``).
   """
+  return binarize(kernel, estimator, ede) * mean_abs_scale(kernel, detach_scale)
+
+
+def mean_abs_scale(kernel: jax.Array, detach: bool = False) -> jax.Array:
+  """``mean|w|`` per output channel, shape ``(1, ..., 1, out)``; without gradient if
+  ``detach`` (see :func:`mean_abs_sign`)."""
   alpha = jnp.mean(jnp.abs(kernel), axis=_reduce_axes(kernel), keepdims=True)
-  if detach_scale:
-    alpha = jax.lax.stop_gradient(alpha)
-  return binarize(kernel, estimator, ede) * alpha
+  return jax.lax.stop_gradient(alpha) if detach else alpha
 
 
 def quantize_weights(kernel: jax.Array, quantizer: str = "libra_pb",

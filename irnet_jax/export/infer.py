@@ -29,16 +29,11 @@ dense layer is the same dot product with ``K = in`` (one row per input vector).
 Exactness. The popcount result is an exact integer. Times a power-of-two scale
 (Libra-PB's ``2^exp``; 1 for plain "sign" weights) it is bitwise the float model's
 convolution output (sums of +-2^e below 2^24 * 2^e are exact in float32). A float
-scale (XNOR-Net / Bi-Real / ReActNet's per-channel ``mean|w|``) is *not* exact: the
-model convolves with the kernel ``sign(w) * alpha`` and so sums ``+-alpha`` in float
-(rounding as it goes, in XLA's order), the packed layer rounds ``alpha * integer``
-once. The two differ by a few ulps, and where the integer is 0 the model often keeps
-a residue (~1e-9) instead of 0, which a following ``sign`` (directly, or through
-RPReLU or a BatchNorm without shift) turns into +-1 instead of 0: such models agree
-with their packed form only up to these flips. (A model that scaled *after* its
-convolution, ``conv(sign(x), sign(w)) * alpha`` -- XNOR-Net's own formulation, with
-the same gradients -- would agree bit for bit.) RSign's ``x - threshold``, the bias
-and RPReLU are the model's own float ops.
+scale (XNOR-Net / Bi-Real / ReActNet's per-channel ``mean|w|``) is exact too: the
+layers convolve with ``sign(w)`` and multiply the output by ``alpha`` (XNOR-Net's own
+formulation, :meth:`irnet_jax.layers.BinaryConv._kernel_and_scale`), so both sides
+round ``alpha * integer`` once. RSign's ``x - threshold``, the bias and RPReLU are the
+model's own float ops.
 
 Float parts (stem, shortcuts, BN, classifier, generic operations) use the same
 jnp/lax expressions as the model, rounded the same way (products are kept from

@@ -19,8 +19,8 @@ model classes themselves take a resolved name (default "xla").
 
 A user's network is named ``"package.module:factory"`` (:func:`create` calls it); adding
 a model to the registry = one :class:`ModelSpec` in :data:`REGISTRY`. Everything else reads it:
-the config check, ``python -m irnet_jax.summary``, export (the family's
-``export_program`` method, next to its ``__call__``) and the test lists.
+the config check, ``python -m irnet_jax.summary`` and the test lists. Export needs
+nothing from a model: it traces the forward (:mod:`irnet_jax.export.trace`).
 """
 from __future__ import annotations
 
@@ -48,8 +48,7 @@ class ModelSpec:
     name: the registry key (``config.model.name``).
     build: constructor ``build(*, rngs, **kw) -> nnx.Module``; its defaults are the
       official network's (e.g. ``act_bits=32`` for the ``*_1w32a`` names).
-    family: the class ``build`` returns. Its ``export_program(builder)`` method emits
-      the deployable layer program (:mod:`irnet_jax.export.pack`).
+    family: the class ``build`` returns.
     input_size: the input height = width the network is designed for (pixels).
     min_input_size: the smallest input it is meant for (tests run there): the CIFAR
       ResNets' global average pool takes any size; the ImageNet ResNets' five
