@@ -16,8 +16,8 @@ Statistics (all dimensionless; entropies in bits):
 
 Model-level: :func:`binary_layers`, :func:`weight_signs` and :func:`measure`
 (a flat ``dict[str, scalar]`` for the metrics log; see its docstring for keys).
-:func:`record_calls` captures the inputs and outputs of chosen layer classes during
-one forward pass; :mod:`irnet_jax.summary` uses it for output shapes.
+:func:`binary_conv_inputs` collects the inputs the binary layers sow
+(:class:`irnet_jax.layers.BinaryInput`) during one forward pass under ``nnx.capture``.
 
 Training logs :func:`measure` every ``config.analysis_every_steps`` steps as the
 "analysis" split of ``metrics.jsonl`` (names kept so that old configs and runs
@@ -25,16 +25,13 @@ still read); :mod:`irnet_jax.report` plots them.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from irnet_jax import binarize, layers, ops
-
 
 # ----------------------------------------------------------------------------------
 # Tensor statistics.
@@ -182,66 +179,6 @@ def weight_signs(model: nnx.Module) -> dict[str, jax.Array]:
           for name, layer in binary_layers(model).items() if layer.binary_weights}
 
 
-@dataclasses.dataclass
-class Call:
-  """One recorded layer call: dotted ``path``, the ``module``, its first positional
-  ``input`` and its ``output`` (arrays, or tracers inside a transform)."""
-  path: str
-  module: nnx.Module
-  input: Any
-  output: Any
-
-
-@contextlib.contextmanager
-def record_calls(model: nnx.Module, classes: tuple[type, ...] = (layers.BinaryConv,)
-                 ) -> Iterator[list[Call]]:
-  """Records every call of a module of ``model`` whose type is one of ``classes``.
-
-  Usage::
-
-      with record_calls(model) as calls:
-        model(x)
-      {c.path: c.input for c in calls}
-
-  Works under ``jax.jit``/``eval_shape`` (it runs at trace time; the recorded
-  tracers can be returned from the traced function). Implemented by patching
-  ``cls.__call__`` for the duration of the block -- the layers have no ``sow``
-  and ``nnx.capture(method_outputs=...)`` records outputs only, while EDE
-  statistics need the *input* of each binary conv (``nnx.capture`` patches classes
-  the same way). Not thread-safe; calls of modules outside ``model`` are ignored.
-  Calls are listed in execution order.
-  """
-  paths = {id(m): _dotted(p) for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
-  calls: list[Call] = []
-  active: set[int] = set()  # Guards against double records via super().__call__.
-  saved = []
-  for cls in dict.fromkeys(classes):
-    own = cls.__dict__.get("__call__")
-    original = cls.__call__
-
-    def wrapper(self, *args, _orig=original, **kwargs):
-      if id(self) in active or id(self) not in paths:
-        return _orig(self, *args, **kwargs)
-      active.add(id(self))
-      try:
-        out = _orig(self, *args, **kwargs)
-      finally:
-        active.discard(id(self))
-      calls.append(Call(paths[id(self)], self, args[0] if args else None, out))
-      return out
-
-    saved.append((cls, own))
-    cls.__call__ = wrapper
-  try:
-    yield calls
-  finally:
-    for cls, own in reversed(saved):
-      if own is None:
-        delattr(cls, "__call__")
-      else:
-        cls.__call__ = own
-
-
 def binary_conv_inputs(model: nnx.Module, x: jax.Array,
                        ede: ops.EDE | None = None) -> dict[str, jax.Array]:
   """Input activations (before binarization) of each binary-activation conv on batch ``x``.
@@ -256,12 +193,14 @@ def binary_conv_inputs(model: nnx.Module, x: jax.Array,
   wanted = {name for name, layer in binary_layers(copy).items() if layer.binary_acts}
   if ede is not None:
     binarize.set_ede(copy, ede)
-  with record_calls(copy, (layers.BinaryConv, layers.BinaryDense)) as calls:
-    copy(x)
+  # The layers sow their inputs only inside nnx.capture (layers.BinaryInput); a layer
+  # called more than once keeps its first input. Paths: nnx.iter_graph's, as wanted's.
+  _, sown = nnx.capture(copy, layers.BinaryInput)(x)
   out = {}
-  for c in calls:
-    if c.path in wanted and c.path not in out:
-      out[c.path] = c.input
+  for path, value in nnx.to_flat_state(sown):
+    name = _dotted(path[:-1])  # path[-1] is "binary_input"
+    if name in wanted:
+      out[name] = value.get_value()[0]
   return out
 
 
@@ -346,5 +285,5 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 __all__ = ["entropy_bits", "sign_balance", "quantization_error", "flip_ratio",
            "ede_grad_scale", "skewed_gaussian_kernel", "weight_entropy_by_quantizer",
-           "binary_layers", "weight_signs", "record_calls", "Call", "binary_conv_inputs",
+           "binary_layers", "weight_signs", "binary_conv_inputs",
            "measure", "measure_state", "to_floats"]

@@ -34,14 +34,13 @@ import dataclasses
 import math
 import sys
 import types
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from irnet_jax import layers
-from irnet_jax.diagnostics import record_calls
 
 _LAYER_TYPES = (layers.BinaryConv, layers.BinaryDense, layers.BatchNorm, nnx.Conv,
                 nnx.Linear, nnx.BatchNorm)
@@ -127,23 +126,75 @@ def _count(module: nnx.Module, kind: type) -> int:
   return sum(_size(x) for x in jax.tree.leaves(nnx.state(module, kind)))
 
 
+# Output shapes: on the copy that nnx.merge builds inside jax.eval_shape, every reference
+# to a layer of _LAYER_TYPES is replaced, on its parent, by a _Recorder that calls the
+# layer and records its output. Chosen over the alternatives because nothing outside
+# that copy changes: flax 0.12's nnx.capture(method_outputs=...) wraps the methods of
+# every module *class* for the duration of the call (as the former record_calls did),
+# and sow needs code in each layer, which nnx.Conv/nnx.Linear/nnx.BatchNorm lack.
+
+
+class _Recorder(nnx.Module):
+  """Stands in for ``layer`` in the traced copy: calls it, then ``record(path, output)``."""
+
+  def __init__(self, layer: nnx.Module, path: str, record: Callable[[str, Any], None]):
+    self.layer, self.path, self.record = layer, path, record
+
+  def __getattr__(self, name: str):  # attributes the forward reads from the layer
+    layer = vars(self).get("layer")
+    if layer is None or name.startswith("__"):
+      raise AttributeError(name)
+    return getattr(layer, name)
+
+  def __call__(self, *args, **kwargs):
+    out = self.layer(*args, **kwargs)
+    self.record(self.path, out)
+    return out
+
+
+def _with_recorders(value: Any, paths: dict[int, str], record, seen: set[int]) -> Any:
+  """``value`` with every layer of _LAYER_TYPES below it replaced by a _Recorder:
+  modules, nnx.List/nnx.Dict, lists and dicts are edited in place, tuples rebuilt.
+  ``paths``: dotted path of each module by id (``nnx.iter_graph``'s first path)."""
+  if isinstance(value, _LAYER_TYPES):
+    return _Recorder(value, paths[id(value)], record)
+  if isinstance(value, tuple):
+    new = tuple(_with_recorders(v, paths, record, seen) for v in value)
+    return value if all(a is b for a, b in zip(new, value)) else type(value)(new)
+  if isinstance(value, (nnx.List, list)):
+    items = list(enumerate(value))
+  elif isinstance(value, dict):
+    items = list(value.items())
+  elif isinstance(value, nnx.Module) and id(value) not in seen:
+    seen.add(id(value))
+    items = [(k, v) for k, v in vars(value).items() if not k.startswith("_pytree__")]
+  else:
+    return value
+  for key, child in items:
+    new = _with_recorders(child, paths, record, seen)
+    if new is not child:
+      if isinstance(value, (nnx.List, list, dict)):
+        value[key] = new
+      else:
+        setattr(value, key, new)
+  return value
+
+
 def _output_shapes(model: nnx.Module, input_shape: Sequence[int]) -> dict[str, tuple]:
-  """Output shape of the first call of each layer, from an abstract forward pass."""
+  """Output shape of the first call of each layer, in call order, from an abstract
+  forward pass of NHWC ``input_shape`` (no FLOPs; ``model`` is not modified)."""
   graphdef, state = nnx.split(model)
-  paths: list[str] = []
+  shapes: dict[str, tuple] = {}
 
   def forward(state):
-    m = nnx.merge(graphdef, state)
-    with record_calls(m, _LAYER_TYPES) as calls:
-      m(jnp.zeros(input_shape, jnp.float32))
-    paths.extend(c.path for c in calls)
-    return [c.output for c in calls]
+    m = nnx.merge(graphdef, state)  # new modules: the recorders go on this copy
+    paths = {id(n): ".".join(map(str, p)) for p, n in nnx.iter_graph(m)}
+    m = _with_recorders(m, paths, lambda path, out: shapes.setdefault(path, out.shape),
+                        set())
+    m(jnp.zeros(input_shape, jnp.float32))
 
-  outs = jax.eval_shape(forward, state)  # No FLOPs: shapes only.
-  shapes: dict[str, tuple] = {}
-  for path, out in zip(paths, outs):
-    shapes.setdefault(path, tuple(out.shape))
-  return shapes
+  jax.eval_shape(forward, state)
+  return {path: tuple(shape) for path, shape in shapes.items()}
 
 
 def _layer_row(name: str, layer: nnx.Module, shape: tuple | None) -> LayerRow:

@@ -11,7 +11,6 @@ import irnet_jax
 from irnet_jax import diagnostics, layers, models, ops
 from irnet_jax import summary as summary_lib
 
-
 # The small checks run inside one jit each: eager dispatch would compile every
 # primitive separately, which dominates the run time on a shared CPU.
 
@@ -106,8 +105,25 @@ def test_diagnostics_jit_compiles_once_and_is_finite(resnet20):
   assert float(out2["ede_grad_scale_w"]) < float(out["ede_grad_scale_w"])
   # The forward pass for activations must not touch the model's BN statistics.
   np.testing.assert_array_equal(model.bn1.mean[...], bn_mean)
-  assert layers.BinaryConv.__call__.__name__ == "__call__"  # Patch removed.
+  # The layers sow only inside nnx.capture: the model holds no activations.
+  assert not jax.tree.leaves(nnx.state(model, nnx.Intermediate))
   assert set(diagnostics.to_floats(out)) == set(out)
+
+
+def test_binary_conv_inputs_are_the_binary_layers_inputs(resnet20):
+  x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+  inputs = diagnostics.binary_conv_inputs(resnet20, x)
+  binary_acts = {n for n, m in diagnostics.binary_layers(resnet20).items() if m.binary_acts}
+  assert set(inputs) == binary_acts and len(inputs) == 18
+  assert inputs["layer1.0.conv1"].shape == (2, 32, 32, 16)
+  assert inputs["layer3.2.conv2"].shape == (2, 8, 8, 64)
+  # The second conv of a block sees the first's output after its BN (and activation).
+  assert not np.allclose(inputs["layer1.0.conv1"], inputs["layer1.0.conv2"])
+  # A forward pass outside nnx.capture stores nothing, also under a jitted train step.
+  model = nnx.clone(resnet20)
+  nnx.jit(lambda m, x: m(x))(model, x)
+  assert not jax.tree.leaves(nnx.state(model, layers.BinaryInput))
+  assert not any(hasattr(m, "binary_input") for _, m in nnx.iter_graph(model))
 
 
 def test_measure_state_under_jax_jit(resnet20):
@@ -137,6 +153,27 @@ def test_summary_resnet20_counts(resnet20):
   text = summary_lib.format_summary(s)
   assert "layer1.0.conv1" in text and "269,850" in text
   assert irnet_jax.model_summary is summary_lib.summary
+
+
+def test_summary_of_flax_layers_in_containers():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.features = nnx.Sequential(nnx.Conv(3, 8, (3, 3), strides=2, rngs=rngs),
+                                     nnx.BatchNorm(8, rngs=rngs), nnx.relu)
+      self.heads = nnx.Dict(a=nnx.Linear(8, 4, rngs=rngs), unused=nnx.Linear(8, 2, rngs=rngs))
+
+    def __call__(self, x):
+      return self.heads["a"](self.features(x).mean(axis=(1, 2)))
+
+  model = Net(nnx.Rngs(0))
+  s = summary_lib.summary(model, (2, 16, 16, 3))
+  assert [r.name for r in s.rows] == ["features.layers.0", "features.layers.1", "heads.a",
+                                      "heads.unused"]
+  assert s.row("features.layers.0").output_shape == (2, 8, 8, 8)
+  assert s.row("features.layers.0").macs_float == 8 * 8 * 3 * 3 * 3 * 8
+  assert s.row("heads.a").output_shape == (2, 4)
+  assert s.row("heads.unused").output_shape is None
+  assert isinstance(model.features.layers[0], nnx.Conv)  # the model is left alone
 
 
 def test_summary_1w32a_has_no_binary_macs():
