@@ -158,12 +158,11 @@ def test_jit_schedules_and_dtype():
     tx.update(g1, state)
 
 
-def test_launcher_trains_with_bop_on_the_binary_kernels(tmp_path):
+def test_launcher_trains_with_bop_on_the_binary_kernels(tmp_path, toy_npz, tiny_config):
   # optimizer.binary=bop: binary kernels start at +-1 and stay there (Bop flips them);
   # the full-precision stem and classifier move by SGD.
   from irnet_jax import checkpointing, config as config_lib, train
-  from test_train import make_npz, tiny_config  # noqa: F401  (shared toy data)
-  c = tiny_config(make_npz(tmp_path / "toy.npz"), **{
+  c = tiny_config(toy_npz, **{
       "optimizer.binary": "bop", "optimizer.bop_gamma": 1e-2, "optimizer.bop_threshold": 1e-6,
       "model.weight_quantizer": "sign", "num_train_steps": 8})
   train.train_and_evaluate(c, str(tmp_path / "run"))

@@ -14,10 +14,9 @@ import sys
 
 import pytest
 
-from irnet_jax import config as config_lib, train
+from irnet_jax import config as config_lib
+from irnet_jax import train
 from irnet_jax import workdir as workdir_lib
-from test_train import REPO, make_npz, tiny_config
-
 
 # ------------------------------------------------------------------ config validation
 
@@ -72,11 +71,11 @@ def test_validate_accepts_what_configs_use():
 
 @pytest.mark.parametrize("override", [{"seed": -1}, {"keep_checkpoints": 0},
                                       {"ede.t_max": float("inf")}])
-def test_bad_values_are_refused_before_the_workdir_is_made(tmp_path, override):
+def test_bad_values_are_refused_before_the_workdir_is_made(tmp_path, override, toy_npz,
+                                                          tiny_config):
   # seed=-1 used to pass validation and fail after run.json was written.
-  npz = make_npz(tmp_path / "toy.npz")
   with pytest.raises(config_lib.ConfigError):
-    train.train_and_evaluate(tiny_config(npz, **override), str(tmp_path / "run"))
+    train.train_and_evaluate(tiny_config(toy_npz, **override), str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
 
 
@@ -91,9 +90,8 @@ def _config_file(path, c, extra=""):
   return str(path)
 
 
-def _cases(tmp):
+def _cases(tmp, npz, tiny_config):
   """{name: (argv after `python -m`, extra environment, text stderr must hold)}."""
-  npz = make_npz(tmp / "toy.npz")
   c = tiny_config(npz, num_train_steps=2)
   good = _config_file(tmp / "good.py", c)
   typo = _config_file(tmp / "typo.py", c, "  c.optimizer.learning_rat = 0.1\n")
@@ -141,15 +139,15 @@ def _cases(tmp):
 
 
 @pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory):
+def cli_runs(tmp_path_factory, toy_npz, tiny_config, repo_root):
   """{case: (CompletedProcess, expected text, tmp)} for every case, run 3 at a time."""
   tmp = tmp_path_factory.mktemp("cli")
-  cases = _cases(tmp)
+  cases = _cases(tmp, toy_npz, tiny_config)
   assert sorted(cases) == sorted(CASE_NAMES)
 
   def run(name):
     argv, env, _ = cases[name]
-    return subprocess.run([sys.executable, "-m", *argv], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", *argv], cwd=repo_root, capture_output=True,
                           text=True, timeout=300, env={**os.environ, **env})
 
   with workdir_lib.WorkdirLock(str(tmp / "busy")), \

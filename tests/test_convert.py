@@ -205,15 +205,14 @@ def test_official_checkpoint_dicts_load():
     convert.load_torch_state_dict(models.create("resnet20"), half)
 
 
-def test_imported_workdir_evaluates_exports_and_fine_tunes(tmp_path):
+def test_imported_workdir_evaluates_exports_and_fine_tunes(tmp_path, toy_npz, tiny_config):
   import json
   import os
 
   from irnet_jax import checkpointing, evaluate, report, steps, train
   from irnet_jax.convert import workdir as workdir_lib
-  from test_train import make_npz, tiny_config
 
-  npz = make_npz(tmp_path / "toy.npz")
+  npz = toy_npz
   src = _perturbed("resnet20", num_classes=4)
   sd = convert.to_torch_state_dict(nnx.state(src))
   obj = {"state_dict": {"module." + k: v for k, v in sd.items()}, "best_prec1": 77.5}

@@ -13,29 +13,28 @@ import pytest
 from flax import nnx
 
 from irnet_jax import checkpointing, evaluate, kernels, steps, train
-from test_train import REPO, make_npz, tiny_config
 
 
-def _config(npz):
+def _config(tiny_config, npz):
   """4 steps, checkpoints at 2 and 4, of a 12-class model on 4-class data (top-5)."""
   return tiny_config(npz, num_train_steps=4, eval_every_steps=4,
                      **{"model.num_classes": 12})
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, make_npz, tiny_config):
   """A finished run of :func:`_config`: (workdir, final metrics, its directory)."""
   tmp = tmp_path_factory.mktemp("eval")
   npz = make_npz(tmp / "toy.npz")
   workdir = str(tmp / "run")
-  final = train.train_and_evaluate(_config(npz), workdir)
+  final = train.train_and_evaluate(_config(tiny_config, npz), workdir)
   return workdir, final, tmp
 
 
-def test_cli_reproduces_the_runs_final_evaluation(trained):
+def test_cli_reproduces_the_runs_final_evaluation(trained, repo_root):
   workdir, final, _ = trained
   out = subprocess.run([sys.executable, "-m", "irnet_jax.evaluate", f"--workdir={workdir}"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+                       cwd=repo_root, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.load(open(os.path.join(workdir, "eval_metrics.json")))
   assert f"test_accuracy={got['test_accuracy']:.4f}" in out.stdout
@@ -45,7 +44,7 @@ def test_cli_reproduces_the_runs_final_evaluation(trained):
   assert "test_top5_accuracy" in got  # 12 classes.
 
 
-def test_other_dataset_and_top5_match_the_model(trained):
+def test_other_dataset_and_top5_match_the_model(trained, make_npz):
   workdir, _, tmp = trained
   other = make_npz(tmp / "other.npz", n_test=13, seed=5)
   c = checkpointing.load_config(workdir)
@@ -65,12 +64,12 @@ def test_other_dataset_and_top5_match_the_model(trained):
   assert got["dataset"]["path"] == other
 
 
-def test_cli_overrides_apply_to_the_workdirs_config(trained):
+def test_cli_overrides_apply_to_the_workdirs_config(trained, make_npz, repo_root):
   workdir, _, tmp = trained
   other = make_npz(tmp / "other_cli.npz", n_test=13, seed=5)
   out = subprocess.run([sys.executable, "-m", "irnet_jax.evaluate", f"--workdir={workdir}",
                         f"--config.dataset.path={other}", "--config.eval_batch_size=4"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+                       cwd=repo_root, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.load(open(os.path.join(workdir, "eval_metrics.json")))
   assert got["dataset"]["path"] == other and got["test_examples"] == 13
@@ -111,7 +110,8 @@ def test_a_workdir_trained_with_the_cpu_kernels_evaluates_without_them(trained, 
     evaluate.evaluate_workdir(workdir, conv_impl="avx512")
 
 
-def test_damaged_newest_checkpoint_is_trained_again_and_evaluated(trained, tmp_path):
+def test_damaged_newest_checkpoint_is_trained_again_and_evaluated(trained, tmp_path,
+                                                                   tiny_config):
   # Issue 19 acceptance: damage the newest checkpoint of a finished run and rerun it;
   # training resumes from the previous one and saves the newest step again (it used to
   # stay at the previous one for ever), and evaluate reads it with the parameters of
@@ -121,7 +121,7 @@ def test_damaged_newest_checkpoint_is_trained_again_and_evaluated(trained, tmp_p
   for f in glob.glob(os.path.join(ckpt_dir, "4", "**", "*"), recursive=True):
     if os.path.isfile(f):
       open(f, "wb").write(b"garbage")
-  again = train.train_and_evaluate(_config(str(tmp / "toy.npz")), workdir)
+  again = train.train_and_evaluate(_config(tiny_config, str(tmp / "toy.npz")), workdir)
   got = evaluate.evaluate_workdir(workdir)
   assert got["step"] == 4 and got["test_accuracy"] == final["test_accuracy"]
   assert again["params_fingerprint"] == final["params_fingerprint"]

@@ -14,9 +14,7 @@ import jax
 import pytest
 
 from irnet_jax import preemption
-from test_train import make_npz
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Steps of a whole run, so that a signal sent after step SIGNAL_AFTER_STEP lands mid-run:
 # one process makes ~35 steps/s on an idle 2-core CPU, two over gloo far fewer (2-25
 # steps/s measured on a busy one).
@@ -54,12 +52,12 @@ class _Launch:
   """One ``python -m irnet_jax.main`` process in its own session (process group),
   output to a file (no pipe to fill up), killed with its group by :meth:`kill`."""
 
-  def __init__(self, workdir, npz, total, log_path, extra=()):
+  def __init__(self, workdir, npz, total, log_path, cwd, extra=()):
     self.workdir, self.log_path = str(workdir), str(log_path)
     cmd = [sys.executable, "-m", "irnet_jax.main", "--config=quickstart",
            f"--workdir={workdir}", *_overrides(npz, total), *extra]
     self.log = open(log_path, "w")
-    self.proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=self.log,
+    self.proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=self.log,
                                  stderr=subprocess.STDOUT, start_new_session=True)
 
   def output(self):
@@ -145,36 +143,39 @@ def _run_to_end(launches):
 
 
 @pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-  return make_npz(tmp_path_factory.mktemp("data") / "toy.npz")
+def launch(toy_npz, repo_root):
+  """``launch(workdir, total, log_path, extra=())``: a :class:`_Launch` on the toy set."""
+  def start(workdir, total, log_path, extra=()):
+    return _Launch(workdir, toy_npz, total, log_path, repo_root, extra)
+  return start
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_single(npz, tmp_path_factory):
+def uninterrupted_single(launch, tmp_path_factory):
   """params_fingerprint of a single-process run never interrupted."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  launch = _Launch(workdir, npz, SINGLE_STEPS, workdir / "log.txt")
+  run = launch(workdir, SINGLE_STEPS, workdir / "log.txt")
   try:
-    _run_to_end([launch])
+    _run_to_end([run])
   finally:
-    launch.kill()
+    run.kill()
   return _fingerprint(workdir)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_checkpoints_exits_75_and_resumes_exactly(signum, npz, uninterrupted_single,
+def test_signal_checkpoints_exits_75_and_resumes_exactly(signum, launch, uninterrupted_single,
                                                          tmp_path):
   workdir = tmp_path / "run"
   launches = []
   try:
-    launches.append(_Launch(workdir, npz, SINGLE_STEPS, tmp_path / "log1.txt"))
+    launches.append(launch(workdir, SINGLE_STEPS, tmp_path / "log1.txt"))
     _wait_for_train_steps(launches, workdir, SIGNAL_AFTER_STEP, SINGLE_STEPS)
     launches[0].proc.send_signal(signum)
     rc = launches[0].wait(EXIT_TIMEOUT_S)
     assert rc == preemption.EXIT_CODE, f"exit code {rc}:\n{launches[0].output()}"
     _check_preempted(workdir, SINGLE_STEPS)
-    launches.append(_Launch(workdir, npz, SINGLE_STEPS, tmp_path / "log2.txt"))
+    launches.append(launch(workdir, SINGLE_STEPS, tmp_path / "log2.txt"))
     _run_to_end(launches[1:])
   finally:
     _kill_all(launches)
@@ -182,18 +183,18 @@ def test_signal_checkpoints_exits_75_and_resumes_exactly(signum, npz, uninterrup
 
 
 @pytest.mark.slow
-def test_second_launch_into_a_running_workdir_is_refused(npz, uninterrupted_single,
+def test_second_launch_into_a_running_workdir_is_refused(launch, uninterrupted_single,
                                                           tmp_path):
   # The same command again (a launch with another config is refused by run.json first).
   workdir = tmp_path / "run"
   launches = []
   try:
-    launches.append(_Launch(workdir, npz, SINGLE_STEPS, tmp_path / "first.txt"))
+    launches.append(launch(workdir, SINGLE_STEPS, tmp_path / "first.txt"))
     _wait_for_train_steps(launches, workdir, SIGNAL_AFTER_STEP, SINGLE_STEPS)
     # Held still (its lock too) so that it is mid-run whenever the second one starts.
     launches[0].proc.send_signal(signal.SIGSTOP)
     started = time.monotonic()
-    launches.append(_Launch(workdir, npz, SINGLE_STEPS, tmp_path / "second.txt"))
+    launches.append(launch(workdir, SINGLE_STEPS, tmp_path / "second.txt"))
     rc = launches[1].wait(60)
     launches[0].proc.send_signal(signal.SIGCONT)
     assert rc not in (0, preemption.EXIT_CODE) and time.monotonic() - started < 30
@@ -213,24 +214,24 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch_two(workdir, npz, tmp_path, tag):
+def _launch_two(launch, workdir, tmp_path, tag):
   port = _free_port()
-  return [_Launch(workdir, npz, TWO_PROCESS_STEPS, tmp_path / f"{tag}_{i}.txt",
+  return [launch(workdir, TWO_PROCESS_STEPS, tmp_path / f"{tag}_{i}.txt",
                   [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                    f"--process_id={i}"]) for i in range(2)]
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(npz, tmp_path):
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(launch, tmp_path):
   reference = tmp_path / "uninterrupted"
   launches = []
   try:
     # The uninterrupted pair runs alongside the interrupted one (its own port): start-up
     # and compilation are most of a launch (process 1 compiles every time: only process
     # 0 uses the persistent cache), and they overlap.
-    launches += _launch_two(reference, npz, tmp_path, "uninterrupted")
+    launches += _launch_two(launch, reference, tmp_path, "uninterrupted")
     workdir = tmp_path / "run"
-    launches += _launch_two(workdir, npz, tmp_path, "interrupted")
+    launches += _launch_two(launch, workdir, tmp_path, "interrupted")
     _wait_for_train_steps(launches[2:], workdir, SIGNAL_AFTER_STEP, TWO_PROCESS_STEPS)
     launches[3].proc.send_signal(signal.SIGTERM)  # Process 1 only: JAX tells process 0.
     for launch in launches[2:]:
@@ -239,7 +240,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(npz, tmp_pa
     step = _check_preempted(workdir, TWO_PROCESS_STEPS)
     for launch in launches[2:]:  # Each process stopped after that same step.
       assert f"stopped by a preemption signal after step {step};" in launch.output()
-    launches += _launch_two(workdir, npz, tmp_path, "resumed")
+    launches += _launch_two(launch, workdir, tmp_path, "resumed")
     _run_to_end(launches[:2] + launches[4:])
   finally:
     _kill_all(launches)

@@ -13,50 +13,6 @@ from flax import nnx
 
 from irnet_jax import checkpointing, config as config_lib, configs, kernels, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_npz(path, n_train=64, n_test=21, size=8, seed=0):
-  """A learnable toy set: the class is the bright quadrant of a noisy image."""
-  rng = np.random.default_rng(seed)
-
-  def split(n):
-    y = rng.integers(0, 4, n)
-    x = rng.integers(0, 60, (n, size, size, 3))
-    h = size // 2
-    for i, c in enumerate(y):
-      x[i, (c // 2) * h:(c // 2 + 1) * h, (c % 2) * h:(c % 2 + 1) * h] += 180
-    return x.astype(np.uint8), y.astype(np.int32)
-
-  x_train, y_train = split(n_train)
-  x_test, y_test = split(n_test)
-  np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-  return str(path)
-
-
-def tiny_config(npz, **overrides):
-  c = config_lib.base_config()
-  c.dataset.name, c.dataset.path = "npz", npz
-  c.dataset.augment, c.dataset.image_size, c.dataset.num_threads = "none", 8, 0
-  c.batch_size, c.eval_batch_size = 16, 8
-  c.num_train_steps, c.checkpoint_every_steps, c.log_every_steps = 6, 2, 1
-  c.eval_every_steps = 6
-  c.progress_bar = False
-  c.ede.schedule_by = "step"
-  c.update_from_flattened_dict(overrides)  # dotted keys, e.g. **{"dataset.augment": ...}
-  return c
-
-
-def read_metrics(workdir, split):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r for r in map(json.loads, f) if r["split"] == split]
-
-
-@pytest.fixture(scope="module")
-def npz(tmp_path_factory):
-  return make_npz(tmp_path_factory.mktemp("data") / "toy.npz")
-
-
 def test_every_config_loads_and_validates():
   assert len(configs.names()) >= 15
   for name in configs.names():
@@ -76,31 +32,31 @@ def test_every_config_loads_and_validates():
     ({"num_epochs": 0}, "num_epochs"),
     ({"dataset.path": ""}, "dataset.path"),
 ])
-def test_bad_config_fails_before_compiling(npz, tmp_path, override, message):
+def test_bad_config_fails_before_compiling(toy_npz, tmp_path, override, message, tiny_config):
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(tiny_config(npz, **override), str(tmp_path))
+    train.train_and_evaluate(tiny_config(toy_npz, **override), str(tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_missing_npz_file_is_a_clear_error(tmp_path):
+def test_missing_npz_file_is_a_clear_error(tmp_path, tiny_config):
   with pytest.raises(ValueError, match="does not exist|not found|No such"):
     train.train_and_evaluate(tiny_config(str(tmp_path / "nope.npz")), str(tmp_path / "w"))
 
 
-def test_cli_override_and_typo(tmp_path):
+def test_cli_override_and_typo(tmp_path, repo_root):
   base = [sys.executable, "-m", "irnet_jax.main", "--config=quickstart",
           f"--workdir={tmp_path}"]
-  typo = subprocess.run(base + ["--config.optimizer.learnig_rate=0.1"], cwd=REPO,
+  typo = subprocess.run(base + ["--config.optimizer.learnig_rate=0.1"], cwd=repo_root,
                         capture_output=True, text=True, timeout=120)
   assert typo.returncode != 0 and "learnig_rate" in typo.stderr
-  bad = subprocess.run(base + ["--config.model.name=resnet99"], cwd=REPO,
+  bad = subprocess.run(base + ["--config.model.name=resnet99"], cwd=repo_root,
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "model.name" in bad.stderr
 
 
-def test_one_and_four_devices_same_loss(npz, tmp_path):
-  one = train.train_and_evaluate(tiny_config(npz, num_devices=1), str(tmp_path / "one"))
-  four = train.train_and_evaluate(tiny_config(npz, num_devices=4), str(tmp_path / "four"))
+def test_one_and_four_devices_same_loss(toy_npz, tmp_path, tiny_config, read_metrics):
+  one = train.train_and_evaluate(tiny_config(toy_npz, num_devices=1), str(tmp_path / "one"))
+  four = train.train_and_evaluate(tiny_config(toy_npz, num_devices=4), str(tmp_path / "four"))
   l1 = [r["loss"] for r in read_metrics(tmp_path / "one", "train")]
   l4 = [r["loss"] for r in read_metrics(tmp_path / "four", "train")]
   assert len(l1) == len(l4) == 6
@@ -119,10 +75,10 @@ def test_one_and_four_devices_same_loss(npz, tmp_path):
   assert {"step", "loss", "accuracy", "lr", "ede_t", "ede_k", "images_per_sec"} <= rec.keys()
 
 
-def test_cpu_kernels_only_on_a_single_device_mesh(npz):
+def test_cpu_kernels_only_on_a_single_device_mesh(toy_npz, tiny_config):
   # On a multi-device mesh the opaque kernels would run on the gathered batch on every
   # device: "auto" resolves to XLA's (partitioned) convolutions there.
-  c = tiny_config(npz)
+  c = tiny_config(toy_npz)
   c.model.num_classes = 4
   batch = {"image": np.zeros((16, 8, 8, 3), np.float32), "label": np.zeros(16, np.int32)}
   for n in (1, 4):
@@ -133,8 +89,8 @@ def test_cpu_kernels_only_on_a_single_device_mesh(npz):
   assert setup.conv_impl == "xla_cpu"
 
 
-def test_loss_decreases_on_learnable_set(npz, tmp_path):
-  c = tiny_config(npz, num_train_steps=40, checkpoint_every_steps=40, eval_every_steps=40,
+def test_loss_decreases_on_learnable_set(toy_npz, tmp_path, tiny_config, read_metrics):
+  c = tiny_config(toy_npz, num_train_steps=40, checkpoint_every_steps=40, eval_every_steps=40,
                   log_every_steps=10, analysis_every_steps=20, **{"optimizer.schedule": "constant",
                                          "optimizer.learning_rate": 0.05})
   final = train.train_and_evaluate(c, str(tmp_path))
@@ -161,12 +117,12 @@ def _kill_at(step):
   return hook
 
 
-def test_kill_and_resume_is_bit_identical(npz, tmp_path):
-  ref = train.train_and_evaluate(tiny_config(npz), str(tmp_path / "ref"))
+def test_kill_and_resume_is_bit_identical(toy_npz, tmp_path, tiny_config, read_metrics):
+  ref = train.train_and_evaluate(tiny_config(toy_npz), str(tmp_path / "ref"))
   with pytest.raises(_Kill):
-    train.train_and_evaluate(tiny_config(npz), str(tmp_path / "run"), step_hook=_kill_at(3))
+    train.train_and_evaluate(tiny_config(toy_npz), str(tmp_path / "run"), step_hook=_kill_at(3))
   assert checkpointing.Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [2]
-  resumed = train.train_and_evaluate(tiny_config(npz), str(tmp_path / "run"))
+  resumed = train.train_and_evaluate(tiny_config(toy_npz), str(tmp_path / "run"))
   assert resumed["params_fingerprint"] == ref["params_fingerprint"]
   assert resumed["test_loss"] == ref["test_loss"]
   # The log of the resumed run is that of one run: each step once, same losses.
@@ -176,8 +132,8 @@ def test_kill_and_resume_is_bit_identical(npz, tmp_path):
                              [r["loss"] for r in read_metrics(tmp_path / "ref", "train")])
 
 
-def test_corrupt_newest_checkpoint_falls_back(npz, tmp_path, caplog):
-  train.train_and_evaluate(tiny_config(npz, num_train_steps=4), str(tmp_path))
+def test_corrupt_newest_checkpoint_falls_back(toy_npz, tmp_path, caplog, tiny_config):
+  train.train_and_evaluate(tiny_config(toy_npz, num_train_steps=4), str(tmp_path))
   ckpt_dir = tmp_path / "checkpoints"
   assert checkpointing.Checkpointer(str(ckpt_dir)).all_steps() == [2, 4]
   for f in glob.glob(str(ckpt_dir / "4" / "model" / "**" / "*"), recursive=True):
@@ -192,9 +148,9 @@ def test_corrupt_newest_checkpoint_falls_back(npz, tmp_path, caplog):
   assert config.model.num_classes == 4
 
 
-def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(npz, tmp_path):
+def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(toy_npz, tmp_path, tiny_config):
   # lr 1e15: step 1 is still finite (and checkpointed), step 2 overflows.
-  c = tiny_config(npz, num_train_steps=8, checkpoint_every_steps=1,
+  c = tiny_config(toy_npz, num_train_steps=8, checkpoint_every_steps=1,
                   **{"optimizer.learning_rate": 1e15, "optimizer.schedule": "constant"})
   with pytest.raises(FloatingPointError, match="last good checkpoint") as err:
     train.train_and_evaluate(c, str(tmp_path))
@@ -231,23 +187,24 @@ def _config_file(tmp_path, c):
   return str(path)
 
 
-def test_restart_with_another_config_is_refused_and_leaves_workdir_identical(npz, tmp_path):
+def test_restart_with_another_config_is_refused_and_leaves_workdir_identical(
+    toy_npz, tmp_path, tiny_config, read_metrics, repo_root):
   workdir = tmp_path / "run"
-  c = tiny_config(npz, num_train_steps=4)
+  c = tiny_config(toy_npz, num_train_steps=4)
   ref = train.train_and_evaluate(c, str(workdir))
   before = _hash_tree(workdir)
   assert {"config.json", "run.json", "metrics.jsonl", "final_metrics.json"} <= before.keys()
   # The launcher, as a user would run it: non-zero exit, each field named with the fix.
   cmd = [sys.executable, "-m", "irnet_jax.main", f"--config={_config_file(tmp_path, c)}",
          f"--workdir={workdir}", "--config.model.name=resnet18_cifar"]
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert "model.name: 'resnet20' (recorded) vs 'resnet18_cifar' (now)" in out.stderr
   assert "--workdir" in out.stderr and "--config.model.name=resnet20" in out.stderr
   assert "Traceback" not in out.stderr
   assert _hash_tree(workdir) == before
   # In process: every differing field is named; nothing is touched either.
-  other = tiny_config(npz, num_train_steps=4, seed=1, **{"optimizer.learning_rate": 0.2})
+  other = tiny_config(toy_npz, num_train_steps=4, seed=1, **{"optimizer.learning_rate": 0.2})
   with pytest.raises(checkpointing.RunMismatchError) as e:
     train.train_and_evaluate(other, str(workdir))
   assert "seed: 0 (recorded) vs 1" in str(e.value)
@@ -255,39 +212,39 @@ def test_restart_with_another_config_is_refused_and_leaves_workdir_identical(npz
   assert _hash_tree(workdir) == before
   # Fields on the resumable list may change: the finished run is resumed, not redone.
   again = train.train_and_evaluate(
-      tiny_config(npz, num_train_steps=4, log_every_steps=3, eval_every_steps=2,
+      tiny_config(toy_npz, num_train_steps=4, log_every_steps=3, eval_every_steps=2,
                   checkpoint_every_steps=1, num_devices=2, eval_batch_size=4), str(workdir))
   assert again["params_fingerprint"] == ref["params_fingerprint"]
   assert [r["step"] for r in read_metrics(workdir, "train")] == [1, 2, 3, 4]
 
 
-def test_incompatible_checkpoint_is_an_error_not_unreadable(npz, tmp_path):
+def test_incompatible_checkpoint_is_an_error_not_unreadable(toy_npz, tmp_path, tiny_config):
   # A workdir without run.json/config.json (e.g. written by an older version): the
   # checkpoints themselves refuse another model instead of being skipped as damaged.
   workdir = tmp_path / "run"
-  train.train_and_evaluate(tiny_config(npz, num_train_steps=2), str(workdir))
+  train.train_and_evaluate(tiny_config(toy_npz, num_train_steps=2), str(workdir))
   os.remove(workdir / "run.json")
   os.remove(workdir / "config.json")
   before = _hash_tree(workdir)
   with pytest.raises(checkpointing.IncompatibleCheckpointError,
                      match=r"checkpoint 2 .*does not belong to this run.*shapes differ"):
-    train.train_and_evaluate(tiny_config(npz, num_train_steps=2,
+    train.train_and_evaluate(tiny_config(toy_npz, num_train_steps=2,
                                          **{"model.name": "resnet18_cifar"}), str(workdir))
   assert _hash_tree(workdir) == before
 
 
-def test_damaged_newest_checkpoint_falls_back_on_resume(npz, tmp_path, caplog):
+def test_damaged_newest_checkpoint_falls_back_on_resume(toy_npz, tmp_path, caplog, tiny_config):
   caplog.set_level(logging.INFO, logger="irnet_jax")
-  ref = train.train_and_evaluate(tiny_config(npz), str(tmp_path / "ref"))
+  ref = train.train_and_evaluate(tiny_config(toy_npz), str(tmp_path / "ref"))
   with pytest.raises(_Kill):
-    train.train_and_evaluate(tiny_config(npz), str(tmp_path / "run"), step_hook=_kill_at(5))
+    train.train_and_evaluate(tiny_config(toy_npz), str(tmp_path / "run"), step_hook=_kill_at(5))
   ckpt_dir = tmp_path / "run" / "checkpoints"
   assert checkpointing.Checkpointer(str(ckpt_dir)).all_steps() == [2, 4]
   for f in glob.glob(str(ckpt_dir / "4" / "model" / "**" / "*"), recursive=True):
     if os.path.isfile(f):
       with open(f, "wb") as fh:
         fh.write(b"garbage")
-  resumed = train.train_and_evaluate(tiny_config(npz), str(tmp_path / "run"))
+  resumed = train.train_and_evaluate(tiny_config(toy_npz), str(tmp_path / "run"))
   assert "checkpoint 4" in caplog.text and "falling back" in caplog.text
   assert "resumed from step 2" in caplog.text  # Not from scratch (which would match too).
   assert resumed["params_fingerprint"] == ref["params_fingerprint"]
@@ -296,14 +253,13 @@ def test_damaged_newest_checkpoint_falls_back_on_resume(npz, tmp_path, caplog):
 # ------------------------------------------------------------------ steps per call
 
 
-def _fingerprint_after(npz, tmp_path, name, **overrides):
-  c = tiny_config(npz, num_train_steps=64, log_every_steps=8, checkpoint_every_steps=32,
-                  eval_every_steps=64, **{"dataset.augment": "shift", **overrides})
-  return train.train_and_evaluate(c, str(tmp_path / name))["params_fingerprint"]
-
-
 @pytest.mark.slow
-def test_k_steps_per_call_are_bit_identical_to_single_steps(npz, tmp_path):
+def test_k_steps_per_call_are_bit_identical_to_single_steps(toy_npz, tmp_path, tiny_config):
+  def fingerprint_after(name, **overrides):
+    c = tiny_config(toy_npz, num_train_steps=64, log_every_steps=8, checkpoint_every_steps=32,
+                    eval_every_steps=64, **{"dataset.augment": "shift", **overrides})
+    return train.train_and_evaluate(c, str(tmp_path / name))["params_fingerprint"]
+
   # "scan" is what GPUs and TPUs run (one lax.scan of K steps): host pipeline and data
   # on the device, 1 and 4 devices. On this CPU "auto" dispatches the jitted step K
   # times (what users run here): checked once, and recorded in config.json.
@@ -311,41 +267,43 @@ def test_k_steps_per_call_are_bit_identical_to_single_steps(npz, tmp_path):
     common = dict(num_devices=devices, steps_per_call_mode="scan",
                   **{"dataset.cache_on_device": resident})
     name = f"d{devices}r{int(resident)}"
-    assert _fingerprint_after(npz, tmp_path, name + "k1", steps_per_call=1, **common) == \
-        _fingerprint_after(npz, tmp_path, name + "k8", steps_per_call=8, **common), name
-  assert _fingerprint_after(npz, tmp_path, "auto1", steps_per_call=1) == \
-      _fingerprint_after(npz, tmp_path, "auto8", steps_per_call=8)
+    assert fingerprint_after(name + "k1", steps_per_call=1, **common) == \
+        fingerprint_after(name + "k8", steps_per_call=8, **common), name
+  assert fingerprint_after("auto1", steps_per_call=1) == \
+      fingerprint_after("auto8", steps_per_call=8)
   recorded = json.load(open(tmp_path / "auto8" / "config.json"))
   assert recorded["steps_per_call_mode"] == "dispatch"
 
 
-def test_cadence_not_a_multiple_of_the_call_is_an_error_before_compiling(npz, tmp_path):
+def test_cadence_not_a_multiple_of_the_call_is_an_error_before_compiling(toy_npz, tmp_path,
+                                                                         tiny_config):
   with pytest.raises(ValueError, match=r"log_every_steps=3 is not a multiple of "
                      r"config.steps_per_call=2.*log_every_steps=2 or 4"):
-    train.train_and_evaluate(tiny_config(npz, steps_per_call=2, log_every_steps=3),
+    train.train_and_evaluate(tiny_config(toy_npz, steps_per_call=2, log_every_steps=3),
                              str(tmp_path / "a"))
   # Per-epoch evaluation: 64 images / batch 16 = 4 steps an epoch, not a multiple of 3.
   with pytest.raises(ValueError, match=r"every epoch \(4 steps\).*steps_per_call=3.*\[2, 4\]"):
     train.train_and_evaluate(
-        tiny_config(npz, steps_per_call=3, log_every_steps=3, checkpoint_every_steps=3,
+        tiny_config(toy_npz, steps_per_call=3, log_every_steps=3, checkpoint_every_steps=3,
                     eval_every_steps=-1), str(tmp_path / "b"))
   assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 
-def test_cli_non_multiple_cadence_is_one_line(tmp_path):
+def test_cli_non_multiple_cadence_is_one_line(tmp_path, repo_root):
   proc = subprocess.run(
       [sys.executable, "-m", "irnet_jax.main", "--config=quickstart",
-       f"--workdir={tmp_path}", "--config.steps_per_call=8"], cwd=REPO,
+       f"--workdir={tmp_path}", "--config.steps_per_call=8"], cwd=repo_root,
       capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert "log_every_steps=20 is not a multiple of config.steps_per_call=8" in proc.stderr
   assert "Traceback" not in proc.stderr
 
 
-def test_tensorboard_holds_the_metrics_and_profile_steps_leave_a_trace(npz, tmp_path):
+def test_tensorboard_holds_the_metrics_and_profile_steps_leave_a_trace(toy_npz, tmp_path,
+                                                                       tiny_config, read_metrics):
   from tensorboard.backend.event_processing import plugin_event_multiplexer as multiplexer
   workdir = tmp_path / "run"
-  train.train_and_evaluate(tiny_config(npz, eval_every_steps=3, profile_steps="2,4"),
+  train.train_and_evaluate(tiny_config(toy_npz, eval_every_steps=3, profile_steps="2,4"),
                            str(workdir))
   events = multiplexer.EventMultiplexer()
   events.AddRunsFromDirectory(str(workdir / "tensorboard"))
@@ -372,8 +330,8 @@ def test_tensorboard_holds_the_metrics_and_profile_steps_leave_a_trace(npz, tmp_
   assert traces and os.path.getsize(traces[0]) > 0
 
 
-def test_tensorboard_off_writes_no_event_files(npz, tmp_path):
-  train.train_and_evaluate(tiny_config(npz, num_train_steps=2, tensorboard=False),
+def test_tensorboard_off_writes_no_event_files(toy_npz, tmp_path, tiny_config, read_metrics):
+  train.train_and_evaluate(tiny_config(toy_npz, num_train_steps=2, tensorboard=False),
                            str(tmp_path))
   assert not os.path.exists(tmp_path / "tensorboard")
   assert read_metrics(tmp_path, "train")
