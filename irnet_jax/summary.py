@@ -293,13 +293,18 @@ def format_summary(s: Summary) -> str:
 # CLI.
 
 
-# Classes of the datasets the configs name, for configs whose model.num_classes is
-# -1 ("from the dataset"): the summary must not need the data itself.
-_DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000, "imagenet": 1000,
-                    "digits": 10, "mnist": 10, "tfds:cifar10": 10, "tfds:cifar100": 100,
-                    "tfds:imagenet2012": 1000}
 _MODEL_KEYS = ("num_classes", "weight_bits", "act_bits", "estimator", "weight_quantizer",
                "structure")
+
+
+def _dataset_classes(name: str) -> int | None:
+  """The class count the data source table fixes for ``name`` (None: from the data,
+  an unknown name, or no input pipeline installed)."""
+  try:
+    from irnet_jax.data import sources  # pylint: disable=import-outside-toplevel
+    return sources.source_spec(name).num_classes
+  except (ImportError, ValueError):  # no [train] extra; an unknown name
+    return None
 
 
 def _config_kwargs(config) -> tuple[str, dict, int | None]:
@@ -307,12 +312,13 @@ def _config_kwargs(config) -> tuple[str, dict, int | None]:
   mc = config.model
   kw = {k: mc[k] for k in _MODEL_KEYS if k in mc and mc[k] not in (None, "")}
   dataset = config.get("dataset", {})
-  if kw.get("num_classes", 0) <= 0:
+  if kw.get("num_classes", 0) <= 0:  # -1: "from the dataset", without reading it
     kw.pop("num_classes", None)
     name = dataset.get("name", "")
-    if name in _DATASET_CLASSES:
-      kw["num_classes"] = _DATASET_CLASSES[name]
-    else:  # Unknown (e.g. npz): the model's default; pass --num_classes to set it.
+    num_classes = _dataset_classes(name)
+    if num_classes:
+      kw["num_classes"] = num_classes
+    else:  # From the data (e.g. npz): the model's default; --num_classes sets it.
       print(f"note: num_classes of dataset {name!r} unknown; using the model default")
   return mc.name, kw, dataset.get("image_size")
 

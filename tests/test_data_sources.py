@@ -707,3 +707,38 @@ def test_postscript_named_jpg_is_a_bad_image(tmp_path, monkeypatch):
     encoded = _encode(Image.fromarray(image).convert(mode), "JPEG")
     assert decode.decode_image(encoded).shape == (16, 16, 3)
     assert decode_crop.resize_center_crop(encoded, "f", 8).shape == (8, 8, 3)
+
+
+def test_source_table_drives_every_dispatcher(tmp_path, monkeypatch):
+  """One row of sources.SOURCES per name: opening, inspection, the default eval split,
+  whether the data is in memory, and the class count the summary reads."""
+  from irnet_jax import summary  # pylint: disable=import-outside-toplevel
+  assert data.DATASETS == tuple(sources.SOURCES)
+  assert sources.source_spec("imagenet2012") is sources.SOURCES["tfds:imagenet2012"]
+  assert sources.source_spec("tfds:mnist").num_classes is None
+  assert sources.tfds_name("imagenet2012") == "imagenet2012"
+  assert sources.tfds_name("tfds:") is None and sources.tfds_name("npz") is None
+  with pytest.raises(ValueError, match="Unknown dataset ds_cfg.name='tfds:'"):
+    sources.source_spec("tfds:")
+  assert {n for n, s in sources.SOURCES.items() if s.in_memory} == {
+      "cifar10", "cifar100", "npz", "digits"}
+  for name, split in (("imagefolder", "val"), ("imagenet2012", "validation"),
+                      ("filelist", "test"), ("tfds:mnist", "test")):
+    assert sources.eval_split_name({"name": name, "test_split": ""}) == split
+  assert sources.eval_split_name({"name": "imagefolder", "test_split": "v"}) == "v"
+  for name, classes in (("cifar100", 100), ("digits", 10), ("imagenet2012", 1000),
+                        ("npz", None), ("nope", None)):
+    assert summary._dataset_classes(name) == classes, name
+  # An in-memory row opens ArraySources; a file row refuses cache_on_device and lists
+  # the in-memory names.
+  train, _ = sources.get_sources({"name": "digits"})
+  assert isinstance(train, sources.ArraySource)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home_cache"))
+  root = tmp_path / "data"
+  _tree(root, "train")
+  _tree(root, "val")
+  with pytest.raises(ValueError, match=r"in-memory data set \(cifar10, cifar100, npz, "
+                     r"digits\); 'imagefolder' is read from files"):
+    data.resident_arrays(_cfg(path=str(root), augment="imagenet"))
+  arrays = data.resident_arrays(_cfg(name="digits", augment="none"))
+  assert arrays["train_image"].shape[1:] == (16, 16, 3)

@@ -41,9 +41,7 @@ import numpy as np
 from absl import flags
 
 from irnet_jax.data import augment as augment_lib
-from irnet_jax.data import decode
-from irnet_jax.data import decode_crop
-from irnet_jax.data import sources
+from irnet_jax.data import decode, decode_crop, sources
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +78,8 @@ class DatasetInfo(NamedTuple):
 
 def _check_cfg(ds_cfg: Any) -> tuple[sources.SourceInfo, str, int]:
   """Cheap checks first, then the source inspection; returns what it learnt."""
-  name = sources.check_name(ds_cfg)
+  name = sources.cfg_get(ds_cfg, "name")
+  spec = sources.source_spec(name)  # an unknown name first
   augment = sources.cfg_get(ds_cfg, "augment", "none")
   if augment not in augment_lib.AUGMENTS:
     raise ValueError(f"Unknown ds_cfg.augment={augment!r}. Set it to one of "
@@ -99,7 +98,7 @@ def _check_cfg(ds_cfg: Any) -> tuple[sources.SourceInfo, str, int]:
                      f"positive.")
   color_jitter_on(ds_cfg)  # Validates ds_cfg.color_jitter_on,
   loader_options(ds_cfg, 1)  # ... prefetch_mb.
-  info = sources.inspect_sources(ds_cfg)
+  info = spec.inspect(ds_cfg)
   h, w = info.stored_shape[:2]
   if augment != "imagenet":
     if h is None or w is None:
@@ -515,19 +514,20 @@ def resident_arrays(ds_cfg: Any) -> dict[str, np.ndarray]:
       are not ``image_size`` square, with the fix.
   """
   _, augment, size = _check_cfg(ds_cfg)
-  train, test = sources.get_sources(ds_cfg)
-  if not (isinstance(train, sources.ArraySource) and isinstance(test, sources.ArraySource)):
+  name = sources.cfg_get(ds_cfg, "name")
+  if not sources.source_spec(name).in_memory:
+    in_memory = [n for n, spec in sources.SOURCES.items() if spec.in_memory]
     raise ValueError(
-        f"dataset.cache_on_device=True needs an in-memory data set (cifar10, cifar100, "
-        f"npz, digits); {sources.cfg_get(ds_cfg, 'name')!r} is read from files. Set "
-        "--config.dataset.cache_on_device=False.")
+        f"dataset.cache_on_device=True needs an in-memory data set ({', '.join(in_memory)}); "
+        f"{name!r} is read from files. Set --config.dataset.cache_on_device=False.")
   if augment not in ("cifar", "shift", "none"):
     raise ValueError(f"dataset.cache_on_device=True supports augment cifar, shift or none, "
                      f"not {augment!r}; set --config.dataset.cache_on_device=False.")
-  for name, src in (("train", train), ("test", test)):
+  train, test = sources.get_sources(ds_cfg)
+  for split, src in (("train", train), ("test", test)):
     if src.images.shape[1:3] != (size, size):
       raise ValueError(f"dataset.cache_on_device=True needs {size}x{size} images (the "
-                       f"model input) but the {name} images are "
+                       f"model input) but the {split} images are "
                        f"{src.images.shape[1]}x{src.images.shape[2]}; set "
                        f"--config.dataset.image_size={src.images.shape[1]}.")
   return dict(train_image=np.ascontiguousarray(train.images, np.uint8),

@@ -29,8 +29,11 @@ with ``grain.MapDataset.source``. Supported ``ds_cfg.name`` values:
 * ``digits``: scikit-learn's embedded 8x8 handwritten digits, upsampled to
   16x16 RGB. Works offline; meant for smoke tests and CPU-sized experiments.
 
-Everything that can be checked without reading the pixels is checked in
-:func:`inspect_sources`, which raises ``ValueError`` with the problem and the fix.
+Each name is one row of :data:`SOURCES` (:class:`SourceSpec`: how to open and
+inspect it, whether it is held in memory, its class count and default eval split),
+which every dispatcher reads. Everything that can be checked without reading the
+pixels is checked in :func:`inspect_sources`, which raises ``ValueError`` with the
+problem and the fix.
 """
 from __future__ import annotations
 
@@ -38,22 +41,14 @@ import dataclasses
 import functools
 import os
 import zipfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from irnet_jax.data import cifar
-from irnet_jax.data import folders
+from irnet_jax.data import cifar, folders
 
 TFDS_PREFIX = "tfds:"
-FILE_DATASETS = ("imagefolder", "filelist")
-DATASETS = ("cifar10", "cifar100") + FILE_DATASETS + (
-    "npz", "digits", "tfds:cifar10", "tfds:cifar100", "tfds:imagenet2012")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
-
-# Split used for evaluation when ds_cfg.test_split is empty: ImageNet has no
-# labelled "test" split in TFDS; ImageFolder trees call it "val".
-_DEFAULT_TEST_SPLIT = {"imagenet2012": "validation", "imagefolder": "val"}
 
 DIGITS_NUM_TEST = 360  # 20% of the 1797 scikit-learn digits.
 DIGITS_SIDE = 16  # 8x8 upsampled x2 by pixel repetition.
@@ -68,18 +63,16 @@ def cfg_get(ds_cfg: Any, name: str, default: Any = None) -> Any:
 
 def tfds_name(name: str) -> str | None:
   """The TFDS dataset behind ``ds_cfg.name``, or None for the other sources."""
-  if name == "imagenet2012":
-    return name
+  name = ALIASES.get(name, name)
   if isinstance(name, str) and name.startswith(TFDS_PREFIX):
-    return name[len(TFDS_PREFIX):]
+    return name[len(TFDS_PREFIX):] or None
   return None
 
 
 def eval_split_name(ds_cfg: Any) -> str:
-  """The split used for evaluation (``ds_cfg.test_split`` or a default)."""
+  """The split used for evaluation (``ds_cfg.test_split`` or the source's default)."""
   split = cfg_get(ds_cfg, "test_split")
-  name = cfg_get(ds_cfg, "name")
-  return split or _DEFAULT_TEST_SPLIT.get(tfds_name(name) or name, "test")
+  return split or source_spec(cfg_get(ds_cfg, "name")).test_split
 
 
 def train_split_name(ds_cfg: Any) -> str:
@@ -475,24 +468,142 @@ def _file_list_indexes(ds_cfg: Any) -> tuple[folders.FileIndex,
   return train, test
 
 
-def _file_indexes(ds_cfg: Any) -> tuple[folders.FileIndex, folders.FileIndex]:
-  if cfg_get(ds_cfg, "name") == "imagefolder":
-    return _image_folder_indexes(ds_cfg)
-  return _file_list_indexes(ds_cfg)
+# ----------------------------------------------------------------------------
+# the table of sources
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  """How one ``ds_cfg.name`` is read and what it supports (a row of :data:`SOURCES`).
+
+  Attributes:
+    open: ``ds_cfg -> (train, test)`` random-access sources.
+    inspect: ``ds_cfg -> SourceInfo``, reading no pixels where the format allows.
+    in_memory: the sources are :class:`ArraySource` (the whole split in host memory,
+      so ``dataset.cache_on_device`` works); otherwise images are read from files.
+    num_classes: the class count the name fixes (None: read from the data).
+    test_split: the evaluation split when ``ds_cfg.test_split`` is empty.
+  """
+  open: Callable[[Any], tuple[Any, Any]]
+  inspect: Callable[[Any], SourceInfo]
+  in_memory: bool
+  num_classes: int | None = None
+  test_split: str = "test"
+
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _open_arrays(load: Callable[[Any], Arrays], ds_cfg: Any) -> tuple[Any, Any]:
+  x_train, y_train, x_test, y_test = load(ds_cfg)
+  return ArraySource(x_train, y_train), ArraySource(x_test, y_test)
+
+
+def _inspect_arrays(load: Callable[[Any], Arrays], num_classes: int,
+                    ds_cfg: Any) -> SourceInfo:
+  x_train, _, x_test, _ = load(ds_cfg)
+  return SourceInfo(len(x_train), len(x_test), num_classes, tuple(x_train.shape[1:]))
+
+
+def _in_memory(load: Callable[[Any], Arrays], num_classes: int) -> SourceSpec:
+  """A source of whole arrays ``load(ds_cfg) = (x_train, y_train, x_test, y_test)``."""
+  return SourceSpec(functools.partial(_open_arrays, load),
+                    functools.partial(_inspect_arrays, load, num_classes),
+                    in_memory=True, num_classes=num_classes)
+
+
+def _digits_arrays(ds_cfg: Any) -> Arrays:
+  del ds_cfg  # nothing to configure
+  return load_digits_arrays()
+
+
+def _cifar_arrays(ds_cfg: Any) -> Arrays:
+  return cifar.load_cifar(cfg_get(ds_cfg, "name"), cfg_get(ds_cfg, "data_dir"))
+
+
+def _npz_arrays_of(ds_cfg: Any) -> Arrays:
+  path = cfg_get(ds_cfg, "path")
+  _check_npz(path)
+  return _load_npz_arrays(path)
+
+
+def _inspect_npz(ds_cfg: Any) -> SourceInfo:
+  headers, num_classes = _check_npz(cfg_get(ds_cfg, "path"))
+  xs, xt = headers["x_train"][0], headers["x_test"][0]
+  return SourceInfo(xs[0], xt[0], num_classes, (xs[1], xs[2], 3))
+
+
+IndexFn = Callable[[Any], tuple[folders.FileIndex, folders.FileIndex]]
+
+
+def _open_files(index: IndexFn, ds_cfg: Any) -> tuple[Any, Any]:
+  train, test = index(ds_cfg)
+  return folders.FileSource(train), folders.FileSource(test)
+
+
+def _inspect_files(index: IndexFn, ds_cfg: Any) -> SourceInfo:
+  train, test = index(ds_cfg)
+  num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+  return SourceInfo(len(train), len(test), num_classes, (None, None, 3))
+
+
+def _files(index: IndexFn, test_split: str = "test") -> SourceSpec:
+  """Image files named by ``index(ds_cfg) = (train index, test index)``."""
+  return SourceSpec(functools.partial(_open_files, index),
+                    functools.partial(_inspect_files, index), in_memory=False,
+                    test_split=test_split)
+
+
+def _open_tfds_sources(ds_cfg: Any) -> tuple[Any, Any]:
+  train, test = _open_tfds(ds_cfg)
+  return TfdsSource(train), TfdsSource(test)
+
+
+def _inspect_tfds(ds_cfg: Any) -> SourceInfo:
+  train, test = _open_tfds(ds_cfg)
+  num_classes, shape = _tfds_info(train, test)
+  return SourceInfo(len(train), len(test), num_classes, shape)
+
+
+def _tfds(num_classes: int | None = None, test_split: str = "test") -> SourceSpec:
+  return SourceSpec(_open_tfds_sources, _inspect_tfds, in_memory=False,
+                    num_classes=num_classes, test_split=test_split)
+
+
+# Every source, by ds_cfg.name. ImageNet has no labelled "test" split in TFDS, and
+# ImageFolder trees call theirs "val". Any other "tfds:NAME" reads like the TFDS rows,
+# its classes from the dataset's metadata.
+SOURCES: dict[str, SourceSpec] = {
+    "cifar10": _in_memory(_cifar_arrays, cifar.ARCHIVES["cifar10"].num_classes),
+    "cifar100": _in_memory(_cifar_arrays, cifar.ARCHIVES["cifar100"].num_classes),
+    "imagefolder": _files(_image_folder_indexes, test_split="val"),
+    "filelist": _files(_file_list_indexes),
+    "npz": SourceSpec(functools.partial(_open_arrays, _npz_arrays_of), _inspect_npz,
+                      in_memory=True),
+    "digits": _in_memory(_digits_arrays, 10),
+    "tfds:cifar10": _tfds(10),
+    "tfds:cifar100": _tfds(100),
+    "tfds:imagenet2012": _tfds(1000, test_split="validation"),
+}
+ALIASES = {"imagenet2012": "tfds:imagenet2012"}
+DATASETS = tuple(SOURCES)
+
+
+def source_spec(name: str) -> SourceSpec:
+  """The :data:`SOURCES` row of ``ds_cfg.name`` (an alias or any ``tfds:NAME`` too);
+  ``ValueError`` naming the choices for an unknown name."""
+  name = ALIASES.get(name, name)
+  if name in SOURCES:
+    return SOURCES[name]
+  if tfds_name(name):
+    return _tfds()
+  raise ValueError(f"Unknown dataset ds_cfg.name={name!r}. Set it to one of "
+                   f"{list(DATASETS)} (or 'tfds:NAME' for another TFDS "
+                   f"dataset with 'image' and 'label' features).")
 
 
 # ----------------------------------------------------------------------------
 # public entry points
-
-
-def check_name(ds_cfg: Any) -> str:
-  """``ds_cfg.name`` if it names a supported source; ``ValueError`` otherwise."""
-  name = cfg_get(ds_cfg, "name")
-  if name not in DATASETS and not tfds_name(name):
-    raise ValueError(f"Unknown dataset ds_cfg.name={name!r}. Set it to one of "
-                     f"{list(DATASETS)} (or 'tfds:NAME' for another TFDS "
-                     f"dataset with 'image' and 'label' features).")
-  return name
 
 
 def inspect_sources(ds_cfg: Any) -> SourceInfo:
@@ -505,25 +616,7 @@ def inspect_sources(ds_cfg: Any) -> SourceInfo:
     ValueError: unknown name, bad or missing npz, tfds dataset not prepared,
       bad image tree or list file, missing CIFAR archive without network.
   """
-  name = check_name(ds_cfg)
-  if name == "digits":
-    x_train, _, x_test, _ = load_digits_arrays()
-    return SourceInfo(len(x_train), len(x_test), 10, tuple(x_train.shape[1:]))
-  if name == "npz":
-    headers, num_classes = _check_npz(cfg_get(ds_cfg, "path"))
-    xs, xt = headers["x_train"][0], headers["x_test"][0]
-    return SourceInfo(xs[0], xt[0], num_classes, (xs[1], xs[2], 3))
-  if name in cifar.ARCHIVES:
-    x_train, _, x_test, _ = cifar.load_cifar(name, cfg_get(ds_cfg, "data_dir"))
-    return SourceInfo(len(x_train), len(x_test),
-                      cifar.ARCHIVES[name].num_classes, (32, 32, 3))
-  if name in FILE_DATASETS:
-    train, test = _file_indexes(ds_cfg)
-    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-    return SourceInfo(len(train), len(test), num_classes, (None, None, 3))
-  train, test = _open_tfds(ds_cfg)
-  num_classes, shape = _tfds_info(train, test)
-  return SourceInfo(len(train), len(test), num_classes, shape)
+  return source_spec(cfg_get(ds_cfg, "name")).inspect(ds_cfg)
 
 
 def get_sources(ds_cfg: Any) -> tuple[Any, Any]:
@@ -535,20 +628,4 @@ def get_sources(ds_cfg: Any) -> tuple[Any, Any]:
   Raises:
     ValueError: as :func:`inspect_sources`.
   """
-  name = check_name(ds_cfg)
-  if name == "digits":
-    x_train, y_train, x_test, y_test = load_digits_arrays()
-  elif name == "npz":
-    path = cfg_get(ds_cfg, "path")
-    _check_npz(path)
-    x_train, y_train, x_test, y_test = _load_npz_arrays(path)
-  elif name in cifar.ARCHIVES:
-    x_train, y_train, x_test, y_test = cifar.load_cifar(
-        name, cfg_get(ds_cfg, "data_dir"))
-  elif name in FILE_DATASETS:
-    train, test = _file_indexes(ds_cfg)
-    return folders.FileSource(train), folders.FileSource(test)
-  else:
-    train, test = _open_tfds(ds_cfg)
-    return TfdsSource(train), TfdsSource(test)
-  return ArraySource(x_train, y_train), ArraySource(x_test, y_test)
+  return source_spec(cfg_get(ds_cfg, "name")).open(ds_cfg)
