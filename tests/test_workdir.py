@@ -1,5 +1,6 @@
 """irnet_jax.workdir: metrics.jsonl and TensorBoard agree (as TensorBoard's own reader
 sees them, resume included), and the workdir lock refuses a second run."""
+import errno
 import json
 import logging
 import os
@@ -279,3 +280,22 @@ def test_metrics_and_lock_never_write_through_a_symlink(tmp_path):
   with pytest.raises(workdir_lib.WorkdirError, match=r"\.lock is a symbolic link"):
     WorkdirLock(str(workdir)).acquire()
   assert outside.read_text() == "precious\n"
+
+
+# ------------------------------------------------------------------ error lines
+
+
+def test_error_lines_of_os_errors_name_the_path_and_what_to_do():
+  full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/w/checkpoints/100")
+  assert workdir_lib.error_line(full) == (
+      "error: No space left on device: /w/checkpoints/100; the disk is full: free space "
+      "and rerun the same command (what was written before, checkpoints included, is "
+      "kept).")
+  read_only = PermissionError(errno.EROFS, os.strerror(errno.EROFS), "/w/metrics.jsonl")
+  assert "read-only" in workdir_lib.error_line(read_only)
+  # A library's message (not one of ours, which name the fix): how to see where.
+  try:
+    json.loads("{")
+  except ValueError as e:
+    line = workdir_lib.error_line(e)
+  assert line.startswith("error: JSONDecodeError: ") and "--debug" in line
