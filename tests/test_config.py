@@ -64,3 +64,11 @@ def test_validate_accepts_what_configs_use():
 ])
 def test_nearest_field(field, nearest):
   assert config_lib.nearest_field(field, config_lib.field_names()) == nearest
+
+
+def test_ede_schedule_by_is_a_plain_field():
+  # `ede.update` was a ConfigDict method name: `c.ede.update == "epoch"` was always False.
+  c = config_lib.base_config()
+  assert c.ede.schedule_by == "epoch"
+  assert config_lib.imagenet_config("resnet18").ede.schedule_by == "step"
+  assert "update" not in c.ede

@@ -5,7 +5,19 @@ import sys
 
 import pytest
 
+from irnet_jax import config as config_lib
 from irnet_jax import configs
+
+
+def test_every_config_loads_and_validates():
+  assert len(configs.names()) >= 15
+  for name in configs.names():
+    c = configs.get_config(name)
+    config_lib.validate(c, num_devices=1)
+    assert configs.summary(name), f"{name} has no docstring naming its paper row"
+    for field in ("seed", "num_epochs", "num_train_steps", "batch_size",
+                  "checkpoint_every_steps", "eval_every_steps"):
+      assert field in c, (name, field)
 
 
 def test_names_are_the_packaged_files():

@@ -1,4 +1,5 @@
-"""irnet_jax.steps: gradient accumulation, K steps per call, the resident-data step."""
+"""irnet_jax.steps: the EDE schedule (progress_at) at its boundaries, gradient
+accumulation, K steps per call, the resident-data step."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from flax import nnx
 
 from irnet_jax import config as config_lib
-from irnet_jax import optim, steps
+from irnet_jax import ops, optim, steps
 from irnet_jax.data import device as data_device
 
 
@@ -120,3 +121,85 @@ def test_scan_and_dispatch_of_k_steps_are_k_single_steps():
   # The schedules read the step counter inside the scan: lr falls step by step.
   lrs = jax.jit(steps.scan_steps(raw))(jax.tree.map(jnp.copy, state), stacked)[1]["lr"]
   np.testing.assert_allclose(lrs, [schedule(i) for i in range(4)], rtol=1e-6)
+
+
+# ------------------------------------------------------------------ the EDE schedule
+#
+# progress_at against hand-computed (t, k), from the formulas of the README and the
+# official code: t = 10^(log10 t_min + (log10 t_max - log10 t_min) * progress),
+# k = max(1/t, 1); every expected number is written out, never computed by the code
+# under test.
+
+
+def _ede_config(**fields):
+  c = config_lib.base_config()
+  c.ede.update(fields)
+  return c
+
+
+def _ede(c, step, steps_per_epoch, total_steps):
+  progress = steps.progress_at(c, jnp.asarray(step, jnp.int32), steps_per_epoch, total_steps)
+  ede = ops.ede_schedule(progress, c.ede.t_min, c.ede.t_max)
+  return float(ede.t), float(ede.k)
+
+
+# ------------------------------------------------------------------ EDE per epoch
+
+# 20 steps of 5 per epoch = 4 epochs; t from 1e-3 to 10 (4 decades): one decade per
+# epoch, constant within an epoch, and t_max is reached only after the last epoch
+# (the official CIFAR trainer sets t at the start of each epoch 0..epochs-1).
+EDE_PER_EPOCH = [
+    (0, 1e-3, 1000.0), (4, 1e-3, 1000.0),      # epoch 0, first and last step
+    (5, 1e-2, 100.0), (9, 1e-2, 100.0),        # epoch 1
+    (10, 1e-1, 10.0), (14, 1e-1, 10.0),        # epoch 2
+    (15, 1.0, 1.0), (19, 1.0, 1.0),            # epoch 3 (k = max(1/t, 1) = 1)
+    (20, 10.0, 1.0), (27, 10.0, 1.0),          # past the end: clamped to t_max
+]
+
+
+@pytest.mark.parametrize("step,t,k", EDE_PER_EPOCH)
+def test_ede_per_epoch(step, t, k):
+  c = _ede_config(schedule_by="epoch", t_min=1e-3, t_max=10.0)
+  got_t, got_k = _ede(c, step, steps_per_epoch=5, total_steps=20)
+  np.testing.assert_allclose([got_t, got_k], [t, k], rtol=2e-6)
+
+
+def test_ede_per_epoch_partial_last_epoch():
+  # 10 steps of 4 per epoch: ceil(10 / 4) = 3 epochs; t_min 0.1 -> t_max 10 (2 decades),
+  # so epoch e has t = 10^(-1 + 2 e / 3). Steps 8 and 9 are the short epoch 2.
+  c = _ede_config(schedule_by="epoch", t_min=0.1, t_max=10.0)
+  for step, t in [(3, 0.1), (4, 10 ** (-1 / 3)), (7, 10 ** (-1 / 3)),
+                  (8, 10 ** (1 / 3)), (9, 10 ** (1 / 3))]:
+    got_t, got_k = _ede(c, step, steps_per_epoch=4, total_steps=10)
+    np.testing.assert_allclose([got_t, got_k], [t, max(1 / t, 1.0)], rtol=2e-6,
+                               err_msg=f"step {step}")
+
+
+# ------------------------------------------------------------------ EDE per N steps
+
+# The ImageNet recipe: progress = floor(step / 10) * 10 / total, refreshed every 10
+# steps; 100 steps, t from 0.1 to 10 (2 decades): t = 10^(-1 + 2 progress).
+EDE_EVERY_10 = [
+    (0, 0.1, 10.0), (9, 0.1, 10.0),
+    (10, 10 ** -0.8, 10 ** 0.8), (19, 10 ** -0.8, 10 ** 0.8),   # 0.158489..., 6.309573...
+    (49, 10 ** -0.2, 10 ** 0.2),                                # progress 0.4
+    (50, 1.0, 1.0),
+    (99, 10 ** 0.8, 1.0),                                       # 6.309573...
+    (100, 10.0, 1.0), (130, 10.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("step,t,k", EDE_EVERY_10)
+def test_ede_every_n_steps(step, t, k):
+  c = _ede_config(schedule_by="step", every_steps=10, t_min=0.1, t_max=10.0)
+  got_t, got_k = _ede(c, step, steps_per_epoch=7, total_steps=100)  # epochs are ignored
+  np.testing.assert_allclose([got_t, got_k], [t, k], rtol=2e-6)
+
+
+def test_ede_every_step():
+  # every_steps=1: progress = step / total; 40 steps, 1e-3 -> 10: t = 10^(-3 + step / 10).
+  c = _ede_config(schedule_by="step", every_steps=1, t_min=1e-3, t_max=10.0)
+  for step, t in [(0, 1e-3), (1, 10 ** -2.9), (15, 10 ** -1.5), (30, 1.0), (31, 10 ** 0.1)]:
+    got_t, got_k = _ede(c, step, steps_per_epoch=4, total_steps=40)
+    np.testing.assert_allclose([got_t, got_k], [t, max(1 / t, 1.0)], rtol=2e-6,
+                               err_msg=f"step {step}")

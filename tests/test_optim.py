@@ -1,5 +1,9 @@
-"""Bop (``irnet_jax.optim.bop``) against Larq's update rule, worked out by hand, and its
-use through ``optax.partition`` on an NNX model with a binary and a real layer."""
+"""irnet_jax.optim: the learning-rate schedules at their boundaries against hand-computed
+values (torch ``CosineAnnealingLR`` ``lr/2 (1 + cos(pi e / E))``, never computed by the
+code under test), and Bop (``optim.bop``) against Larq's update rule, worked out by hand,
+and its use through ``optax.partition`` on an NNX model with a binary and a real layer."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +11,76 @@ import optax
 import pytest
 from flax import nnx
 
-from irnet_jax import optim
+from irnet_jax import checkpointing, optim, train
+from irnet_jax import config as config_lib
 from irnet_jax.layers import BinaryConv
+
+# ------------------------------------------------------------------ learning rates
+
+
+def _optimizer_config(**fields):
+  c = config_lib.base_config()
+  c.optimizer.update(fields)
+  return c
+
+
+def _lrs(c, steps, steps_per_epoch, total_steps):
+  schedule = optim.learning_rate_schedule(c, steps_per_epoch, total_steps)
+  return [float(schedule(jnp.asarray(s, jnp.int32))) for s in steps]
+
+
+COS_45 = 0.5 * (1 + math.sqrt(0.5))   # (1 + cos(pi/4)) / 2 = 0.853553...
+COS_135 = 0.5 * (1 - math.sqrt(0.5))  # (1 + cos(3 pi/4)) / 2 = 0.146447...
+
+
+def test_lr_cosine_per_epoch():
+  # torch CosineAnnealingLR(T_max=4) stepped once per epoch of 10 steps, lr 0.1.
+  c = _optimizer_config(schedule="cosine_epoch", learning_rate=0.1)
+  steps = [0, 9, 10, 19, 20, 29, 30, 39, 40]
+  want = [0.1, 0.1, 0.1 * COS_45, 0.1 * COS_45, 0.05, 0.05, 0.1 * COS_135,
+          0.1 * COS_135, 0.0]
+  np.testing.assert_allclose(_lrs(c, steps, 10, 40), want, rtol=1e-6, atol=1e-9)
+
+
+def test_lr_cosine_per_step():
+  # optax cosine decay to 0 over 100 steps, lr 0.4: lr/2 (1 + cos(pi s / 100)).
+  c = _optimizer_config(schedule="cosine", learning_rate=0.4)
+  steps = [0, 1, 25, 50, 75, 100, 120]
+  want = [0.4, 0.2 * (1 + math.cos(math.pi / 100)), 0.4 * COS_45, 0.2, 0.4 * COS_135,
+          0.0, 0.0]
+  np.testing.assert_allclose(_lrs(c, steps, 7, 100), want, rtol=1e-6, atol=1e-9)
+
+
+def test_lr_constant():
+  c = _optimizer_config(schedule="constant", learning_rate=0.03)
+  np.testing.assert_allclose(_lrs(c, [0, 1, 99, 100, 1000], 10, 100), [0.03] * 5,
+                             rtol=1e-7)
+
+
+def test_lr_warmup_multistep_boundaries():
+  # The ImageNet recipe scaled to 100 steps: linear 0.2 -> 0.8 over 25 steps
+  # (0.2 + 0.024 s), then 0.8 x0.1 from step 30, 60, 90 (0.3/0.6/0.9 of 100).
+  c = _optimizer_config(schedule="warmup_multistep", learning_rate=0.8,
+              warmup_init_lr=0.2, warmup_steps=25,
+              decay_fractions=(0.3, 0.6, 0.9), decay_factor=0.1)
+  want = {0: 0.2, 1: 0.224, 12: 0.488, 24: 0.776, 25: 0.8, 29: 0.8, 30: 0.08, 59: 0.08,
+          60: 0.008, 89: 0.008, 90: 0.0008, 99: 0.0008}
+  got = _lrs(c, list(want), 10, 100)
+  np.testing.assert_allclose(got, list(want.values()), rtol=1e-6)
+
+
+def test_lr_imagenet_config_boundaries():
+  # The imagenet_resnet18 recipe as shipped: 62,500 steps, warm-up 2,500 from 0.2 to
+  # 0.8, x0.1 at 18,750 / 37,500 / 56,250.
+  c = config_lib.imagenet_config("resnet18")
+  want = {0: 0.2, 1250: 0.5, 2499: 0.2 + 0.6 * 2499 / 2500, 2500: 0.8, 18749: 0.8,
+          18750: 0.08, 37499: 0.08, 37500: 0.008, 56249: 0.008, 56250: 0.0008,
+          62499: 0.0008}
+  got = _lrs(c, list(want), 625, 62500)
+  np.testing.assert_allclose(got, list(want.values()), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ Bop
 
 
 def _run(tx, w, grads):
@@ -161,7 +233,6 @@ def test_jit_schedules_and_dtype():
 def test_launcher_trains_with_bop_on_the_binary_kernels(tmp_path, toy_npz, tiny_config):
   # optimizer.binary=bop: binary kernels start at +-1 and stay there (Bop flips them);
   # the full-precision stem and classifier move by SGD.
-  from irnet_jax import checkpointing, config as config_lib, train
   c = tiny_config(toy_npz, **{
       "optimizer.binary": "bop", "optimizer.bop_gamma": 1e-2, "optimizer.bop_threshold": 1e-6,
       "model.weight_quantizer": "sign", "num_train_steps": 8})
