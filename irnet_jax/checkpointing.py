@@ -1,20 +1,22 @@
-"""The workdir of a run: Orbax checkpoints, config and run identity (the only module
-that imports orbax).
+"""Checkpoints of a run (the only module that imports orbax), and a model restored
+from any workdir.
 
 Layout: ``WORKDIR/checkpoints/<step>/{model,opt,meta}`` written by an Orbax
-``CheckpointManager`` (atomic: a step directory only counts once committed),
-``WORKDIR/config.json``, the run's config (``model.num_classes`` resolved), so
-that :func:`load_model` can rebuild the network without the config file, and
-``WORKDIR/run.json``, the run's identity (see :func:`run_spec`): every config field
-that defines the run, so that a restart with another config is refused before
-anything in the workdir changes (:func:`check_run`).
+``CheckpointManager`` (atomic: a step directory only counts once committed):
 
 * ``model``: the NNX model state (params and BN statistics).
 * ``opt``: the optimizer state (momentum buffers, step counter).
 * ``meta``: JSON -- ``step``, ``seed``, ``data_position`` (the index of the next
   training batch; the input pipeline is a pure function of seed and position),
-  ``num_classes``, ``steps_per_epoch``, ``run_fingerprint`` (of :func:`run_spec`),
-  and ``imported`` (the source file) for checkpoints made by ``irnet_jax.convert``.
+  ``num_classes``, ``steps_per_epoch``, ``run_fingerprint``
+  (:func:`irnet_jax.run_record.run_fingerprint`), and ``imported`` (the source file)
+  for checkpoints made by ``irnet_jax.convert``.
+
+:class:`Checkpointer` saves and restores them for a training run;
+:func:`restore_model` (and :func:`load_model`, which also builds the network from
+``config.json``) is how every other reader gets a model out of a workdir. The run's
+``config.json`` and ``run.json`` are :mod:`irnet_jax.run_record`'s; its lock and
+metrics :mod:`irnet_jax.workdir`'s.
 
 A checkpoint that cannot be read (damaged or truncated files) is skipped with a
 warning in favour of the previous one of the same run; one that can be read but
@@ -27,8 +29,6 @@ those steps again and every reader finds them (:meth:`Checkpointer.restore_lates
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 import logging
 import os
 from typing import Any
@@ -39,20 +39,15 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from irnet_jax import config as config_lib
+from irnet_jax import run_record
 from irnet_jax import workdir as workdir_lib
 
-CONFIG_FILE = "config.json"
-RUN_FILE = "run.json"
 DAMAGED_DIR = ".damaged"  # Under checkpoints/: damaged checkpoints moved aside.
 log = logging.getLogger(__name__)
 
 
 class IncompatibleCheckpointError(ValueError):
   """A readable checkpoint of another run, or one that does not fit the model."""
-
-
-class RunMismatchError(ValueError):
-  """A restart whose config differs from the run recorded in its workdir."""
 
 
 def _abstract(tree: Any) -> Any:
@@ -242,225 +237,88 @@ class Checkpointer:
     self._manager.close()
 
 
-# ------------------------------------------------------------------ run identity
-
-# Config fields that may change when a run is resumed, because they do not change
-# what is computed: cadence of logs/evals/checkpoints/diagnostics, the eval batch
-# (padded and masked), how many readers feed the pipeline, where the same data is
-# read from (data moves between machines), which devices share the global batch
-# (``batch_size`` is global; BN statistics are over the global batch either way), and
-# the convolution backend (a run-time choice; every backend computes the same
-# function). Every other field defines the run: changing it on a restart is refused.
-RESUMABLE_FIELDS = (
-    "progress_bar", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-    "keep_checkpoints", "analysis_every_steps", "eval_batch_size", "num_devices",
-    "model.conv_impl", "dataset.data_dir", "dataset.path", "dataset.train_root",
-    "dataset.test_root", "dataset.train_list", "dataset.test_list", "dataset.num_threads",
-    "dataset.num_workers", "dataset.prefetch_mb", "dataset.skip_bad_files",
-    # How the steps are dispatched and watched, not what they compute: K steps per call
-    # give the parameters of K single steps.
-    "steps_per_call", "steps_per_call_mode", "tensorboard", "profile_steps",
-)
+# ------------------------------------------------------------------ a model from anywhere
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
+def restore_model(workdir: str, template: nnx.State, step: int | None = None
+                  ) -> tuple[nnx.State, dict]:
+  """The model state of a checkpoint of ``workdir``, restored onto ``template``.
 
+  The one way the tools read a model from a workdir (evaluate, export, convert,
+  training's ``config.init_from``; :func:`load_model`); ``workdir`` is only read.
+  Training's resume of its own run (optimizer too, its run fingerprint checked,
+  damaged checkpoints moved aside) is :meth:`Checkpointer.restore_latest`.
 
-def run_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """``{'model.name': 'resnet20', ...}``: every field of ``config`` (num_classes
-  resolved) except :data:`RESUMABLE_FIELDS`, with JSON values (tuples as lists)."""
-  flat = _flatten(json.loads(config.to_json()))
-  return {k: v for k, v in sorted(flat.items()) if k not in RESUMABLE_FIELDS}
+  Args:
+    workdir: the ``--workdir`` of ``python -m irnet_jax.main`` or of
+      ``python -m irnet_jax.convert``.
+    template: ``nnx.state`` of the model to restore into (arrays or abstract
+      ``jax.ShapeDtypeStruct``): the shapes, dtypes and shardings of the result.
+    step: which checkpoint; None = the newest readable one (newer damaged ones are
+      skipped with a warning).
 
+  Returns:
+    ``(model_state, meta)``; ``meta`` is the checkpoint's (``step``, ``seed``,
+    ``imported``, ...; see the module docstring).
 
-def run_fingerprint(spec: dict[str, Any]) -> str:
-  """sha256 of a :func:`run_spec` (stored in every checkpoint's meta)."""
-  return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def _differences(recorded: dict, now: dict, defaults: dict) -> list[tuple[str, Any, Any]]:
-  """(field, recorded, now) for each field that differs. A field only one side has
-  (written by an older or newer version) counts as its default when the current
-  defaults know it, and is ignored otherwise (a removed field)."""
-  missing = object()
-  out = []
-  for key in sorted(recorded.keys() | now.keys()):
-    a, b = recorded.get(key, missing), now.get(key, missing)
-    if a is missing or b is missing:
-      if key not in defaults:
-        continue
-      a, b = (defaults[key] if a is missing else a), (defaults[key] if b is missing else b)
-    if a != b:
-      out.append((key, a, b))
-  return out
-
-
-def read_run(workdir: str) -> dict | None:
-  """The run recorded in ``workdir`` (its ``run.json``); None for a new workdir."""
-  path = os.path.join(workdir, RUN_FILE)
-  if os.path.exists(path):
-    if os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-      fix = (f"delete it (rm {path}) and relaunch with this workdir's config (its "
-             f"{CONFIG_FILE}): the launch writes it again")
-    else:
-      fix = (f"{workdir} has no {CONFIG_FILE} either: use another --workdir, or delete "
-             f"{path} to use this one for the run you launch")
-    record = _read_json(path, fix)
-    if not isinstance(record, dict) or not isinstance(record.get("fields"), dict):
-      raise workdir_lib.WorkdirError(f"{path} is damaged (no 'fields' record of the run); "
-                                     f"{fix}.")
-    return record
-  return None
-
-
-def check_run(workdir: str, config: ml_collections.ConfigDict,
-              derived: dict[str, Any] | None = None) -> None:
-  """Raises :class:`RunMismatchError` if ``workdir`` records another run than ``config``.
-
-  Reads only; compares :func:`run_spec` field by field, and the ``derived``
-  quantities (``num_train_examples``, ``steps_per_epoch``, ``total_steps``) that both
-  sides know. The message names every differing field and both fixes.
+  Raises:
+    ValueError: no checkpoint, or none of ``step``.
+    IncompatibleCheckpointError: the checkpoint does not fit ``template``.
+    irnet_jax.workdir.WorkdirError: checkpoint ``step`` cannot be read.
   """
-  recorded = read_run(workdir)
-  if recorded is None:
-    return
-  defaults = run_spec(config_lib.base_config())
-  diffs = _differences(recorded["fields"], run_spec(config), defaults)
-  old_derived, new_derived = recorded.get("derived") or {}, derived or {}
-  diffs += [(k, old_derived[k], new_derived[k]) for k in sorted(old_derived.keys() &
-                                                                new_derived.keys())
-            if old_derived[k] != new_derived[k]]
-  if not diffs:
-    return
-  lines = "\n".join(f"  {k}: {a!r} (recorded) vs {b!r} (now)" for k, a, b in diffs)
-  fixes = " ".join(f"--config.{k}={_flag_value(a)}" for k, a, _ in diffs
-                   if k in recorded["fields"])
-  raise RunMismatchError(
-      f"{workdir} holds another run: its config differs in {len(diffs)} field(s) that "
-      f"define a run:\n{lines}\nNothing in {workdir} was changed. To start a new run, "
-      f"use another --workdir; to resume this one, use its original values"
-      + (f" ({fixes})" if fixes else "") + f" or its config ({workdir}/{CONFIG_FILE}). "
-      f"Fields that may change on resume: {', '.join(RESUMABLE_FIELDS)}.")
-
-
-def _flag_value(v: Any) -> str:
-  if isinstance(v, list):
-    return "(" + ",".join(map(str, v)) + ("," if len(v) == 1 else "") + ")"
-  return str(v)
-
-
-def record_run(workdir: str, config: ml_collections.ConfigDict,
-               derived: dict[str, Any] | None = None) -> str:
-  """Writes ``config.json`` and ``run.json`` (call after :func:`check_run` passed);
-  returns the run fingerprint. ``derived`` already recorded is kept."""
-  spec = run_spec(config)
-  old = read_run(workdir) or {}
-  derived = {**(old.get("derived") or {}), **(derived or {})}
-  fingerprint = run_fingerprint(spec)
-  save_config(workdir, config)
-  record = dict(fingerprint=fingerprint, fields=spec, derived=derived,
-                resumable_fields=list(RESUMABLE_FIELDS))
-  _write_atomic(os.path.join(workdir, RUN_FILE), json.dumps(record, indent=2))
-  return fingerprint
-
-
-def _read_json(path: str, fix: str) -> Any:
-  """``path``'s JSON; a damaged file is a :class:`~irnet_jax.workdir.WorkdirError`
-  naming it and ``fix``."""
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise workdir_lib.WorkdirError(f"{path} is damaged (not JSON: {e}); {fix}.") from e
+    steps = ckpt.all_steps()
+    if not steps:
+      raise ValueError(f"no checkpoint in {ckpt.directory}; is {workdir} the --workdir of "
+                       "a training run or of `python -m irnet_jax.convert`? Train or "
+                       "convert first.")
+    if step is None:
+      model_state, _, meta = ckpt.restore_latest(template)
+    else:
+      model_state, _, meta = _restore_step(ckpt, template, step, steps)
+  finally:
+    ckpt.close()
+  return model_state, meta
 
 
-def _write_atomic(path: str, text: str) -> None:
-  """Readers (other processes of the run) see the old file or the new one, never half;
-  fsynced before the rename, and a symlink at ``path`` is replaced, not followed
-  (:func:`irnet_jax.workdir.write_atomic`)."""
-  workdir_lib.write_atomic(path, text)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  """``obj`` as indented JSON at ``path``, atomically (see :func:`_write_atomic`)."""
-  _write_atomic(path, json.dumps(obj, indent=2))
-
-
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  _write_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json(indent=2))
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise ValueError(f"{workdir} has no {CONFIG_FILE}; is it the --workdir of a training "
-                     "run made with `python -m irnet_jax.main`?")
-  record = _read_json(path, "it is the run's config: restore it from a copy, or rewrite it "
-                     "from the config file the run was trained with")
-  if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
-    raise workdir_lib.WorkdirError(f"{path} is damaged (no 'model' section); restore it "
-                                   "from a copy, or rewrite it from the run's config file.")
-  return ml_collections.ConfigDict(record)
+def _restore_step(ckpt: Checkpointer, template: nnx.State, step: int,
+                  steps: list[int]) -> tuple[Any, Any, dict]:
+  """Checkpoint ``step`` of ``ckpt`` (one of ``steps``), checked against ``template``."""
+  if step not in steps:
+    raise ValueError(f"no checkpoint for step {step} in {ckpt.directory}; have {steps}.")
+  try:
+    problems = ckpt.incompatibilities(step, template)
+    restored = None if problems else ckpt.restore(step, template)
+  except Exception as e:  # Orbax raises many types for damaged files.
+    raise workdir_lib.WorkdirError(
+        f"checkpoint {step} in {ckpt.directory} cannot be read ({type(e).__name__}: "
+        f"{e}); pick another of {steps}, or none for the newest readable one.") from e
+  if problems:
+    raise IncompatibleCheckpointError(f"checkpoint {step} in {ckpt.directory} does not "
+                                      "fit the model: " + "; ".join(problems))
+  return restored
 
 
 def load_model(workdir: str, step: int | None = None,
                config: ml_collections.ConfigDict | None = None
                ) -> tuple[nnx.Module, ml_collections.ConfigDict]:
-  """The model of a training run, restored from ``WORKDIR/checkpoints`` in eval mode.
+  """The model of a run, built from its config and restored by :func:`restore_model`.
 
   Args:
-    workdir: the ``--workdir`` of ``python -m irnet_jax.main`` (or of
-      ``python -m irnet_jax.convert``).
+    workdir: as :func:`restore_model`.
     step: which checkpoint; None = the newest readable one.
-    config: the config to build the model from; None = ``WORKDIR/config.json``.
+    config: the config to build the model from; None = ``WORKDIR/config.json``
+      (:func:`irnet_jax.run_record.load_config`).
 
   Returns:
-    ``(model, config)`` with ``model.eval()`` already called.
+    ``(model, config)`` with ``model.eval()`` already called. The convolution backend
+    is this host's (``conv_impl="auto"``), not the one the run was trained with: the
+    parameters do not depend on it.
   """
-  config = load_config(workdir) if config is None else config
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
-  try:
-    model = _restore_model(ckpt, config, step)
-  finally:
-    ckpt.close()
+  config = run_record.load_config(workdir) if config is None else config
+  model = config_lib.build_model(config, conv_impl="auto")
+  model_state, _ = restore_model(workdir, nnx.state(model), step)
+  nnx.update(model, model_state)
   model.eval()
   return model, config
-
-
-def _restore_model(ckpt: Checkpointer, config: ml_collections.ConfigDict,
-                   step: int | None) -> nnx.Module:
-  """The model of checkpoint ``step`` (None: the newest readable one) of ``ckpt``."""
-  steps = ckpt.all_steps()
-  if not steps:
-    raise ValueError(f"no checkpoint in {ckpt.directory}; train first (or check --workdir).")
-  if step is not None and step not in steps:
-    raise ValueError(f"no checkpoint for step {step} in {ckpt.directory}; have {steps}.")
-  # config.json records the training run's convolution backend; the parameters do
-  # not depend on it, and this process picks its own for its devices.
-  model = config_lib.build_model(config, conv_impl="auto")
-  template = nnx.state(model)
-  if step is None:
-    restored = ckpt.restore_latest(template)
-    if restored is None:
-      raise ValueError(f"no readable checkpoint in {ckpt.directory}.")
-  else:
-    try:
-      problems = ckpt.incompatibilities(step, template)
-      restored = None if problems else ckpt.restore(step, template)
-    except Exception as e:  # Orbax raises many types for damaged files.
-      raise workdir_lib.WorkdirError(
-          f"checkpoint {step} in {ckpt.directory} cannot be read ({type(e).__name__}: "
-          f"{e}); pick another of {steps}, or none for the newest readable one.") from e
-    if problems:
-      raise IncompatibleCheckpointError(f"checkpoint {step} in {ckpt.directory} does not fit "
-                                        f"model {config.model.name!r}: " + "; ".join(problems))
-  nnx.update(model, restored[0])
-  return model

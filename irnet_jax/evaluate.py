@@ -27,8 +27,9 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from irnet_jax import checkpointing, cli, data, kernels, train
+from irnet_jax import checkpointing, cli, data, kernels, run_record, train
 from irnet_jax import config as config_lib
+from irnet_jax import workdir as workdir_lib
 
 EVAL_FILE = "eval_metrics.json"
 FLAGS = flags.FLAGS
@@ -44,7 +45,7 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
   the fastest that runs here); ``config.model.conv_impl`` (the training host's) is
   not used.
   """
-  c = ml_collections.ConfigDict((config or checkpointing.load_config(workdir)).to_dict())
+  c = ml_collections.ConfigDict((config or run_record.load_config(workdir)).to_dict())
   if c.get("num_devices", -1) > jax.device_count():
     # The training host's device count; evaluation pads and masks its batches, so any
     # number of devices gives the same result.
@@ -61,14 +62,8 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
                      f"{workdir} predicts {c.model.num_classes}; evaluate on a dataset "
                      "with the model's classes.")
   setup = train.build(c, devices, 1, 1)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
-  try:
-    restored = ckpt.restore_latest(setup.state[0])
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise ValueError(f"no checkpoint in {ckpt.directory}; train or convert first.")
-  model_state, _, meta = restored
+  # Onto the model state as the eval step's mesh places it.
+  model_state, meta = checkpointing.restore_model(workdir, setup.state[0])
   result = train.evaluate(setup.eval_step, model_state, c, setup.batch_sharding)
   out = dict(test_accuracy=result["accuracy"], test_loss=result["loss"],
              test_examples=result["count"])
@@ -79,7 +74,7 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
   if meta.get("imported"):
     out["imported"] = meta["imported"]
   if jax.process_index() == 0:
-    checkpointing.write_json_atomic(os.path.join(workdir, EVAL_FILE), out)
+    workdir_lib.write_json_atomic(os.path.join(workdir, EVAL_FILE), out)
   return out
 
 
@@ -98,7 +93,7 @@ def overridden_config(workdir: str) -> tuple[ml_collections.ConfigDict, str]:
   """(``workdir``'s config with the ``--config.*`` overrides, the conv backend to use:
   the overridden ``model.conv_impl``, else "auto" (the recorded one is the training
   host's))."""
-  c = checkpointing.load_config(workdir)
+  c = run_record.load_config(workdir)
   overrides: dict[str, Any] = config_flags.get_override_values(FLAGS["config"])
   c.update_from_flattened_dict(overrides)
   return c, overrides.get("model.conv_impl", "auto")

@@ -360,8 +360,8 @@ def main(argv: Sequence[str]) -> None:
   from irnet_jax import models
 
   if flags.FLAGS.workdir:  # A training run's network, as its config.json records it.
-    from irnet_jax import checkpointing
-    c = checkpointing.load_config(flags.FLAGS.workdir)
+    from irnet_jax import run_record
+    c = run_record.load_config(flags.FLAGS.workdir)
     size = int(flags.FLAGS.image_size or c.dataset.image_size)
     model = nnx.eval_shape(lambda: config_lib.build_model(c, conv_impl="xla"))
     print(format_summary(summary(model, (1, size, size, 3))))

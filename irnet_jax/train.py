@@ -30,10 +30,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from irnet_jax import checkpointing, data, diagnostics, kernels, optim, preemption, steps
+from irnet_jax import (
+  checkpointing,
+  data,
+  diagnostics,
+  kernels,
+  optim,
+  preemption,
+  run_record,
+  steps,
+)
 from irnet_jax import config as config_lib
 from irnet_jax import workdir as workdir_lib
 
@@ -347,7 +357,7 @@ class Plan(NamedTuple):
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Plan:
   """Validates ``config``, resolves it against the data and checks that ``workdir``
-  holds no other run (:func:`checkpointing.check_run`). Cheap, and writes nothing."""
+  holds no other run (:func:`run_record.check_run`). Cheap, and writes nothing."""
   c = ml_collections.ConfigDict(config.to_dict())
   devices = select_devices(c.get("num_devices", -1))
   config_lib.validate(c, len(devices))
@@ -376,7 +386,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Plan:
         f"--config.eval_every_steps to a multiple of {c.steps_per_call}.")
   derived = dict(num_train_examples=info.num_train, steps_per_epoch=steps_per_epoch,
                  total_steps=total_steps)
-  checkpointing.check_run(workdir, c, derived)
+  run_record.check_run(workdir, c, derived)
   return Plan(c, devices, steps_per_epoch, total_steps, eval_every, derived)
 
 
@@ -394,17 +404,10 @@ def restore(c: ml_collections.ConfigDict, state: nnx.State, ckpt: checkpointing.
     log.info("resumed from step %d of %s", meta["step"], ckpt.directory)
     return (nnx.State({0: model_state, 1: opt_state}), int(meta["step"]),
             float(meta.get("train_seconds", 0.0)))
-  if c.get("init_from"):
-    source = checkpointing.Checkpointer(os.path.join(c.init_from, "checkpoints"))
-    try:
-      restored = source.restore_latest(state[0], repair=False)
-    finally:
-      source.close()
-    if restored is None:
-      raise ValueError(f"config.init_from={c.init_from!r} has no checkpoint; give the "
-                       "--workdir of a training run or of `python -m irnet_jax.convert`.")
-    log.info("initialized the model from step %d of %s", restored[2]["step"], c.init_from)
-    return nnx.State({0: restored[0], 1: state[1]}), 0, 0.0
+  if c.get("init_from"):  # Another workdir's model, only read; a fresh optimizer.
+    model_state, meta = checkpointing.restore_model(c.init_from, state[0])
+    log.info("initialized the model from step %d of %s", meta["step"], c.init_from)
+    return nnx.State({0: model_state, 1: state[1]}), 0, 0.0
   return state, 0, 0.0
 
 
@@ -560,7 +563,7 @@ def final_report(plan: Plan, setup: Setup, state: nnx.State, train_seconds: floa
                train_seconds=train_seconds, params_fingerprint=params_fingerprint(state[0]),
                model=c.model.name, seed=c.seed, conv_impl=setup.conv_impl)
   if jax.process_index() == 0:
-    checkpointing.write_json_atomic(os.path.join(workdir, "final_metrics.json"), final)
+    workdir_lib.write_json_atomic(os.path.join(workdir, "final_metrics.json"), final)
   return final
 
 
@@ -594,7 +597,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with workdir_lib.WorkdirLock(workdir, jax.process_index()), \
       preemption.Preemption() as stop:
     setup = build(c, plan.devices, plan.steps_per_epoch, plan.total_steps)
-    fingerprint = checkpointing.run_fingerprint(checkpointing.run_spec(c))
+    fingerprint = run_record.run_fingerprint(run_record.run_spec(c))
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                       c.keep_checkpoints)
     writer = None
@@ -602,7 +605,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state, start_step, train_seconds = restore(c, setup.state, ckpt, fingerprint)
       writer = workdir_lib.MetricsWriter(workdir, is_main, tensorboard=c.tensorboard)
       if is_main:  # Only now that the workdir is known to hold this run (or none).
-        checkpointing.record_run(workdir, c, plan.derived)
+        run_record.record_run(workdir, c, plan.derived)
         writer.truncate_after(start_step)
       loop = _Loop(plan, setup, ckpt, writer, fingerprint, start_step, train_seconds,
                    workdir)

@@ -10,10 +10,11 @@
   carry the same numeric scalars, one run per ``split`` ("train", "test",
   "analysis", ...), for ``tensorboard --logdir WORKDIR/tensorboard``.
 
-Checkpoints, ``config.json`` and ``run.json`` are :mod:`irnet_jax.checkpointing`'s;
-every whole file of the workdir is written by :func:`write_atomic` (a temporary in the
-same directory, fsynced, renamed over the destination: a symlink placed there is
-replaced, never written through).
+Checkpoints are :mod:`irnet_jax.checkpointing`'s, ``config.json`` and ``run.json``
+:mod:`irnet_jax.run_record`'s (kept apart: this module needs only the standard
+library). Every whole file of the workdir is written by :func:`write_atomic` (a
+temporary in the same directory, fsynced, renamed over the destination: a symlink
+placed there is replaced, never written through).
 
 The command-line tools share :func:`cli_errors` (here because this module needs only
 the standard library, so that the light CLIs import nothing heavy for it): expected
@@ -246,6 +247,11 @@ def write_atomic(path: str, data: str | bytes) -> None:
       os.unlink(tmp)
     raise
   _fsync_directory(directory)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """``obj`` as indented JSON at ``path``, atomically (:func:`write_atomic`)."""
+  write_atomic(path, json.dumps(obj, indent=2))
 
 
 def _fsync_directory(directory: str) -> None:

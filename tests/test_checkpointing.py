@@ -1,70 +1,15 @@
-"""Workdir identity (run.json), the Checkpointer's damaged-vs-incompatible rule, and
-damaged checkpoints moved aside so that their steps are saved again."""
+"""The Checkpointer's damaged-vs-incompatible rule, damaged checkpoints moved aside so
+that their steps are saved again, and restore_model/load_model, how every tool reads a
+model from a workdir."""
 import glob
-import json
 import os
 
 import pytest
 from flax import nnx
 
-from irnet_jax import checkpointing, config as config_lib, models
+from irnet_jax import checkpointing, models, run_record
+from irnet_jax import config as config_lib
 from irnet_jax import workdir as workdir_lib
-
-
-def _config(**overrides):
-  c = config_lib.base_config()
-  c.model.num_classes = 10
-  c.update_from_flattened_dict(overrides)  # dotted keys, e.g. **{"model.name": ...}
-  return c
-
-
-DERIVED = dict(num_train_examples=50000, steps_per_epoch=390, total_steps=156000)
-
-
-def test_run_spec_has_the_defining_fields_only():
-  spec = checkpointing.run_spec(_config())
-  for field in ("model.name", "model.num_classes", "dataset.name", "batch_size", "seed",
-                "optimizer.learning_rate", "optimizer.schedule", "ede.t_min",
-                "ede.schedule_by", "num_epochs", "num_train_steps", "init_from"):
-    assert field in spec, field
-  assert not set(checkpointing.RESUMABLE_FIELDS) & spec.keys()
-  assert spec["dataset.mean"] == [0.485, 0.456, 0.406]  # JSON values.
-
-
-def test_check_run_accepts_resumable_changes_and_names_every_defining_one(tmp_path):
-  w = str(tmp_path)
-  checkpointing.check_run(w, _config(), DERIVED)  # A new workdir: nothing to compare.
-  fingerprint = checkpointing.record_run(w, _config(), DERIVED)
-  assert json.load(open(tmp_path / "run.json"))["fingerprint"] == fingerprint
-  checkpointing.check_run(w, _config(progress_bar=False, num_devices=2, log_every_steps=7,
-                                     eval_batch_size=100, **{"dataset.path": "/elsewhere",
-                                                             "dataset.num_threads": 8}),
-                          DERIVED)
-  with pytest.raises(checkpointing.RunMismatchError) as e:
-    checkpointing.check_run(w, _config(batch_size=256, **{"model.name": "vgg_small",
-                                                          "ede.t_min": 0.1}), DERIVED)
-  msg = str(e.value)
-  for text in ("3 field(s)", "batch_size: 128 (recorded) vs 256 (now)",
-               "model.name: 'resnet20' (recorded) vs 'vgg_small' (now)",
-               "ede.t_min: 0.001 (recorded) vs 0.1 (now)", "use another --workdir",
-               "--config.batch_size=128", "--config.model.name=resnet20",
-               "Nothing in", "progress_bar"):
-    assert text in msg, (text, msg)
-  # The data behind an allowed path change is still checked by what follows from it.
-  with pytest.raises(checkpointing.RunMismatchError, match="num_train_examples: 50000"):
-    checkpointing.check_run(w, _config(), dict(DERIVED, num_train_examples=60000))
-
-
-def test_fields_unknown_to_the_record_compare_as_their_default(tmp_path):
-  # A workdir recorded before a field existed: the default means "same run".
-  checkpointing.record_run(str(tmp_path), _config())
-  record = json.load(open(tmp_path / "run.json"))
-  del record["fields"]["init_from"]
-  record["fields"]["a_removed_field"] = 3  # Unknown to today's config: ignored.
-  json.dump(record, open(tmp_path / "run.json", "w"))
-  checkpointing.check_run(str(tmp_path), _config())
-  with pytest.raises(checkpointing.RunMismatchError, match="init_from: '' .recorded. vs 'W'"):
-    checkpointing.check_run(str(tmp_path), _config(init_from="W"))
 
 
 def _state(name):
@@ -154,13 +99,37 @@ def test_no_readable_checkpoint_moves_nothing(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["1", "2"]
 
 
-def test_damaged_run_and_config_files_name_the_file_and_the_fix(tmp_path):
-  checkpointing.record_run(str(tmp_path), _config())
-  (tmp_path / "run.json").write_text('{"fields": ')
-  with pytest.raises(workdir_lib.WorkdirError, match=r"run.json is damaged.*rm "):
-    checkpointing.check_run(str(tmp_path), _config())
-  (tmp_path / "run.json").unlink()
-  (tmp_path / "config.json").write_text("\x00\x00")
-  with pytest.raises(workdir_lib.WorkdirError, match="config.json is damaged"):
-    checkpointing.load_config(str(tmp_path))
-  assert checkpointing.read_run(str(tmp_path)) is None  # No run.json: nothing recorded.
+# ------------------------------------------------------------------ restore_model
+
+
+def test_restore_model_and_load_model_read_any_step_and_name_the_problem(tmp_path):
+  c = config_lib.base_config()
+  c.model.num_classes = 10
+  run_record.save_config(str(tmp_path), c)
+  with pytest.raises(ValueError, match=r"no checkpoint in .*Train or convert first"):
+    checkpointing.load_model(str(tmp_path))
+  model = config_lib.build_model(c, conv_impl="xla")
+  state = nnx.state(model)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
+  for step in (1, 2):
+    kernel = state["conv1"]["kernel"]
+    kernel.set_value(kernel.get_value() * 0 + step)  # step 1: all ones, step 2: all twos
+    ckpt.save(step, state, {"x": state["bn1"]["mean"]}, dict(step=step, seed=7))
+  ckpt.wait()
+  ckpt.close()
+  template = nnx.state(config_lib.build_model(c, conv_impl="xla"))
+  restored, meta = checkpointing.restore_model(str(tmp_path), template)
+  assert meta == dict(step=2, seed=7) and float(restored["conv1"]["kernel"][...].max()) == 2
+  restored, meta = checkpointing.restore_model(str(tmp_path), template, step=1)
+  assert meta["step"] == 1 and float(restored["conv1"]["kernel"][...].min()) == 1
+  loaded, config = checkpointing.load_model(str(tmp_path), step=1)
+  assert config.model.name == c.model.name and loaded.bn1.use_running_average  # eval()
+  assert float(loaded.conv1.kernel[...].max()) == 1
+  with pytest.raises(ValueError, match=r"no checkpoint for step 3 .*have \[1, 2\]"):
+    checkpointing.restore_model(str(tmp_path), template, step=3)
+  with pytest.raises(checkpointing.IncompatibleCheckpointError, match="does not fit"):
+    checkpointing.restore_model(str(tmp_path), _state("vgg_small"), step=1)
+  _damage(tmp_path / "checkpoints" / "1")
+  with pytest.raises(workdir_lib.WorkdirError, match="checkpoint 1 .*cannot be read"):
+    checkpointing.restore_model(str(tmp_path), template, step=1)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]  # Only read.

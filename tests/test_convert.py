@@ -209,7 +209,7 @@ def test_imported_workdir_evaluates_exports_and_fine_tunes(tmp_path, toy_npz, ti
   import json
   import os
 
-  from irnet_jax import checkpointing, evaluate, report, steps, train
+  from irnet_jax import evaluate, report, run_record, steps, train
   from irnet_jax.convert import workdir as workdir_lib
 
   npz = toy_npz
@@ -220,7 +220,7 @@ def test_imported_workdir_evaluates_exports_and_fine_tunes(tmp_path, toy_npz, ti
   meta = workdir_lib.import_state_dict(obj, tiny_config(npz, num_train_steps=2), w,
                                        source="model.th")
   assert meta["imported"].endswith("model.th") and meta["official"] == {"best_prec1": 77.5}
-  assert checkpointing.load_config(w).model.num_classes == 4  # From linear.weight.
+  assert run_record.load_config(w).model.num_classes == 4  # From linear.weight.
   with pytest.raises(ValueError, match="already holds a run"):
     workdir_lib.import_state_dict(obj, tiny_config(npz), w)
   # Round trip out: exactly the weights that went in.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from irnet_jax import checkpointing, evaluate, kernels, steps, train
+from irnet_jax import checkpointing, evaluate, kernels, run_record, steps, train
 
 
 def _config(tiny_config, npz):
@@ -47,7 +47,7 @@ def test_cli_reproduces_the_runs_final_evaluation(trained, repo_root):
 def test_other_dataset_and_top5_match_the_model(trained, make_npz):
   workdir, _, tmp = trained
   other = make_npz(tmp / "other.npz", n_test=13, seed=5)
-  c = checkpointing.load_config(workdir)
+  c = run_record.load_config(workdir)
   c.dataset.path = other
   got = evaluate.evaluate_workdir(workdir, c)
   model, _ = checkpointing.load_model(workdir)
@@ -73,14 +73,14 @@ def test_cli_overrides_apply_to_the_workdirs_config(trained, make_npz, repo_root
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.load(open(os.path.join(workdir, "eval_metrics.json")))
   assert got["dataset"]["path"] == other and got["test_examples"] == 13
-  assert got["model"] == checkpointing.load_config(workdir).model.name  # The rest kept.
+  assert got["model"] == run_record.load_config(workdir).model.name  # The rest kept.
 
 
 def test_clear_errors(trained, tmp_path):
   workdir, _, tmp = trained
   with pytest.raises(ValueError, match="no config.json"):
     evaluate.evaluate_workdir(str(tmp_path))
-  c = checkpointing.load_config(workdir)
+  c = run_record.load_config(workdir)
   c.model.name = "vgg_small"  # Another model than the checkpoint's.
   with pytest.raises(checkpointing.IncompatibleCheckpointError, match="shapes differ|entries"):
     evaluate.evaluate_workdir(workdir, c)

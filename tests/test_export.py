@@ -548,12 +548,12 @@ def test_packed_size_binary_layers_32x_smaller():
 
 def test_export_workdir_exports_the_latest_checkpoint(tmp_path):
   # pylint: disable=import-outside-toplevel
-  from irnet_jax import checkpointing
+  from irnet_jax import checkpointing, run_record
   from irnet_jax import config as config_lib
   from irnet_jax.export.workdir import export_workdir
   c = config_lib.base_config()
   c.model.num_classes = 10
-  checkpointing.save_config(str(tmp_path), c)
+  run_record.save_config(str(tmp_path), c)
   model = _create("resnet20", {})
   ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
   for step in (1, 2):  # the newest one is exported

@@ -224,7 +224,8 @@ def _outside(tmp_path):
 @pytest.mark.parametrize("name", ["run.json", "config.json", "final_metrics.json"])
 def test_atomic_writes_replace_a_symlink_instead_of_writing_through_it(tmp_path, name):
   # pylint: disable-next=import-outside-toplevel
-  from irnet_jax import checkpointing, config as config_lib
+  from irnet_jax import config as config_lib
+  from irnet_jax import run_record
   outside, workdir = _outside(tmp_path)
   c = config_lib.base_config()
   c.model.num_classes = 10
@@ -235,9 +236,9 @@ def test_atomic_writes_replace_a_symlink_instead_of_writing_through_it(tmp_path,
   before = outside.read_text()
   (workdir / name).symlink_to(outside)
   if name == "final_metrics.json":
-    checkpointing.write_json_atomic(str(workdir / name), {"test_accuracy": 0.5})
+    workdir_lib.write_json_atomic(str(workdir / name), {"test_accuracy": 0.5})
   else:
-    checkpointing.record_run(str(workdir), c)
+    run_record.record_run(str(workdir), c)
   assert outside.read_text() == before
   assert not (workdir / name).is_symlink() and json.loads((workdir / name).read_text())
   assert sorted(os.listdir(workdir)) == sorted({"run.json", "config.json", name} if
@@ -246,11 +247,10 @@ def test_atomic_writes_replace_a_symlink_instead_of_writing_through_it(tmp_path,
 
 def test_a_symlink_at_the_temporary_name_is_not_followed(tmp_path):
   # The temporary used to be PATH.tmp<pid>: a link placed there was written through.
-  from irnet_jax import checkpointing  # pylint: disable=import-outside-toplevel
   outside, workdir = _outside(tmp_path)
   path = workdir / "final_metrics.json"
   os.symlink(outside, f"{path}.tmp{os.getpid()}")
-  checkpointing.write_json_atomic(str(path), {"test_accuracy": 0.5})
+  workdir_lib.write_json_atomic(str(path), {"test_accuracy": 0.5})
   assert outside.read_text() == "precious\n"
   assert json.loads(path.read_text()) == {"test_accuracy": 0.5}
 

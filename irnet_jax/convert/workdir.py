@@ -25,7 +25,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from irnet_jax import checkpointing, config as config_lib, convert, optim
+from irnet_jax import checkpointing, convert, optim, run_record
+from irnet_jax import config as config_lib
 
 CLASSIFIER_KEYS = ("linear.weight", "fc.weight")  # CIFAR ResNets / ImageNet and VGG.
 
@@ -59,7 +60,7 @@ def import_state_dict(obj: Mapping[str, Any], config: ml_collections.ConfigDict,
   if c.model.num_classes <= 0:
     c.model.num_classes = _num_classes(state_dict)
   config_lib.validate(c)
-  if checkpointing.read_run(workdir) is not None or (
+  if run_record.read_run(workdir) is not None or (
       os.path.isdir(os.path.join(workdir, "checkpoints"))
       and os.listdir(os.path.join(workdir, "checkpoints"))):
     raise ValueError(f"{workdir} already holds a run; import into a new --workdir.")
@@ -68,10 +69,10 @@ def import_state_dict(obj: Mapping[str, Any], config: ml_collections.ConfigDict,
   # The optimizer's state has the same tree whatever the schedule: a fresh one at step 0.
   optimizer = nnx.Optimizer(model, optim.make_optimizer(c, optax.constant_schedule(0.0), model),
                             wrt=nnx.Param)
-  spec = checkpointing.run_spec(c)
+  spec = run_record.run_spec(c)
   meta = dict(step=0, seed=c.seed, model=c.model.name, data_position=0,
               num_classes=c.model.num_classes, train_seconds=0.0,
-              run_fingerprint=checkpointing.run_fingerprint(spec),
+              run_fingerprint=run_record.run_fingerprint(spec),
               imported=os.path.abspath(source) if source else "state_dict",
               official=extras)
   os.makedirs(workdir, exist_ok=True)
@@ -81,7 +82,7 @@ def import_state_dict(obj: Mapping[str, Any], config: ml_collections.ConfigDict,
     ckpt.wait()
   finally:
     ckpt.close()
-  checkpointing.record_run(workdir, c)
+  run_record.record_run(workdir, c)
   return meta
 
 
