@@ -12,7 +12,8 @@ forward on its kernels ("cpu_kernels": the XNOR/popcount forward the training st
 uses; asserted equal to "float"). Each
 measurement is repeated and the best repetition kept (the CPU may be shared). Also
 reports compile times, agreement of float and packed (max |logit diff|, argmax) and
-the sizes: float32 parameters, the packed file, and the binary layers alone. The last stdout line is a JSON object.
+the sizes: float32 parameters, the packed file, and the binary layers alone. The last stdout line
+is a JSON object.
 """
 from __future__ import annotations
 

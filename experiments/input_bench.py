@@ -35,6 +35,7 @@ import time
 
 def _config(root: str, workers: int, **overrides):
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   from irnet_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.imagenet_config("resnet18").dataset
   c = ml_collections.ConfigDict(c.to_dict())
@@ -100,6 +101,7 @@ def bench_device_jitter(batch: int, repeats: int = 5) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from irnet_jax.data import device  # pylint: disable=g-import-not-at-top
   images = jax.device_put(np.random.default_rng(0).integers(
       0, 256, (batch, 224, 224, 3), np.uint8))
@@ -119,10 +121,13 @@ def draft_report(root: str, count: int = 300, size: int = 224) -> dict:
   CPU ms per image of RandomResizedCrop with and without ``jpeg_draft``, the
   share of crops it applies to and the mean absolute difference (uint8 levels)
   of those crops from the full decode's."""
+  import glob  # pylint: disable=g-import-not-at-top,multiple-imports
+  import io
+
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from irnet_jax.data import augment, decode_crop  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  import glob, io  # pylint: disable=g-import-not-at-top,multiple-imports
+
+  from irnet_jax.data import augment, decode_crop  # pylint: disable=g-import-not-at-top
   files = sorted(glob.glob(os.path.join(root, "train", "*", "*")))[:count]
   blobs = [open(f, "rb").read() for f in files]
   out = {}

@@ -19,7 +19,6 @@ size (a 512-image subset, 2 epochs) so that the suite runs it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -82,6 +81,7 @@ def probe(c) -> dict:
   """Compiles the run's train call and evaluation and times them: seconds per epoch."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   from irnet_jax import train  # pylint: disable=import-outside-toplevel
   plan = train.prepare(c, tempfile.mkdtemp(prefix="paper_cifar_probe"))
   start = time.perf_counter()

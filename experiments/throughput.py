@@ -9,7 +9,8 @@ times its train call: K optimizer steps per device call (``config.steps_per_call
 image_size^2 x 3) or, with ``--resident``, over a random uint8 training set held on the
 device (``dataset.cache_on_device``: gather, crop and flip inside the call). ``--steps``
 timed steps (rounded up to whole calls) after ``--warmup`` untimed calls (compile
-included there), then the eval step. The last stdout line is a JSON object with ``train_images_per_sec`` and
+included there), then the eval step. The last stdout line is a JSON object with
+``train_images_per_sec`` and
 ``eval_images_per_sec`` (and the ``GLIBC_TUNABLES`` and ``conv_impl`` it ran with).
 """
 from __future__ import annotations

@@ -67,7 +67,8 @@ def _micro_batches(x: jax.Array, count: int) -> jax.Array:
   return x.reshape((x.shape[0] // count, count) + x.shape[1:]).swapaxes(0, 1)
 
 
-def _gradients(model: nnx.Module, images: jax.Array, labels: jax.Array, accumulate: int) -> tuple[jax.Array, jax.Array, State]:
+def _gradients(model: nnx.Module, images: jax.Array, labels: jax.Array, accumulate: int
+               ) -> tuple[jax.Array, jax.Array, State]:
   """``(mean loss, accuracy, gradients of the mean loss)`` over the batch.
 
   With ``accumulate = A > 1`` the batch runs as A micro-batches in a ``lax.scan``

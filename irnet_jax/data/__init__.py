@@ -37,25 +37,21 @@ Typical use::
   for batch in data.train_iterator(train_ds, start_step, **options): ...
   for batch in data.eval_batches(ds_cfg, 256): ...  # has a "mask"
 """
-from irnet_jax.data.augment import AUGMENTS
-from irnet_jax.data.augment import eval_transform
-from irnet_jax.data.augment import normalize
-from irnet_jax.data.augment import train_transform
+from irnet_jax.data.augment import AUGMENTS, eval_transform, normalize, train_transform
 from irnet_jax.data.decode import BadImageError
-from irnet_jax.data.pipeline import DatasetInfo
-from irnet_jax.data.pipeline import color_jitter_on
-from irnet_jax.data.pipeline import dataset_info
-from irnet_jax.data.pipeline import eval_batches
-from irnet_jax.data.pipeline import eval_dataset
-from irnet_jax.data.pipeline import loader_options
-from irnet_jax.data.pipeline import resident_arrays
-from irnet_jax.data.pipeline import train_dataset
-from irnet_jax.data.pipeline import train_indices
-from irnet_jax.data.pipeline import train_iterator
-from irnet_jax.data.sources import ArraySource
-from irnet_jax.data.sources import DATASETS
-from irnet_jax.data.sources import get_sources
-from irnet_jax.data.sources import load_digits_arrays
+from irnet_jax.data.pipeline import (
+    DatasetInfo,
+    color_jitter_on,
+    dataset_info,
+    eval_batches,
+    eval_dataset,
+    loader_options,
+    resident_arrays,
+    train_dataset,
+    train_indices,
+    train_iterator,
+)
+from irnet_jax.data.sources import DATASETS, ArraySource, get_sources, load_digits_arrays
 
 __all__ = [
     "AUGMENTS", "ArraySource", "BadImageError", "DATASETS", "DatasetInfo",

@@ -20,8 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from irnet_jax.data import augment
-from irnet_jax.data import decode
+from irnet_jax.data import augment, decode
 
 # What PIL raises for bad data (as irnet_jax.data.decode).
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError,

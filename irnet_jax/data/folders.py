@@ -31,8 +31,7 @@ from typing import Any, Iterable, NoReturn, Sequence
 
 import numpy as np
 
-from irnet_jax.data import decode
-from irnet_jax.data import index_cache
+from irnet_jax.data import decode, index_cache
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif",

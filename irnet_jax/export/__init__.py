@@ -8,9 +8,9 @@
 
 CLI: ``python -m irnet_jax.export --workdir=DIR --out=FILE``.
 """
+from irnet_jax.bits import pack_bits, unpack_bits
 from irnet_jax.export.format import FORMAT_VERSION, load, save
 from irnet_jax.export.infer import infer, popcount_dot
-from irnet_jax.bits import pack_bits, unpack_bits
 from irnet_jax.export.pack import PackedModel, pack, unpack
 
 __all__ = ["pack", "unpack", "save", "load", "infer", "PackedModel", "FORMAT_VERSION",

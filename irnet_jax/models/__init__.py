@@ -32,11 +32,14 @@ import jax
 from flax import nnx
 
 from irnet_jax import kernels
-
-from irnet_jax.models.resnet_cifar import (CifarResNet, resnet18_cifar, resnet20,
-                                           resnet20_1w32a)
-from irnet_jax.models.resnet_imagenet import (ImageNetResNet, resnet18, resnet18_1w32a,
-                                              resnet34, resnet34_1w32a)
+from irnet_jax.models.resnet_cifar import CifarResNet, resnet18_cifar, resnet20, resnet20_1w32a
+from irnet_jax.models.resnet_imagenet import (
+  ImageNetResNet,
+  resnet18,
+  resnet18_1w32a,
+  resnet34,
+  resnet34_1w32a,
+)
 from irnet_jax.models.vgg_small import VGGSmall, vgg_small
 
 
@@ -127,5 +130,5 @@ def create(name: str, *, rngs: nnx.Rngs | None = None, conv_impl: str = "auto",
   return build(rngs=rngs, conv_impl=kernels.resolve(conv_impl, devices), **kw)
 
 
-__all__ = ["create", "spec", "is_factory", "factory", "ModelSpec", "REGISTRY", "FAMILIES", "CifarResNet",
-           "ImageNetResNet", "VGGSmall"]
+__all__ = ["create", "spec", "is_factory", "factory", "ModelSpec", "REGISTRY", "FAMILIES",
+           "CifarResNet", "ImageNetResNet", "VGGSmall"]
