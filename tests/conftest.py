@@ -109,3 +109,95 @@ def _read_metrics(workdir, split):
 def read_metrics():
   """``read_metrics(workdir, split)``: the records of ``split`` in workdir/metrics.jsonl."""
   return _read_metrics
+
+
+# ------------------------------------------------------------------ data sets made here
+
+
+def _write_indexed_npz(path, n_train=40, n_test=13, side=8, grey=None, num_classes=5,
+                       **overrides):
+  """Image ``i`` of each split is filled with the value ``i`` (channel c with ``i + c``)
+  so an example can be identified from its pixels; labels i % C. ``grey``: "2d" (N, H,
+  W) or "1ch" (N, H, W, 1) images; ``overrides`` replace arrays (None: left out)."""
+  def make(n):
+    x = np.arange(n, dtype=np.uint8)[:, None, None, None] + np.zeros(
+        (1, side, side, 3), np.uint8)
+    x = x + np.arange(3, dtype=np.uint8)
+    if grey == "2d":
+      x = x[..., 0]
+    elif grey == "1ch":
+      x = x[..., :1]
+    return x, (np.arange(n) % num_classes).astype(np.int64)
+  x_train, y_train = make(n_train)
+  x_test, y_test = make(n_test)
+  arrays = dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+  arrays.update(overrides)
+  arrays = {k: v for k, v in arrays.items() if v is not None}
+  np.savez(path, **arrays)
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def write_indexed_npz():
+  """``write_indexed_npz(path, n_train=40, n_test=13, side=8, grey=None, num_classes=5,
+  **overrides)``: an npz whose image ``i`` holds the value ``i`` (see
+  :func:`_write_indexed_npz`); returns its path."""
+  return _write_indexed_npz
+
+
+def _write_image(path, h=20, w=28, seed=0, mode="RGB"):
+  """A random ``h`` x ``w`` image in PIL ``mode`` at ``path`` (PNG if it ends in .png,
+  JPEG otherwise), parent folders made; returns ``path``."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  img = Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).convert(mode)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  img.save(path, "PNG" if path.suffix.lower() == ".png" else "JPEG")
+  return path
+
+
+@pytest.fixture(scope="session")
+def write_image():
+  """``write_image(path, h=20, w=28, seed=0, mode="RGB")``: see :func:`_write_image`."""
+  return _write_image
+
+
+def _age_files(root, seconds=100):
+  """Backdates every file and folder under ``root``: the index cache skips trees
+  modified in the last seconds (mtime races)."""
+  import time  # pylint: disable=import-outside-toplevel
+  when = time.time() - seconds
+  for folder, dirs, files in os.walk(root):
+    for name in dirs + files:
+      os.utime(os.path.join(folder, name), (when, when))
+  os.utime(root, (when, when))
+
+
+@pytest.fixture(scope="session")
+def age_files():
+  """``age_files(root, seconds=100)``: see :func:`_age_files`."""
+  return _age_files
+
+
+def _image_tree(root, split="train"):
+  """An ImageFolder split ``root/split``: class names whose sorted order differs from
+  creation order and from a case-insensitive or natural sort; mixed-case extensions; a
+  nested folder; two files that are not images. Aged (:func:`_age_files`); returns the
+  split folder."""
+  files = ["b/1.JPEG", "a/y.jpg", "a/x.jpeg", "a/sub/w.PNG", "a/z.txt",
+           "a10/k.Jpg", "a2/q.png", "B/m.JPEG", "B/notes"]
+  for i, f in enumerate(files):
+    path = root / split / f
+    if f.endswith((".txt", "notes")):
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text("not an image")
+    else:
+      _write_image(path, seed=i)
+  _age_files(root)
+  return root / split
+
+
+@pytest.fixture(scope="session")
+def image_tree():
+  """``image_tree(root, split="train")``: see :func:`_image_tree`."""
+  return _image_tree

@@ -1,4 +1,5 @@
-"""ImageNet augmentation against torchvision, and the on-device colour jitter.
+"""irnet_jax.data.augment: the host augmentations (pure, deterministic in their draws),
+ImageNet augmentation against torchvision.
 
 The reference values in testdata/torchvision_augment.npz come from torchvision
 itself (it is not a dependency); regenerate them with
@@ -13,7 +14,6 @@ import itertools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -102,34 +102,6 @@ def test_color_jitter_params_distribution():
   np.testing.assert_allclose(d_factors.std(0), factors.std(0), rtol=0.1)
 
 
-def test_device_color_jitter_matches_host_on_same_draws():
-  rng = np.random.default_rng(1)
-  images = rng.integers(0, 256, (3, 12, 10, 3), np.uint8)
-  key = device.jitter_key(7, jnp.asarray(5))
-  out = jax.jit(device.color_jitter)(images.astype(np.float32) / 255, key)
-  for i, image in enumerate(images):
-    order, factors = device.color_jitter_params(jax.random.fold_in(key, i))
-    host = aug.apply_color_jitter(image.astype(np.float32) / 255,
-                                  np.asarray(order), np.asarray(factors))
-    np.testing.assert_allclose(out[i], host, atol=1e-5)
-  # Examples and steps draw differently.
-  assert not np.allclose(out[0], aug.apply_color_jitter(
-      images[0].astype(np.float32) / 255, [0, 1, 2, 3], [1, 1, 1, 0]))
-  other = jax.jit(device.color_jitter)(images.astype(np.float32) / 255,
-                                       device.jitter_key(7, jnp.asarray(6)))
-  assert not np.allclose(out, other)
-
-
-def test_model_input_normalizes_uint8_and_passes_floats():
-  mean, std = (0.25, 0.5, 0.75), (0.5, 0.25, 0.125)
-  x = np.array([[[[0, 255, 51]]]], np.uint8)
-  out = device.model_input(jnp.asarray(x), mean, std)
-  assert out.dtype == jnp.float32
-  np.testing.assert_allclose(out, aug.normalize(x, mean, std), rtol=1e-6)
-  floats = np.ones((1, 2, 2, 3), np.float64)
-  assert device.model_input(floats, mean, std) is floats
-
-
 def test_host_color_jitter_uint8():
   image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), np.uint8)
   out = aug.color_jitter(image, np.random.default_rng(0), (0, 0, 0, 0))
@@ -144,3 +116,98 @@ def test_host_color_jitter_uint8():
                                     factors.astype(np.float32))
   np.testing.assert_array_equal(aug.color_jitter(image, rng),
                                 np.rint(expected * 255).astype(np.uint8))
+
+
+# ------------------------------------------------------------------ pure, deterministic
+
+
+def test_pad_random_crop_matches_numpy_pad():
+  rng = np.random.default_rng(0)
+  image = rng.integers(1, 256, (32, 32, 3), np.uint8)
+  before = image.copy()
+  for seed in range(20):
+    out = aug.pad_random_crop(image, np.random.default_rng(seed), 32, 4)
+    replay = np.random.default_rng(seed)
+    top, left = replay.integers(0, 9), replay.integers(0, 9)
+    expected = np.pad(image, ((4, 4), (4, 4), (0, 0)))[top:top + 32,
+                                                       left:left + 32]
+    np.testing.assert_array_equal(out, expected)
+  np.testing.assert_array_equal(image, before)  # Pure.
+
+
+def test_cifar_augment_zero_border_only_from_padding():
+  white = np.full((32, 32, 3), 255, np.uint8)
+  saw_border = False
+  for seed in range(30):
+    out = aug.cifar_augment(white, np.random.default_rng(seed))
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    zero_rows = np.where(np.all(out == 0, axis=(1, 2)))[0]
+    zero_cols = np.where(np.all(out == 0, axis=(0, 2)))[0]
+    # Everything else is exactly the image; the zeros are whole edge rows/cols.
+    keep = np.ones((32, 32), bool)
+    keep[zero_rows] = False
+    keep[:, zero_cols] = False
+    assert np.all(out[keep] == 255) and np.all(out[~keep] == 0)
+    assert len(zero_rows) <= 4 and len(zero_cols) <= 4
+    for idx in (zero_rows, zero_cols):
+      assert all(i < 4 for i in idx) or all(i >= 28 for i in idx)
+    saw_border |= len(zero_rows) + len(zero_cols) > 0
+  assert saw_border
+
+
+def test_random_functions_deterministic_and_pure():
+  rng = np.random.default_rng(1)
+  image = rng.integers(0, 256, (45, 30, 3), np.uint8)
+  before = image.copy()
+  fns = [lambda x, r: aug.cifar_augment(x, r, size=30, pad=4),
+         lambda x, r: aug.shift_augment(x, r, size=30),
+         lambda x, r: aug.random_resized_crop(x, r, 16),
+         lambda x, r: aug.color_jitter(x, r),
+         lambda x, r: aug.imagenet_augment(x, r, 16),
+         aug.train_transform("imagenet", 20)]
+  for fn in fns:
+    a = fn(image, np.random.default_rng(5))
+    b = fn(image, np.random.default_rng(5))
+    c = fn(image, np.random.default_rng(6))
+    assert a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+  np.testing.assert_array_equal(image, before)
+  assert aug.imagenet_augment(image, rng, 16).shape == (16, 16, 3)
+
+
+def test_random_flip():
+  image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+  outs = {aug.random_flip(image, np.random.default_rng(s)).tobytes()
+          for s in range(10)}
+  assert outs == {image.tobytes(), image[:, ::-1].tobytes()}
+
+
+def test_random_resized_crop_box_bounds():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    top, left, h, w = aug.random_resized_crop_box(50, 80, rng)
+    assert 0 <= top and top + h <= 50 and 0 <= left and left + w <= 80
+    assert 0.08 * 4000 * 0.9 <= h * w <= 4000
+  # Impossible aspect ratio: falls back to the clamped centre crop.
+  assert aug.random_resized_crop_box(10, 100, rng, ratio=(1.0, 1.0),
+                                     scale=(0.99, 1.0)) == (0, 45, 10, 10)
+
+
+def test_resize_center_crop():
+  image = np.random.default_rng(0).integers(0, 256, (256, 300, 3), np.uint8)
+  # Shorter side already 256 = 224 / 0.875: a pure centre crop.
+  np.testing.assert_array_equal(aug.resize_center_crop(image, 224),
+                                image[16:240, 38:262])
+  tall = np.zeros((500, 375, 3), np.uint8)
+  assert aug.resize_center_crop(tall, 224).shape == (224, 224, 3)
+  assert aug.eval_transform("imagenet", 8)(tall).shape == (8, 8, 3)
+  assert aug.eval_transform("cifar", 8)(tall) is tall
+
+
+def test_normalize():
+  x = np.array([[[0, 255, 51]]], np.uint8)
+  out = aug.normalize(x, (0.25, 0.5, 0.75), (0.5, 0.25, 0.125))
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out[0, 0], [(0 - 0.25) / 0.5, (1 - 0.5) / 0.25,
+                                         (0.2 - 0.75) / 0.125], rtol=1e-6)

@@ -1,26 +1,17 @@
-"""The input pipeline's speed features: worker processes, uint8 batches, the
-on-device normalization and colour jitter, reduced-DCT decoding, bad files.
+"""irnet_jax.data.pipeline: deterministic, resumable, process-sharded train and eval
+data sets; worker processes, uint8 batches, where the colour jitter runs, bad files.
 
 Data is tiny and made here. Worker processes are started for real (grain's
 ``mp_prefetch``, 2 workers); each start costs ~1-2 s, so they are kept few.
 """
-import io
-
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from irnet_jax import config as config_lib
 from irnet_jax import data
-from irnet_jax import train
 from irnet_jax.data import augment as aug
-from irnet_jax.data import decode
-from irnet_jax.data import decode_crop
-from irnet_jax.data import device
-from irnet_jax.data import pipeline
+from irnet_jax.data import decode, pipeline
 
 MEAN = (0.25, 0.5, 0.75)
 STD = (0.5, 0.25, 0.125)
@@ -45,8 +36,81 @@ def _npz(path, n_train=24, n_test=5):
   return str(path)
 
 
+def _ids(images: np.ndarray) -> np.ndarray:
+  """Recovers the example index from a uint8 batch."""
+  assert images.dtype == np.uint8
+  return images[:, 0, 0, 0].astype(int)
+
+
 def _equal(a, b):
   return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ training
+
+
+def test_train_determinism_and_sharding(tmp_path, write_indexed_npz):
+  path = write_indexed_npz(tmp_path / "c.npz", side=32, n_train=40)
+  cfg = _cfg(name="npz", path=path, image_size=32, augment="cifar")
+  one = data.train_dataset(cfg, 8, seed=3, num_steps=12)
+  assert len(one) == 12
+  again = data.train_dataset(cfg, 8, seed=3, num_steps=20)  # Prefix property.
+  for step in (0, 5, 11):
+    assert _equal(one[step], again[step])
+  for count in (2, 4):
+    shards = [data.train_dataset(cfg, 8, 3, 12, index, count)
+              for index in range(count)]
+    assert all(len(s) == 12 for s in shards)
+    for step in (0, 4, 7, 11):  # 5 steps per epoch: epochs 0, 0, 1, 2.
+      locals_ = [s[step] for s in shards]
+      assert locals_[0]["image"].shape == (8 // count, 32, 32, 3)
+      joined = {k: np.concatenate([b[k] for b in locals_]) for k in locals_[0]}
+      assert _equal(joined, one[step])
+  assert not np.array_equal(one[0]["image"], one[1]["image"])
+  other_seed = data.train_dataset(cfg, 8, seed=4, num_steps=12)
+  assert not np.array_equal(one[0]["image"], other_seed[0]["image"])
+  with pytest.raises(ValueError, match="not divisible by process_count=3"):
+    data.train_dataset(cfg, 8, 0, 1, 0, 3)
+
+
+def test_train_epochs_reshuffle_and_resume(tmp_path, write_indexed_npz):
+  npz_path = write_indexed_npz(tmp_path / "tiny.npz")
+  cfg = _cfg(name="npz", path=npz_path, image_size=8)
+  # 12 does not divide 40: batches straddle epochs.
+  ds = data.train_dataset(cfg, 12, seed=0, num_steps=10)
+  stream = np.concatenate([_ids(ds[s]["image"]) for s in range(10)])
+  epochs = stream[:120].reshape(3, 40)
+  for epoch in epochs:
+    assert sorted(epoch) == list(range(40))
+  assert not np.array_equal(epochs[0], epochs[1])
+  assert not np.array_equal(epochs[0], np.arange(40))
+  labels = np.concatenate([ds[s]["label"] for s in range(10)])
+  np.testing.assert_array_equal(labels, stream % 5)
+  resumed = list(data.train_iterator(ds, 7, num_threads=2))
+  assert len(resumed) == 3
+  for got, step in zip(resumed, range(7, 10)):
+    assert _equal(got, ds[step])
+  assert len(list(data.train_iterator(ds, 0, num_threads=0))) == 10
+
+
+def test_train_uint8_batches_and_augmentation(tmp_path, write_indexed_npz):
+  path = write_indexed_npz(tmp_path / "c.npz", side=32, n_train=40)
+  plain_cfg = _cfg(name="npz", path=path, image_size=32, augment="none")
+  plain = data.train_dataset(plain_cfg, 8, seed=1, num_steps=2)[1]
+  # uint8 up to the device: no float32 on the host.
+  assert plain["image"].dtype == np.uint8 and plain["label"].dtype == np.int32
+  ids = _ids(plain["image"])
+  raw = ids[:, None, None, None] + np.arange(3)  # Stored pixel values.
+  np.testing.assert_array_equal(plain["image"],
+                                np.broadcast_to(raw, plain["image"].shape))
+  aug_cfg = _cfg(name="npz", path=path, image_size=32, augment="cifar")
+  auged = data.train_dataset(aug_cfg, 8, seed=1, num_steps=2)[1]
+  # Same shuffle, different pixels (zero padding enters the crops).
+  np.testing.assert_array_equal(auged["label"], plain["label"])
+  assert auged["image"].shape == plain["image"].shape
+  assert auged["image"].dtype == np.uint8
+  assert not np.array_equal(auged["image"], plain["image"])
+  assert np.any(np.all(auged["image"] == 0, axis=-1))
 
 
 @pytest.mark.slow
@@ -110,164 +174,30 @@ def test_loader_options():
     data.dataset_info(_cfg(prefetch_mb=0, path="unused.npz"))
 
 
-# ----------------------------------------------------------------------------
-# on the device
+# ------------------------------------------------------------------ evaluation
 
 
-def test_model_input_is_the_host_normalization():
-  images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), np.uint8)
-  out = jax.jit(lambda x: device.model_input(x, MEAN, STD))(images)
-  np.testing.assert_allclose(out, aug.normalize(images, MEAN, STD), rtol=1e-6,
-                             atol=1e-6)
+@pytest.mark.parametrize("batch, count", [(4, 1), (13, 1), (6, 2), (4, 4)])
+def test_eval_batches_cover_test_set(tmp_path, batch, count, write_indexed_npz):
+  npz_path = write_indexed_npz(tmp_path / "tiny.npz")
+  cfg = _cfg(name="npz", path=npz_path, image_size=8)
+  per_process = [list(data.eval_batches(cfg, batch, index, count))
+                 for index in range(count)]
+  steps = -(-13 // batch)
+  assert all(len(p) == steps for p in per_process)
+  seen = []
+  for step in range(steps):
+    for p in per_process:
+      b = p[step]
+      assert b["image"].shape == (batch // count, 8, 8, 3)
+      assert b["mask"].dtype == bool and b["label"].dtype == np.int32
+      assert np.all(b["image"][~b["mask"]] == 0)
+      assert np.all(b["label"][~b["mask"]] == 0)
+      seen.extend(_ids(b["image"][b["mask"]]))
+  assert seen == list(range(13))  # Every image once, in order.
 
 
-def test_device_jitter_deterministic_per_step_and_example():
-  images = jnp.asarray(np.random.default_rng(0).integers(
-      0, 256, (4, 6, 6, 3), np.uint8))
-  fn = jax.jit(lambda x, s: device.model_input(x, MEAN, STD,
-                                               device.jitter_key(3, s)))
-  a, b, c = fn(images, 10), fn(images, 10), fn(images, 11)
-  np.testing.assert_array_equal(a, b)
-  assert not np.allclose(a, c)
-  plain = device.model_input(images, MEAN, STD)
-  assert not np.allclose(a[0], plain[0])
-  assert fn._cache_size() == 1  # The step is traced: one compilation.
-  # Example i of a batch draws from fold_in(key, i): independent of the
-  # batch it sits in (so of the mesh and of the batch split).
-  sub = jax.jit(lambda x: device.color_jitter(
-      x, device.jitter_key(3, jnp.asarray(10))))(images[:2] / 255)
-  full = device.color_jitter(images / 255, device.jitter_key(3, jnp.asarray(10)))
-  np.testing.assert_allclose(sub, full[:2], atol=1e-6)
-
-
-# ----------------------------------------------------------------------------
-# reduced-DCT decoding
-
-
-def _jpeg(width, height, seed=0):
-  """A smooth JPEG (gradients + a few blobs): resampling differences stay
-  small, as on photographs."""
-  rng = np.random.default_rng(seed)
-  y, x = np.mgrid[0:height, 0:width] / max(width, height)
-  image = np.stack([np.sin(6 * x + c) * np.cos(4 * y - c) for c in
-                    rng.uniform(0, 3, 3)], -1)
-  buf = io.BytesIO()
-  Image.fromarray(((image + 1) * 127.5).astype(np.uint8)).save(
-      buf, "JPEG", quality=90)
-  return buf.getvalue()
-
-
-def test_draft_scale():
-  assert decode_crop.draft_scale((0, 0, 100, 100), 16) == 4
-  assert decode_crop.draft_scale((0, 0, 100, 300), 16) == 4
-  assert decode_crop.draft_scale((0, 0, 127, 900), 16) == 4
-  assert decode_crop.draft_scale((0, 0, 128, 900), 16) == 8
-  assert decode_crop.draft_scale((0, 0, 31, 900), 16) == 1
-
-
-def test_decode_random_resized_crop_draft_close_to_full():
-  data_ = _jpeg(640, 480)
-  full_image = np.asarray(Image.open(io.BytesIO(data_)).convert("RGB"))
-  used_draft = 0
-  for seed in range(12):
-    full = decode_crop.random_resized_crop(
-        data_, "x.jpg", np.random.default_rng(seed), 32, draft=False)
-    # Without draft: exactly the array path (same draws, same box).
-    np.testing.assert_array_equal(full, aug.random_resized_crop(
-        full_image, np.random.default_rng(seed), 32))
-    draft = decode_crop.random_resized_crop(
-        data_, "x.jpg", np.random.default_rng(seed), 32, draft=True)
-    box = aug.random_resized_crop_box(480, 640, np.random.default_rng(seed))
-    used_draft += decode_crop.draft_scale(box, 32) > 1
-    assert np.abs(draft.astype(int) - full.astype(int)).mean() < 3
-  assert used_draft >= 6
-
-
-# ----------------------------------------------------------------------------
-# the jitted steps on uint8 batches
-
-
-def _train_config(**dataset):
-  c = config_lib.base_config()
-  fields = dict(name="digits", augment="none", image_size=16, mean=MEAN,
-                std=STD)
-  fields.update(dataset)
-  c.dataset.update(fields)
-  c.model.name, c.model.num_classes = "resnet20", 10
-  c.batch_size = 8
-  return c
-
-
-@pytest.mark.slow
-def test_steps_normalize_uint8_on_device():
-  c = _train_config()
-  setup = train.build(c, jax.devices()[:1], 10, 20)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (8, 16, 16, 3), np.uint8)
-  labels = rng.integers(0, 10, 8).astype(np.int32)
-  floats = aug.normalize(images, MEAN, STD)  # The old host path.
-  state_u8, m_u8 = setup.train_step(jax.tree.map(jnp.copy, setup.state),
-                                    {"image": images, "label": labels})
-  state_f, m_f = setup.train_step(jax.tree.map(jnp.copy, setup.state),
-                                  {"image": floats, "label": labels})
-  np.testing.assert_allclose(m_u8["loss"], m_f["loss"], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(state_u8), jax.tree.leaves(state_f)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  mask = np.ones(8, bool)
-  e_u8 = setup.eval_step(state_u8[0], {"image": images, "label": labels,
-                                       "mask": mask})
-  e_f = setup.eval_step(state_u8[0], {"image": floats, "label": labels,
-                                      "mask": mask})
-  np.testing.assert_allclose(e_u8["loss"], e_f["loss"], rtol=1e-5)
-
-
-@pytest.mark.slow
-def test_train_step_device_jitter_one_compilation():
-  c = _train_config(augment="imagenet", color_jitter_on="device")
-  setup = train.build(c, jax.devices()[:1], 10, 20)
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.integers(0, 256, (8, 16, 16, 3), np.uint8),
-           "label": rng.integers(0, 10, 8).astype(np.int32),
-           "bad_files": np.array([0, 1, 0, 0, 0, 0, 1, 0], np.int32)}
-  initial = jax.tree.map(jnp.copy, setup.state)
-  state = setup.train_step(setup.state, batch)[0]
-  for _ in range(2):
-    state, metrics = setup.train_step(state, batch)
-  assert setup.train_step._cache_size() == 1  # Jitter keyed by the traced step.
-  assert int(metrics["bad_files"]) == 2
-  # A rerun from the same state draws the same jitter (same loss).
-  again = [setup.train_step(jax.tree.map(jnp.copy, initial), batch)[1]["loss"]
-           for _ in range(2)]
-  assert float(again[0]) == float(again[1])
-
-
-# ----------------------------------------------------------------------------
-# image files: decode-and-crop, bad files
-
-
-def _encode(image: np.ndarray, mode: str, fmt: str = "JPEG") -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(image).convert(mode).save(buf, fmt)
-  return buf.getvalue()
-
-
-@pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("L", "JPEG"),
-                                       ("CMYK", "JPEG"), ("P", "PNG"),
-                                       ("RGBA", "PNG")])
-def test_decode_crop_equals_decode_then_augment(mode, fmt):
-  rng = np.random.default_rng(0)
-  encoded = _encode(rng.integers(0, 256, (37, 51, 3), np.uint8), mode, fmt)
-  decoded = decode.decode_image(encoded)
-  for seed in range(3):
-    np.testing.assert_array_equal(
-        decode_crop.random_resized_crop(encoded, "f", np.random.default_rng(
-            seed), 16),
-        aug.random_resized_crop(decoded, np.random.default_rng(seed), 16))
-  np.testing.assert_array_equal(decode_crop.resize_center_crop(encoded, "f", 16),
-                                aug.resize_center_crop(decoded, 16))
-  with pytest.raises(decode.BadImageError, match="'dir/broken.jpg'"):
-    decode_crop.random_resized_crop(encoded[:len(encoded) // 2],
-                                    "dir/broken.jpg", rng, 16)
+# ------------------------------------------------------------------ image files: bad files
 
 
 def _tree(root, bad_in=("train",)):
@@ -278,8 +208,8 @@ def _tree(root, bad_in=("train",)):
     for cls in ("a", "b"):
       (root / split / cls).mkdir(parents=True)
       for i in range(6):
-        (root / split / cls / f"{i}.JPEG").write_bytes(_encode(
-            rng.integers(0, 256, (30 + i, 40, 3), np.uint8), "RGB"))
+        Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), np.uint8)).save(
+            root / split / cls / f"{i}.JPEG", "JPEG")
     if split in bad_in:
       (root / split / "b" / "bad.JPEG").write_bytes(b"not a jpeg at all")
   return str(root)
@@ -317,6 +247,7 @@ def test_postscript_named_jpg_is_skipped_and_counted(tmp_path, monkeypatch):
   # CalledProcessError escaped skip_bad_files. Ghostscript is made to fail as
   # on a host that has it; the pipeline must not reach it at all.
   import subprocess  # pylint: disable=import-outside-toplevel
+
   from PIL import EpsImagePlugin  # pylint: disable=import-outside-toplevel
 
   def ghostscript(*args, **kwargs):

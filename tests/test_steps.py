@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from irnet_jax import config as config_lib
-from irnet_jax import ops, optim, steps
+from irnet_jax import ops, optim, steps, train
+from irnet_jax.data import augment as aug
 from irnet_jax.data import device as data_device
 
 
@@ -203,3 +204,65 @@ def test_ede_every_step():
     got_t, got_k = _ede(c, step, steps_per_epoch=4, total_steps=40)
     np.testing.assert_allclose([got_t, got_k], [t, max(1 / t, 1.0)], rtol=2e-6,
                                err_msg=f"step {step}")
+
+
+# ------------------------------------------------------------------ uint8 batches
+#
+# The jitted steps of train.build (what the launcher runs) on uint8 host batches.
+
+MEAN = (0.25, 0.5, 0.75)
+STD = (0.5, 0.25, 0.125)
+
+
+def _train_config(**dataset):
+  c = config_lib.base_config()
+  fields = dict(name="digits", augment="none", image_size=16, mean=MEAN,
+                std=STD)
+  fields.update(dataset)
+  c.dataset.update(fields)
+  c.model.name, c.model.num_classes = "resnet20", 10
+  c.batch_size = 8
+  return c
+
+
+@pytest.mark.slow
+def test_steps_normalize_uint8_on_device():
+  c = _train_config()
+  setup = train.build(c, jax.devices()[:1], 10, 20)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (8, 16, 16, 3), np.uint8)
+  labels = rng.integers(0, 10, 8).astype(np.int32)
+  floats = aug.normalize(images, MEAN, STD)  # The old host path.
+  state_u8, m_u8 = setup.train_step(jax.tree.map(jnp.copy, setup.state),
+                                    {"image": images, "label": labels})
+  state_f, m_f = setup.train_step(jax.tree.map(jnp.copy, setup.state),
+                                  {"image": floats, "label": labels})
+  np.testing.assert_allclose(m_u8["loss"], m_f["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state_u8), jax.tree.leaves(state_f)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  mask = np.ones(8, bool)
+  e_u8 = setup.eval_step(state_u8[0], {"image": images, "label": labels,
+                                       "mask": mask})
+  e_f = setup.eval_step(state_u8[0], {"image": floats, "label": labels,
+                                      "mask": mask})
+  np.testing.assert_allclose(e_u8["loss"], e_f["loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_step_device_jitter_one_compilation():
+  c = _train_config(augment="imagenet", color_jitter_on="device")
+  setup = train.build(c, jax.devices()[:1], 10, 20)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (8, 16, 16, 3), np.uint8),
+           "label": rng.integers(0, 10, 8).astype(np.int32),
+           "bad_files": np.array([0, 1, 0, 0, 0, 0, 1, 0], np.int32)}
+  initial = jax.tree.map(jnp.copy, setup.state)
+  state = setup.train_step(setup.state, batch)[0]
+  for _ in range(2):
+    state, metrics = setup.train_step(state, batch)
+  assert setup.train_step._cache_size() == 1  # Jitter keyed by the traced step.
+  assert int(metrics["bad_files"]) == 2
+  # A rerun from the same state draws the same jitter (same loss).
+  again = [setup.train_step(jax.tree.map(jnp.copy, initial), batch)[1]["loss"]
+           for _ in range(2)]
+  assert float(again[0]) == float(again[1])
