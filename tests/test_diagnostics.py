@@ -1,4 +1,4 @@
-"""Information-retention diagnostics (irnet_jax.diagnostics) and the model summary."""
+"""Information-retention diagnostics (irnet_jax.diagnostics)."""
 import math
 
 import jax
@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import irnet_jax
 from irnet_jax import diagnostics, layers, models, ops
-from irnet_jax import summary as summary_lib
 
 # The small checks run inside one jit each: eager dispatch would compile every
 # primitive separately, which dominates the run time on a shared CPU.
@@ -135,57 +133,3 @@ def test_measure_state_under_jax_jit(resnet20):
   # 32w1a: no binary weights, so no (misleadingly zero) weight keys at all.
   fp_weights = nnx.eval_shape(lambda: models.create("resnet20", weight_bits=32))
   assert diagnostics.measure(fp_weights) == {}
-
-
-def test_summary_resnet20_counts(resnet20):
-  s = irnet_jax.summary.summary(resnet20, (1, 32, 32, 3))
-  assert s.params == 269_850
-  row = s.row("layer1.0.conv1")
-  assert row.output_shape == (1, 32, 32, 16)
-  assert row.macs_binary == 32 * 32 * 3 * 3 * 16 * 16 and row.macs_float == 0
-  assert row.params_1bit == 3 * 3 * 16 * 16
-  assert s.row("conv1").macs_float == 32 * 32 * 3 * 3 * 3 * 16
-  assert s.row("linear").macs_float == 64 * 10
-  # Every binary 3x3 conv: 6 at 32x32x16, then stride-2 first convs, etc.
-  assert s.macs_binary == sum(r.macs_binary for r in s.rows)
-  assert 0.98 < s.binary_mac_share < 1.0
-  assert s.memory_packed < s.memory_float32 / 10
-  text = summary_lib.format_summary(s)
-  assert "layer1.0.conv1" in text and "269,850" in text
-  assert irnet_jax.model_summary is summary_lib.summary
-
-
-def test_summary_of_flax_layers_in_containers():
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.features = nnx.Sequential(nnx.Conv(3, 8, (3, 3), strides=2, rngs=rngs),
-                                     nnx.BatchNorm(8, rngs=rngs), nnx.relu)
-      self.heads = nnx.Dict(a=nnx.Linear(8, 4, rngs=rngs), unused=nnx.Linear(8, 2, rngs=rngs))
-
-    def __call__(self, x):
-      return self.heads["a"](self.features(x).mean(axis=(1, 2)))
-
-  model = Net(nnx.Rngs(0))
-  s = summary_lib.summary(model, (2, 16, 16, 3))
-  assert [r.name for r in s.rows] == ["features.layers.0", "features.layers.1", "heads.a",
-                                      "heads.unused"]
-  assert s.row("features.layers.0").output_shape == (2, 8, 8, 8)
-  assert s.row("features.layers.0").macs_float == 8 * 8 * 3 * 3 * 3 * 8
-  assert s.row("heads.a").output_shape == (2, 4)
-  assert s.row("heads.unused").output_shape is None
-  assert isinstance(model.features.layers[0], nnx.Conv)  # the model is left alone
-
-
-def test_summary_1w32a_has_no_binary_macs():
-  # Abstract model (nnx.eval_shape): the summary only needs shapes.
-  model = nnx.eval_shape(lambda: models.create("resnet20", num_classes=10, act_bits=32))
-  s = summary_lib.summary(model)
-  assert s.macs_binary == 0 and s.params_1bit == 267_264
-
-
-def test_summary_cli_resolves_config_defaults():
-  from irnet_jax import config as config_lib
-  c = config_lib.base_config()  # num_classes -1 ("from the dataset"), structure "".
-  name, kw, image_size = summary_lib._config_kwargs(c)
-  assert name == "resnet20" and image_size == 32
-  assert kw["num_classes"] == 10 and "structure" not in kw
