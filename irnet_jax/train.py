@@ -174,7 +174,8 @@ def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
   stacked_sharding = NamedSharding(mesh, P(None, "data"))
-  model = config_lib.build_model(c, devices=devices)
+  conv_impl = kernels.resolve(c.model.get("conv_impl", "auto"), devices)
+  model = config_lib.build_model(c, devices=devices, conv_impl=conv_impl)
   schedule = optim.learning_rate_schedule(c, steps_per_epoch, total_steps)
   if c.optimizer.get("binary") == "bop":
     optim.sign_binary_kernels(model)
@@ -209,7 +210,7 @@ def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
                      out_shardings=replicated)
   diagnose = jax.jit(steps.make_diagnose(eval_graphdef, c, steps_per_epoch, total_steps))
   return Setup(state, train_step, train_call, eval_step, eval_all, batch_sharding,
-               stacked_sharding, mesh, diagnose, c.model.conv_impl, resident)
+               stacked_sharding, mesh, diagnose, conv_impl, resident)
 
 
 def evaluate_setup(setup: Setup, model_state: nnx.State, c: ml_collections.ConfigDict

@@ -21,7 +21,7 @@ import optax
 import pytest
 from flax import nnx
 
-from irnet_jax import config as config_lib, kernels, models, ops
+from irnet_jax import binarize, config as config_lib, kernels, models, ops
 from irnet_jax.kernels import avx512, build, xla, xla_cpu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -95,10 +95,12 @@ def test_resnet20_same_outputs_and_gradients_under_every_backend():
     assert model.conv_impl == conv_impl  # the resolved backend, recorded on the model
     assert model.layer2[0].conv1.conv_impl == conv_impl
 
+    binarize.set_ede(model, ede)
+
     @nnx.jit
     def step(m):
       def loss_fn(m):
-        logits = m(x, ede)
+        logits = m(x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
       return nnx.value_and_grad(loss_fn, has_aux=True)(m)
 

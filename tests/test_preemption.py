@@ -234,12 +234,12 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(launch, tmp
     launches += _launch_two(launch, workdir, tmp_path, "interrupted")
     _wait_for_train_steps(launches[2:], workdir, SIGNAL_AFTER_STEP, TWO_PROCESS_STEPS)
     launches[3].proc.send_signal(signal.SIGTERM)  # Process 1 only: JAX tells process 0.
-    for launch in launches[2:]:
-      rc = launch.wait(EXIT_TIMEOUT_S)
-      assert rc == preemption.EXIT_CODE, f"exit code {rc}:\n{launch.output()}"
+    for running in launches[2:]:
+      rc = running.wait(EXIT_TIMEOUT_S)
+      assert rc == preemption.EXIT_CODE, f"exit code {rc}:\n{running.output()}"
     step = _check_preempted(workdir, TWO_PROCESS_STEPS)
-    for launch in launches[2:]:  # Each process stopped after that same step.
-      assert f"stopped by a preemption signal after step {step};" in launch.output()
+    for running in launches[2:]:  # Each process stopped after that same step.
+      assert f"stopped by a preemption signal after step {step};" in running.output()
     launches += _launch_two(launch, workdir, tmp_path, "resumed")
     _run_to_end(launches[:2] + launches[4:])
   finally:
