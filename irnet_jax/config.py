@@ -114,6 +114,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.binary = ""
   c.optimizer.bop_threshold = 1e-8
   c.optimizer.bop_gamma = 1e-4
+  # "adam": a binarization method's own parameters (ReActNet's thresholds and RPReLU)
+  # get Adam at method_params_lr (times the schedule's shape, no weight decay), as
+  # ReActNet trains them; SGD at the recipe's 0.1 throws its thresholds out of the
+  # inputs' range, where no gradient brings them back. "same": the optimizer above.
+  c.optimizer.method_params = "adam"
+  c.optimizer.method_params_lr = 5e-4
   c.optimizer.learning_rate = 0.1
   c.optimizer.momentum = 0.9
   c.optimizer.weight_decay = 1e-4  # L2 added to the gradient of every parameter (torch SGD).
@@ -186,6 +192,8 @@ _RANGES = {
     "analysis_every_steps": (0, None, "0 turns the analysis off"),
     "optimizer.momentum": (0, None, "0 turns momentum off"),
     "optimizer.weight_decay": (0, None, "0 turns weight decay off"),
+    "optimizer.method_params_lr": (0, None, "Adam's learning rate for a method's own "
+                                   "parameters"),
     "optimizer.warmup_steps": (0, None, "0: no warm-up"),
     "optimizer.warmup_init_lr": (0, None, "the learning rate at step 0 of the warm-up"),
     "dataset.image_size": (1, None, "pixels"),
@@ -341,6 +349,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(c.model.get("conv_impl", "auto"), kernels.CONV_IMPLS, "model.conv_impl")
   _choice(c.optimizer.name, OPTIMIZERS, "optimizer.name")
   _choice(c.optimizer.binary, ("", "bop"), "optimizer.binary")
+  _choice(c.optimizer.method_params, ("adam", "same"), "optimizer.method_params")
   _choice(c.optimizer.schedule, SCHEDULES, "optimizer.schedule")
   _choice(c.ede.schedule_by, EDE_SCHEDULE_BY, "ede.schedule_by")
   _choice(c.compute_dtype, COMPUTE_DTYPES, "compute_dtype")

@@ -91,7 +91,8 @@ _METHODS = (
                  "Generalized Activation Functions, ECCV 2020",
            note="RSign (learnable per-channel threshold) and RPReLU; RPReLU is applied to "
                 "each binary layer's output (binarize_model cannot see where the network "
-                "applies its own activation); no distributional loss."),
+                "applies its own activation); no distributional loss. The launcher trains "
+                "thresholds and RPReLU with Adam (config.optimizer.method_params)."),
 )
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
 

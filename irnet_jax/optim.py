@@ -43,8 +43,12 @@ def make_optimizer(c: ml_collections.ConfigDict, schedule: optax.Schedule,
   """SGD / Nesterov / Adam with torch-style L2 weight decay (added to the gradient).
 
   With ``optimizer.binary="bop"`` the binary kernels of ``model`` (needed then) get
-  :func:`bop` (``optimizer.bop_threshold``, ``optimizer.bop_gamma``) and every other
-  Param that optimizer; start from :func:`sign_binary_kernels`."""
+  :func:`bop` (``optimizer.bop_threshold``, ``optimizer.bop_gamma``); start from
+  :func:`sign_binary_kernels`. With ``optimizer.method_params="adam"`` (the default)
+  the binarization method's own parameters (ReActNet's thresholds and RPReLU, see
+  :func:`param_labels`) get Adam at ``optimizer.method_params_lr`` times the schedule's
+  shape, without weight decay, as ReActNet trains them. Every other Param gets the
+  optimizer of ``optimizer.name``."""
   o = c.optimizer
   if o.name == "adam":
     opt = optax.adam(schedule)
@@ -52,11 +56,21 @@ def make_optimizer(c: ml_collections.ConfigDict, schedule: optax.Schedule,
     opt = optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.name == "nesterov")
   if o.weight_decay:
     opt = optax.chain(optax.add_decayed_weights(o.weight_decay), opt)
-  if o.get("binary", "") == "bop":
-    if model is None:
-      raise ValueError("optimizer.binary='bop' needs the model (its binary kernels)")
-    opt = bop_with(opt, model, threshold=o.bop_threshold, gamma=o.bop_gamma)
-  return opt
+  bop_on = o.get("binary", "") == "bop"
+  if bop_on and model is None:
+    raise ValueError("optimizer.binary='bop' needs the model (its binary kernels)")
+  labels = param_labels(model) if model is not None else None
+  method_on = (o.get("method_params", "adam") == "adam" and labels is not None
+               and "method" in jax.tree.leaves(labels))
+  if not (bop_on or method_on):
+    return opt
+  transforms = {"real": opt, "binary": opt, "method": opt}
+  if bop_on:
+    transforms["binary"] = bop(o.bop_threshold, o.bop_gamma)
+  if method_on:
+    ratio = o.get("method_params_lr", 5e-4) / o.learning_rate
+    transforms["method"] = optax.adam(lambda step: schedule(step) * ratio)
+  return optax.partition(transforms, labels)
 
 
 # --- Bop: the latent-free binary optimizer ------------------------------------------
@@ -117,24 +131,41 @@ def bop(threshold: float | optax.Schedule = 1e-8,
   return optax.GradientTransformation(init, update)
 
 
-def binary_weight_labels(model: nnx.Module) -> nnx.State:
-  """``"binary"`` / ``"real"`` for every ``nnx.Param`` of ``model``, with the structure
-  of ``nnx.state(model, nnx.Param)``: the labels of ``optax.partition``.
+def param_labels(model: nnx.Module) -> nnx.State:
+  """``"binary"`` / ``"method"`` / ``"real"`` for every ``nnx.Param`` of ``model``, with
+  the structure of ``nnx.state(model, nnx.Param)``: the labels of ``optax.partition``.
 
   Binary are the ``kernel`` Params of modules with a true ``binary_weights`` attribute
   (``layers.BinaryConv`` and any layer following that convention), i.e. the weights
-  that the forward pass quantizes to +-1; all else (full-precision convolutions,
-  BatchNorm, the classifier) is real.
+  that the forward pass quantizes to +-1. Method are the Params a binarization method
+  adds to a binary layer (``act_shift``, ``rprelu``: ReActNet's). All else
+  (full-precision convolutions, BatchNorm, the classifier) is real.
   """
-  binary = {tuple(path) + ("kernel",) for path, node in nnx.graph.iter_graph(model)
-            if isinstance(node, nnx.Module) and getattr(node, "binary_weights", False)
-            and isinstance(getattr(node, "kernel", None), nnx.Param)}
-  return nnx.map_state(lambda path, _: "binary" if tuple(path) in binary else "real",
-                       nnx.state(model, nnx.Param))
+  binary, method = set(), set()
+  for path, node in nnx.graph.iter_graph(model):
+    if not isinstance(node, nnx.Module):
+      continue
+    if getattr(node, "binary_weights", False) and isinstance(getattr(node, "kernel", None),
+                                                            nnx.Param):
+      binary.add(tuple(path) + ("kernel",))
+    for name in METHOD_PARAMS:
+      if isinstance(getattr(node, name, None), (nnx.Param, nnx.Dict)):
+        method.add(tuple(path) + (name,))
+
+  def label(path, _):
+    path = tuple(path)
+    if path in binary:
+      return "binary"
+    return "method" if any(path[:len(m)] == m for m in method) else "real"
+  return nnx.map_state(label, nnx.state(model, nnx.Param))
+
+
+# The Params a method adds to a binary layer (irnet_jax.layers), by attribute name.
+METHOD_PARAMS = ("act_shift", "rprelu")
 
 
 def sign_binary_kernels(model: nnx.Module) -> None:
-  """Sets every binary kernel (:func:`binary_weight_labels`) to ``where(w >= 0, 1, -1)``
+  """Sets every binary kernel (label ``binary`` of :func:`param_labels`) to ``where(w >= 0, 1, -1)``
   in place: Bop's weights are +-1 from the first step (see :func:`bop`)."""
   for _, node in nnx.graph.iter_graph(model):
     if getattr(node, "binary_weights", False) and isinstance(getattr(node, "kernel", None),
@@ -148,5 +179,5 @@ def bop_with(real_optimizer: optax.GradientTransformation, model: nnx.Module, *,
              gamma: float | optax.Schedule = 1e-4) -> optax.GradientTransformation:
   """Bop on the binary kernels of ``model``, ``real_optimizer`` on all other Params
   (Larq's ``CaseOptimizer(Bop.is_binary_variable, ...)``); for ``wrt=nnx.Param``."""
-  return optax.partition({"binary": bop(threshold, gamma), "real": real_optimizer},
-                         binary_weight_labels(model))
+  return optax.partition({"binary": bop(threshold, gamma), "real": real_optimizer,
+                          "method": real_optimizer}, param_labels(model))

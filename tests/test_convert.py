@@ -138,7 +138,8 @@ def _np_irconv_reference(x, w, t, k, g, stride):
   dx = d_ba * ede_grad(x)
   u = (d_bw.reshape(o, -1) * sw) * ede_grad(w_std)  # dL/dw_std
   # w_std = c / s, s = std(c, ddof=1), c = w - mean(w): chain rule through s and mean.
-  dc = u / s - (np.sum(u * c, 1, keepdims=True) / s ** 2) * (c - c.mean(1, keepdims=True)) / ((n - 1) * s)
+  centred = c - c.mean(1, keepdims=True)
+  dc = u / s - (np.sum(u * c, 1, keepdims=True) / s ** 2) * centred / ((n - 1) * s)
   dw = dc - dc.mean(1, keepdims=True)
   return out, dx, dw.reshape(w.shape)
 

@@ -14,6 +14,7 @@ Measured differences are float64 rounding only: at most 2e-12 of the tensor's ma
 import json
 import os
 
+import golden_inputs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,6 @@ import optax
 import pytest
 from flax import nnx
 
-import golden_inputs
 from irnet_jax import binarize, convert, models, ops
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")

@@ -21,7 +21,8 @@ import optax
 import pytest
 from flax import nnx
 
-from irnet_jax import binarize, config as config_lib, kernels, models, ops
+from irnet_jax import binarize, kernels, models, ops
+from irnet_jax import config as config_lib
 from irnet_jax.kernels import avx512, build, xla, xla_cpu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -30,7 +30,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from irnet_jax import config as config_lib, configs, models, train
+from irnet_jax import config as config_lib
+from irnet_jax import configs, models, train
 from irnet_jax.kernels import avx512
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

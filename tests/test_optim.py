@@ -176,7 +176,7 @@ class _Tiny(nnx.Module):
 
 def test_partition_with_nnx_model():
   model = _Tiny(nnx.Rngs(0))
-  labels = optim.binary_weight_labels(model)
+  labels = optim.param_labels(model)
   assert labels["conv"]["kernel"] == "binary"
   assert {labels["fp"]["kernel"], labels["head"]["kernel"], labels["head"]["bias"]} == {
       "real"}
@@ -243,3 +243,41 @@ def test_launcher_trains_with_bop_on_the_binary_kernels(tmp_path, toy_npz, tiny_
   assert set(np.unique(kernel)) == {-1.0, 1.0}
   assert np.any(kernel != np.where(np.asarray(start.layer1[0].conv1.kernel[...]) >= 0, 1, -1))
   assert not np.allclose(model.conv1.kernel[...], start.conv1.kernel[...])
+
+
+# ------------------------------------------------------------ a method's own parameters
+
+
+def test_reactnet_thresholds_and_rprelu_get_adam_without_decay():
+  """ReActNet's thresholds and RPReLU (label "method") take Adam's first step, -lr*sign(g)
+  (no weight decay), while the kernel takes SGD's -lr*(g + wd*w); "same" gives every
+  Param the SGD step."""
+  def one_step(method_params):
+    conv = BinaryConv(2, 3, 3, padding=1, weight_quantizer="mean_abs_detached",
+                      estimator="approx_sign", act_threshold=True, rprelu=True,
+                      rngs=nnx.Rngs(0))
+    conv.act_shift[...] = jnp.asarray([0.3, -0.2])
+    labels = optim.param_labels(conv)
+    assert labels["kernel"] == "binary"
+    assert labels["act_shift"] == "method"
+    assert {labels["rprelu"][k] for k in ("shift_in", "slope", "shift_out")} == {"method"}
+    c = _optimizer_config(schedule="constant", momentum=0.0, weight_decay=0.01,
+                          method_params=method_params, method_params_lr=1e-3)
+    opt = nnx.Optimizer(conv, optim.make_optimizer(c, optax.constant_schedule(0.1), conv),
+                        wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(2), (2, 5, 5, 2))
+    params = lambda: jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(conv, nnx.Param)))
+    before = params()
+    grads = nnx.grad(lambda m: (jnp.sin(m(x)) ** 2).sum())(conv)
+    opt.update(conv, grads)
+    return before, jax.tree.map(np.array, nnx.to_pure_dict(grads)), params()
+
+  before, g, after = one_step("adam")
+  shift0, shift1, gs = (s["act_shift"] for s in (before, after, g))
+  assert np.all(np.abs(gs) > 1e-3)
+  np.testing.assert_allclose(shift1 - shift0, -1e-3 * np.sign(gs), rtol=1e-4)
+  k0, k1, gk = (s["kernel"] for s in (before, after, g))
+  np.testing.assert_allclose(k1 - k0, -0.1 * (gk + 0.01 * k0), rtol=1e-4, atol=1e-7)
+  before, g, after = one_step("same")
+  shift0, shift1, gs = (s["act_shift"] for s in (before, after, g))
+  np.testing.assert_allclose(shift1 - shift0, -0.1 * (gs + 0.01 * shift0), rtol=1e-4)

@@ -150,7 +150,7 @@ def test_nan_stops_cleanly_and_keeps_last_good_checkpoint(toy_npz, tmp_path, tin
   assert "at step 2" in message and "learning_rate" in message and "t_max" in message
   model, _ = checkpointing.load_model(str(tmp_path))  # the kept one is finite
   leaves = jax.tree.leaves(nnx.state(model))
-  assert all(np.all(np.isfinite(np.asarray(l))) for l in leaves)
+  assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in leaves)
   assert not os.path.exists(tmp_path / "final_metrics.json")
 
 
