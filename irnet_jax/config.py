@@ -349,7 +349,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _choice(c.model.get("conv_impl", "auto"), kernels.CONV_IMPLS, "model.conv_impl")
   _choice(c.optimizer.name, OPTIMIZERS, "optimizer.name")
   _choice(c.optimizer.binary, ("", "bop"), "optimizer.binary")
-  _choice(c.optimizer.method_params, ("adam", "same"), "optimizer.method_params")
+  _choice(c.optimizer.get("method_params", "adam"), ("adam", "same"), "optimizer.method_params")
   _choice(c.optimizer.schedule, SCHEDULES, "optimizer.schedule")
   _choice(c.ede.schedule_by, EDE_SCHEDULE_BY, "ede.schedule_by")
   _choice(c.compute_dtype, COMPUTE_DTYPES, "compute_dtype")

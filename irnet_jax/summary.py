@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from irnet_jax import layers
+from irnet_jax.stand_in import StandIn
 
 _LAYER_TYPES = (layers.BinaryConv, layers.BinaryDense, layers.BatchNorm, nnx.Conv,
                 nnx.Linear, nnx.BatchNorm)
@@ -134,17 +135,12 @@ def _count(module: nnx.Module, kind: type) -> int:
 # and sow needs code in each layer, which nnx.Conv/nnx.Linear/nnx.BatchNorm lack.
 
 
-class _Recorder(nnx.Module):
+class _Recorder(StandIn):
   """Stands in for ``layer`` in the traced copy: calls it, then ``record(path, output)``."""
 
   def __init__(self, layer: nnx.Module, path: str, record: Callable[[str, Any], None]):
-    self.layer, self.path, self.record = layer, path, record
-
-  def __getattr__(self, name: str):  # attributes the forward reads from the layer
-    layer = vars(self).get("layer")
-    if layer is None or name.startswith("__"):
-      raise AttributeError(name)
-    return getattr(layer, name)
+    super().__init__(layer)
+    self.path, self.record = path, record
 
   def __call__(self, *args, **kwargs):
     out = self.layer(*args, **kwargs)

@@ -201,3 +201,21 @@ def _image_tree(root, split="train"):
 def image_tree():
   """``image_tree(root, split="train")``: see :func:`_image_tree`."""
   return _image_tree
+
+
+def _dataset_cfg(name, augment, **fields):
+  """A ``dataset`` config of ``name`` with the ``augment`` recipe, read in the test's
+  process (no threads, no workers): 16-pixel images, train split "train", the source's
+  default test split; ``fields`` add or replace entries."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  cfg = dict(name=name, data_dir="", path="", augment=augment, image_size=16,
+             mean=(0.5,) * 3, std=(0.25,) * 3, num_threads=0, num_workers=0,
+             train_split="train", test_split="")
+  cfg.update(fields)
+  return ml_collections.ConfigDict(cfg)
+
+
+@pytest.fixture(scope="session")
+def dataset_cfg():
+  """``dataset_cfg(name, augment, **fields)``: see :func:`_dataset_cfg`."""
+  return _dataset_cfg

@@ -10,20 +10,11 @@ import tarfile
 import urllib.error
 import urllib.request
 
-import ml_collections
 import numpy as np
 import pytest
 
 from irnet_jax import data
 from irnet_jax.data import cifar
-
-
-def _cfg(**kwargs):
-  base = dict(name="cifar10", data_dir="", path="", augment="cifar",
-              image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, num_threads=0,
-              num_workers=0, train_split="train", test_split="")
-  base.update(kwargs)
-  return ml_collections.ConfigDict(base)
 
 
 def _batch_pickle(images, labels, label_key):
@@ -76,7 +67,7 @@ def fixture_tiny_cifar(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_archive_download_and_read(tmp_path, tiny_cifar, name):
+def test_cifar_archive_download_and_read(tmp_path, tiny_cifar, name, dataset_cfg):
   data_dir = tmp_path / "data"
   x_train, y_train, x_test, y_test = cifar.load_cifar(name, str(data_dir))
   # Downloaded once into the data dir (no partial files left), then reused.
@@ -85,7 +76,7 @@ def test_cifar_archive_download_and_read(tmp_path, tiny_cifar, name):
     np.testing.assert_array_equal(got, want)
   assert x_train.shape == (15 if name == "cifar10" else 3, 32, 32, 3)
   assert x_train.dtype == np.uint8 and y_train.dtype == np.int32
-  cfg = _cfg(name=name, data_dir=str(data_dir), augment="cifar", image_size=32)
+  cfg = dataset_cfg(name, "cifar", data_dir=str(data_dir), image_size=32)
   info = data.dataset_info(cfg)
   assert info == data.DatasetInfo(len(x_train), 4, 10 if name == "cifar10" else 100,
                                   (32, 32, 3))
@@ -102,15 +93,16 @@ def test_cifar_default_data_dir(tmp_path, tiny_cifar, monkeypatch):
   assert os.listdir(tmp_path / "env_dir") == ["cifar-10-python.tar.gz"]
 
 
-def test_cifar_no_network_names_url_and_folder(tmp_path, tiny_cifar, monkeypatch):
+def test_cifar_no_network_names_url_and_folder(tmp_path, tiny_cifar, monkeypatch,
+                                               dataset_cfg):
   def offline(*args, **kwargs):
     raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
   monkeypatch.setattr(urllib.request, "urlopen", offline)
   data_dir = tmp_path / "data"
   url = cifar.ARCHIVES["cifar10"].url
   with pytest.raises(ValueError) as e:
-    data.dataset_info(_cfg(name="cifar10", data_dir=str(data_dir),
-                           augment="cifar", image_size=32))
+    data.dataset_info(dataset_cfg("cifar10", "cifar", data_dir=str(data_dir),
+                                  image_size=32))
   msg = str(e.value)
   assert f"Download {url}" in msg and f"put it in {data_dir}/" in msg
   assert "name resolution" in msg and "dataset.data_dir" in msg

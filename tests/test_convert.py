@@ -106,6 +106,17 @@ def _np_conv_nchw(x, w, stride, pad):
   return out
 
 
+def _np_linear_grad(f, like, g):
+  """dL/dv of L = sum(f(v) * g) for a linear ``f`` of arrays shaped like ``like``: f of
+  one one-hot probe per entry."""
+  grad = np.zeros_like(like)
+  for index in np.ndindex(*like.shape):
+    e = np.zeros_like(like)
+    e[index] = 1.0
+    grad[index] = np.sum(f(e) * g)
+  return grad
+
+
 def _np_irconv_reference(x, w, t, k, g, stride):
   """IRConv2d forward and backward written out by hand in NumPy (float64, torch layouts).
 
@@ -121,19 +132,9 @@ def _np_irconv_reference(x, w, t, k, g, stride):
   bw = (np.sign(w_std) * sw).reshape(w.shape)
   ba = np.sign(x)
   out = _np_conv_nchw(ba, bw, stride, 1)
-  # dL/dba and dL/dbw of a cross-correlation, via its linearity (one-hot probes).
-  d_ba = np.zeros_like(x)
-  it = np.nditer(x, flags=["multi_index"])
-  for _ in it:
-    e = np.zeros_like(x)
-    e[it.multi_index] = 1.0
-    d_ba[it.multi_index] = np.sum(_np_conv_nchw(e, bw, stride, 1) * g)
-  d_bw = np.zeros_like(w)
-  it = np.nditer(w, flags=["multi_index"])
-  for _ in it:
-    e = np.zeros_like(w)
-    e[it.multi_index] = 1.0
-    d_bw[it.multi_index] = np.sum(_np_conv_nchw(ba, e, stride, 1) * g)
+  # dL/dba and dL/dbw of a cross-correlation, via its linearity in each operand.
+  d_ba = _np_linear_grad(lambda e: _np_conv_nchw(e, bw, stride, 1), x, g)
+  d_bw = _np_linear_grad(lambda e: _np_conv_nchw(ba, e, stride, 1), w, g)
   ede_grad = lambda v: k * t * (1 - np.tanh(t * v) ** 2)
   dx = d_ba * ede_grad(x)
   u = (d_bw.reshape(o, -1) * sw) * ede_grad(w_std)  # dL/dw_std

@@ -8,22 +8,12 @@ import shutil
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 
 from irnet_jax import config as config_lib
 from irnet_jax import data, train
 from irnet_jax.data import folders, index_cache, sources
-
-
-def _cfg(**kwargs):
-  base = dict(name="imagefolder", data_dir="", path="", augment="imagenet",
-              image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, num_threads=0,
-              num_workers=0, train_split="train", test_split="")
-  base.update(kwargs)
-  return ml_collections.ConfigDict(base)
-
 
 # ------------------------------------------------------------------ ImageFolder trees
 
@@ -90,7 +80,8 @@ def test_image_folder_file_reached_twice_through_links_counted_once(tmp_path, mo
   assert plain.relpaths() == walked
 
 
-def test_image_folder_dataset_end_to_end(tmp_path, monkeypatch, write_image, image_tree):
+def test_image_folder_dataset_end_to_end(tmp_path, monkeypatch, write_image, image_tree,
+                                         dataset_cfg):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home_cache"))
   root = tmp_path / "data"
   image_tree(root, "train")
@@ -99,7 +90,7 @@ def test_image_folder_dataset_end_to_end(tmp_path, monkeypatch, write_image, ima
                                    ("b", (21, 21))]):
     write_image(root / "val" / cls / f"v{i}.JPEG", *size, seed=10 + i,
           mode="L" if i == 1 else "CMYK" if i == 2 else "RGB")
-  cfg = _cfg(path=str(root))
+  cfg = dataset_cfg("imagefolder", "imagenet", path=str(root))
   assert data.dataset_info(cfg) == data.DatasetInfo(7, 5, 5, (16, 16, 3))
   batch = data.train_dataset(cfg, 4, seed=0, num_steps=3)[2]
   assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype.kind in "fu"
@@ -109,7 +100,8 @@ def test_image_folder_dataset_end_to_end(tmp_path, monkeypatch, write_image, ima
   assert all(b["image"].shape == (4, 16, 16, 3) for b in evals)
   # Split folder names are configurable.
   (root / "val").rename(root / "validation")
-  info = data.dataset_info(_cfg(path=str(root), test_split="validation"))
+  info = data.dataset_info(dataset_cfg("imagefolder", "imagenet", path=str(root),
+                                       test_split="validation"))
   assert info.num_test == 5
 
 
@@ -121,7 +113,8 @@ def test_image_folder_dataset_end_to_end(tmp_path, monkeypatch, write_image, ima
     ("empty_class", "1 class folder.*hold no image files \\('empty'\\)"),
     ("class_mismatch", "only in train: \\['b'\\], only in eval: \\['c'\\]"),
 ])
-def test_image_folder_errors(tmp_path, monkeypatch, problem, message, write_image):
+def test_image_folder_errors(tmp_path, monkeypatch, problem, message, write_image,
+                             dataset_cfg):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home_cache"))
   root = tmp_path / "data"
   write_image(root / "train" / "a" / "1.jpg")
@@ -146,7 +139,7 @@ def test_image_folder_errors(tmp_path, monkeypatch, problem, message, write_imag
     shutil.rmtree(root / "val" / "b")
     write_image(root / "val" / "c" / "1.jpg")
   with pytest.raises(ValueError, match=message):
-    data.dataset_info(_cfg(path=path))
+    data.dataset_info(dataset_cfg("imagefolder", "imagenet", path=path))
 
 
 def test_tfds_imagenet2012_labels_match_image_folder_ids(tmp_path, monkeypatch):
@@ -188,11 +181,12 @@ def fixture_lists(tmp_path, write_image, age_files):
   return root, train_list, val_list
 
 
-def test_file_list_dataset(tmp_path, monkeypatch, lists):
+def test_file_list_dataset(tmp_path, monkeypatch, lists, dataset_cfg):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home_cache"))
   root, train_list, val_list = lists
-  cfg = _cfg(name="filelist", train_list=str(train_list), test_list=str(val_list),
-             train_root=str(root / "train"), test_root=str(root / "val"))
+  cfg = dataset_cfg("filelist", "imagenet", train_list=str(train_list),
+                    test_list=str(val_list), train_root=str(root / "train"),
+                    test_root=str(root / "val"))
   assert data.dataset_info(cfg) == data.DatasetInfo(3, 2, 3, (16, 16, 3))
   train, test = sources.get_sources(cfg)
   assert [train.path(i) for i in range(3)] == [
@@ -206,8 +200,8 @@ def test_file_list_dataset(tmp_path, monkeypatch, lists):
   # One root for both lists (dataset.path), paths then carry the split folder.
   both = tmp_path / "both.txt"
   both.write_text("train/n1/a.JPEG 0\nval/v1.JPEG 1\n")
-  info = data.dataset_info(_cfg(name="filelist", path=str(root),
-                                train_list=str(both), test_list=str(both)))
+  info = data.dataset_info(dataset_cfg("filelist", "imagenet", path=str(root),
+                                       train_list=str(both), test_list=str(both)))
   assert (info.num_train, info.num_classes) == (2, 2)
 
 
@@ -221,23 +215,24 @@ def test_file_list_dataset(tmp_path, monkeypatch, lists):
      "line 3: 'n9/x.JPEG'"),
     ("n1/a.JPEG 0\n", "has label 2 but the labels of .* stop at 0"),
 ])
-def test_file_list_errors(tmp_path, monkeypatch, lines, message, lists):
+def test_file_list_errors(tmp_path, monkeypatch, lines, message, lists, dataset_cfg):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home_cache"))
   root, train_list, val_list = lists
   train_list.write_text(lines)
-  cfg = _cfg(name="filelist", train_list=str(train_list), test_list=str(val_list),
-             train_root=str(root / "train"), test_root=str(root / "val"))
+  cfg = dataset_cfg("filelist", "imagenet", train_list=str(train_list),
+                    test_list=str(val_list), train_root=str(root / "train"),
+                    test_root=str(root / "val"))
   with pytest.raises(ValueError, match=message):
     data.dataset_info(cfg)
 
 
-def test_file_list_missing_fields(tmp_path):
+def test_file_list_missing_fields(tmp_path, dataset_cfg):
   with pytest.raises(ValueError, match="needs dataset.train_list"):
-    data.dataset_info(_cfg(name="filelist", path=str(tmp_path)))
+    data.dataset_info(dataset_cfg("filelist", "imagenet", path=str(tmp_path)))
   with pytest.raises(ValueError, match="list file .* does not exist"):
-    data.dataset_info(_cfg(name="filelist", path=str(tmp_path),
-                           train_list=str(tmp_path / "no.txt"),
-                           test_list=str(tmp_path / "no.txt")))
+    data.dataset_info(dataset_cfg("filelist", "imagenet", path=str(tmp_path),
+                                  train_list=str(tmp_path / "no.txt"),
+                                  test_list=str(tmp_path / "no.txt")))
 
 
 # ------------------------------------------------------------------ the index cache (index_cache)

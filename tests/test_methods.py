@@ -36,11 +36,18 @@ def test_bnn_sign_and_clipped_ste():
   np.testing.assert_allclose(gx, (g @ np.sign(w).T) * (np.abs(np.asarray(X)) <= 1))
 
 
-def test_xnor_scale_with_its_gradient():
-  layer = _layer("xnor")
+def _scaled_sign_layer(method):
+  """A layer of ``method`` after checking XNOR-Net's forward on it, sign(x) @ (sign(w) *
+  alpha) with alpha the mean |w| of each output; returns the layer, w and alpha."""
+  layer = _layer(method)
   w = np.asarray(layer.kernel[...])
   alpha = np.abs(w).mean(axis=0)
   np.testing.assert_allclose(layer(X), np.sign(X) @ (np.sign(w) * alpha), rtol=1e-6)
+  return layer, w, alpha
+
+
+def test_xnor_scale_with_its_gradient():
+  layer, w, alpha = _scaled_sign_layer("xnor")
   gl, _ = _grads(layer)
   g_q = np.sign(np.asarray(X)).T @ np.asarray([[1.0, 2.0, 3.0]])  # dL/dq, (in, out)
   # XNOR-Net Sec. 3.1: dq_i/dw_j = sign(w_i) sign(w_j) / n + alpha 1{|w_i| <= 1} [i = j].
@@ -51,10 +58,7 @@ def test_xnor_scale_with_its_gradient():
 
 
 def test_bireal_approx_sign_and_detached_scale():
-  layer = _layer("bireal")
-  w = np.asarray(layer.kernel[...])
-  alpha = np.abs(w).mean(axis=0)
-  np.testing.assert_allclose(layer(X), np.sign(X) @ (np.sign(w) * alpha), rtol=1e-6)
+  layer, w, alpha = _scaled_sign_layer("bireal")
   gl, gx = _grads(layer)
   g = np.asarray([[1.0, 2.0, 3.0]])
   x = np.asarray(X)

@@ -162,6 +162,14 @@ def uninterrupted_single(launch, tmp_path_factory):
   return _fingerprint(workdir)
 
 
+def _launch_mid_run(launch, workdir, log_path, launches):
+  """Starts a single-process run into ``workdir`` and returns once it logged train step
+  SIGNAL_AFTER_STEP. The launch joins ``launches`` before the wait, so that the caller's
+  cleanup kills it when the wait fails."""
+  launches.append(launch(workdir, SINGLE_STEPS, log_path))
+  _wait_for_train_steps(launches, workdir, SIGNAL_AFTER_STEP, SINGLE_STEPS)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_checkpoints_exits_75_and_resumes_exactly(signum, launch, uninterrupted_single,
@@ -169,8 +177,7 @@ def test_signal_checkpoints_exits_75_and_resumes_exactly(signum, launch, uninter
   workdir = tmp_path / "run"
   launches = []
   try:
-    launches.append(launch(workdir, SINGLE_STEPS, tmp_path / "log1.txt"))
-    _wait_for_train_steps(launches, workdir, SIGNAL_AFTER_STEP, SINGLE_STEPS)
+    _launch_mid_run(launch, workdir, tmp_path / "log1.txt", launches)
     launches[0].proc.send_signal(signum)
     rc = launches[0].wait(EXIT_TIMEOUT_S)
     assert rc == preemption.EXIT_CODE, f"exit code {rc}:\n{launches[0].output()}"
@@ -189,8 +196,7 @@ def test_second_launch_into_a_running_workdir_is_refused(launch, uninterrupted_s
   workdir = tmp_path / "run"
   launches = []
   try:
-    launches.append(launch(workdir, SINGLE_STEPS, tmp_path / "first.txt"))
-    _wait_for_train_steps(launches, workdir, SIGNAL_AFTER_STEP, SINGLE_STEPS)
+    _launch_mid_run(launch, workdir, tmp_path / "first.txt", launches)
     # Held still (its lock too) so that it is mid-run whenever the second one starts.
     launches[0].proc.send_signal(signal.SIGSTOP)
     started = time.monotonic()

@@ -30,6 +30,7 @@ order, padding the last global batch with ``mask=False`` entries.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -191,6 +192,9 @@ def _example_rng(seed: int, position: int) -> np.random.Generator:
   return np.random.default_rng([seed, _AUGMENT_TAG, position])
 
 
+# eq=False, repr=False: object identity and the plain repr, because grain names
+# a map function by its repr and a field-wise one would walk the whole source.
+@dataclasses.dataclass(eq=False, repr=False)
 class _TrainExample:
   """``position -> dict(image=uint8 (size, size, 3), label, bad)``: shuffle,
   read, decode, augment; a pure function of ``(seed, position)``.
@@ -201,18 +205,22 @@ class _TrainExample:
   of the epoch's permutation (then the next, ...) and flagged ``bad=1``.
   """
 
-  def __init__(self, source: Any, shuffle: _EpochShuffle, seed: int,
-               augment: str, size: int, jitter: bool, draft: bool,
-               skip_bad_files: bool):
-    self.source = source
-    self.shuffle = shuffle
-    self.seed = seed
-    self.augment = augment
-    self.size = size
-    self.draft = draft
-    self.skip_bad_files = skip_bad_files
-    self.jitter = jitter and augment == "imagenet"
-    self.transform = augment_lib.train_transform(augment, size, jitter=False)
+  source: Any
+  shuffle: _EpochShuffle
+  seed: int
+  augment: str
+  size: int
+  jitter: bool
+  draft: bool
+  skip_bad_files: bool
+  transform: augment_lib.TrainTransform = dataclasses.field(init=False)
+
+  def __post_init__(self) -> None:
+    # Only the "imagenet" recipe has a colour jitter; the transform leaves it
+    # to __call__ (or to the device), after the crop.
+    self.jitter = self.jitter and self.augment == "imagenet"
+    self.transform = augment_lib.train_transform(self.augment, self.size,
+                                                 jitter=False)
 
   def _load(self, index: int, rng: np.random.Generator
             ) -> tuple[np.ndarray, int]:
@@ -418,6 +426,9 @@ def train_iterator(train_ds: grain.MapDataset, start_step: int = 0,
 # evaluation
 
 
+# eq=False, repr=False: object identity and the plain repr, because grain names
+# a map function by its repr and a field-wise one would walk the whole source.
+@dataclasses.dataclass(eq=False, repr=False)
 class _EvalBatch:
   """``step -> local eval batch`` (uint8) with zero padding and a mask.
 
@@ -425,17 +436,14 @@ class _EvalBatch:
   instead of raising.
   """
 
-  def __init__(self, source: Any, transform: augment_lib.EvalTransform,
-               global_batch: int, local_batch: int, process_index: int,
-               size: int, skip_bad_files: bool, imagenet: bool):
-    self.source = source
-    self.imagenet = imagenet
-    self.transform = transform
-    self.global_batch = global_batch
-    self.local_batch = local_batch
-    self.process_index = process_index
-    self.size = size
-    self.skip_bad_files = skip_bad_files
+  source: Any
+  transform: augment_lib.EvalTransform
+  global_batch: int
+  local_batch: int
+  process_index: int
+  size: int
+  skip_bad_files: bool
+  imagenet: bool
 
   def _load(self, index: int) -> tuple[np.ndarray, int]:
     if hasattr(self.source, "read") and self.imagenet:

@@ -53,6 +53,7 @@ from irnet_jax.export.pack import (
   leaf_problem,
   pack_leaf,
 )
+from irnet_jax.stand_in import StandIn
 
 BATCH = 2  # not 1, so that the batch axis is told apart from unit axes
 _PREFIX = "irnet_export__"
@@ -111,17 +112,12 @@ def leaves(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
   return out
 
 
-class _Probe(nnx.Module):
+class _Probe(StandIn):
   """Stands in for a layer in the traced copy: calls it as one named jit."""
 
   def __init__(self, layer: nnx.Module, index: int, path: str):
-    self.layer, self.index, self.path = layer, index, path
-
-  def __getattr__(self, name: str):  # what the forward reads from the layer
-    layer = vars(self).get("layer")
-    if layer is None or name.startswith("__"):
-      raise AttributeError(name)
-    return getattr(layer, name)
+    super().__init__(layer)
+    self.index, self.path = index, path
 
   def __call__(self, x, *args, **kwargs):
     layer = self.layer
