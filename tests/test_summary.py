@@ -60,3 +60,24 @@ def test_summary_cli_resolves_config_defaults():
   name, kw, image_size = summary_lib._config_kwargs(c)
   assert name == "resnet20" and image_size == 32
   assert kw["num_classes"] == 10 and "structure" not in kw
+
+
+def test_summary_lists_binary_dense_layers():
+  class Mlp(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(3, 8, (3, 3), padding=1, rngs=rngs)
+      self.hidden = nnx.Linear(8, 6, rngs=rngs)
+      self.head = nnx.Linear(6, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(self.hidden(self.conv(x).mean(axis=(1, 2))))
+
+  model, _ = irnet_jax.binarize_model(Mlp(nnx.Rngs(0)), "irnet")
+  s = summary_lib.summary(model, (2, 8, 8, 3))
+  dense = s.row("hidden")
+  assert (dense.kind, dense.bits, dense.output_shape) == ("Dense (binary)", "1/1", (2, 6))
+  # 1-bit kernel (8 x 6), float bias; 48 XNOR/popcount MACs per image.
+  assert (dense.params_1bit, dense.params_32bit, dense.macs_binary, dense.macs_float) == (
+      48, 6, 48, 0)
+  assert s.row("head").kind == "Dense" and s.row("head").macs_float == 12
+  assert "Dense (binary)" in summary_lib.format_summary(s)
