@@ -101,13 +101,17 @@ def test_registry_float_twin_binarized_equals_registry_binary(x64, name, size):
   assert jax.tree.structure(nnx.state(ref)) == jax.tree.structure(nnx.state(twin))
   x = jax.random.normal(jax.random.key(0), (4, size, size, 3), jnp.float64)
 
+  # Compiled whole (one program per model), not op by op: 4x faster, and still exact.
+  @nnx.jit
+  @nnx.value_and_grad
   def loss(m):
     return jnp.sum(jnp.sin(m(x)))
 
   for m in (ref, twin):
     binarize.set_progress(m, 0.3)
-  assert float(loss(ref)) == float(loss(twin))
-  for a, b in zip(jax.tree.leaves(nnx.grad(loss)(ref)), jax.tree.leaves(nnx.grad(loss)(twin))):
+  (loss_ref, grads_ref), (loss_twin, grads_twin) = loss(ref), loss(twin)
+  assert float(loss_ref) == float(loss_twin)
+  for a, b in zip(jax.tree.leaves(grads_ref), jax.tree.leaves(grads_twin)):
     np.testing.assert_array_equal(a, b)
 
 

@@ -28,10 +28,7 @@ def test_gpu_check_cpu_mode_prints_every_figure(tmp_path):
   env.update(PYTHONPATH=REPO, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu",
              GPU_CHECK_STEPS="1", GPU_CHECK_WARMUP="1", GPU_CHECK_R20_BATCH="8",
              GPU_CHECK_R18_BATCH="2", GPU_CHECK_R18_SIZE="32", GPU_CHECK_TRAIN_STEPS="4",
-             GPU_CHECK_DTYPES="bfloat16",  # float32 is the 1-epoch run's compute.
-             JAX_COMPILATION_CACHE_DIR=os.environ.get("IRNET_TEST_JAX_CACHE",
-                                                      "/tmp/irnet_jax_test_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+             GPU_CHECK_DTYPES="bfloat16")  # float32 is the 1-epoch run's compute.
   # ~2 minutes on 2 idle cores (6 processes, each compiling its steps).
   proc = subprocess.Popen(["bash", "experiments/gpu_check.sh", "--cpu", f"--data={data}"],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

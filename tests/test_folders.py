@@ -368,9 +368,7 @@ def test_launcher_trains_resnet18_from_image_folder(tmp_path, repo_root, write_i
   # One worker process: files are read and decoded outside the main process.
   cmd += [f"--config.{k}={v}" for k, v in
           dict(_SMALL_RUN, **{"dataset.num_workers": 1}).items()]
-  env = dict(os.environ, PYTHONPATH=repo_root, XDG_CACHE_HOME=str(tmp_path / "cache"),
-             JAX_COMPILATION_CACHE_DIR=os.environ.get(
-                 "IRNET_TEST_JAX_CACHE", "/tmp/irnet_jax_test_cache"))
+  env = dict(os.environ, PYTHONPATH=repo_root, XDG_CACHE_HOME=str(tmp_path / "cache"))
   run = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True,
                        timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]

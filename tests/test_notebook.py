@@ -38,10 +38,6 @@ def _kernel_env(tmp_path: pathlib.Path) -> dict:
   else:
     env.pop("XLA_FLAGS", None)
   env.pop("MPLBACKEND", None)  # Keep the kernel's inline backend (image/png outputs).
-  # The persistent compilation cache of the other tests (tests/conftest.py).
-  env.setdefault("JAX_COMPILATION_CACHE_DIR",
-                 os.environ.get("IRNET_TEST_JAX_CACHE", "/tmp/irnet_jax_test_cache"))
-  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
   return env
 
 

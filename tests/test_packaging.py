@@ -93,8 +93,13 @@ def _requires(wheel: pathlib.Path) -> dict[str, set[str]]:
   return out
 
 
-def test_wheel_metadata_and_contents(tmp_path):
-  wheel = _build_wheel(tmp_path)
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> pathlib.Path:
+  """The wheel, built once for the file's tests."""
+  return _build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+def test_wheel_metadata_and_contents(wheel):
   req = _requires(wheel)
   assert req[""] == {"jax", "flax", "optax", "numpy", "ml-collections", "orbax-checkpoint",
                      "absl-py"}
@@ -110,8 +115,7 @@ def test_wheel_metadata_and_contents(tmp_path):
 
 
 @pytest.mark.slow
-def test_wheel_in_a_fresh_venv_runs_the_quickstart_from_another_directory(tmp_path):
-  wheel = _build_wheel(tmp_path)
+def test_wheel_in_a_fresh_venv_runs_the_quickstart_from_another_directory(wheel, tmp_path):
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
                   str(venv)], check=True, timeout=120)

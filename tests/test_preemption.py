@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import pytest
 
 from irnet_jax import preemption
@@ -38,12 +37,10 @@ def _overrides(npz, total):
 
 def _env():
   # One CPU device per process; its own XLA flags (not conftest's four devices).
-  # The session's persistent compilation cache (conftest.py): launches after the first
-  # skip most of the compilation.
+  # os.environ holds the session's persistent compilation cache (conftest.py): launches
+  # after the first skip most of the compilation.
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   return env
 
