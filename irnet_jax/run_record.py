@@ -53,6 +53,12 @@ RESUMABLE_FIELDS = (
 )
 
 
+# Resumable fields whose resolved value is recorded with the derived quantities and must
+# not change: "auto" may resolve differently on other devices, and the call mode
+# changes the rounding (a lax.scan body is compiled differently from the step alone).
+RESOLVED_FIELDS = ("steps_per_call_mode",)
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
   out = {}
   for k, v in d.items():
@@ -132,7 +138,7 @@ def check_run(workdir: str, config: ml_collections.ConfigDict,
     return
   lines = "\n".join(f"  {k}: {a!r} (recorded) vs {b!r} (now)" for k, a, b in diffs)
   fixes = " ".join(f"--config.{k}={_flag_value(a)}" for k, a, _ in diffs
-                   if k in recorded["fields"])
+                   if k in recorded["fields"] or k in RESOLVED_FIELDS)
   raise RunMismatchError(
       f"{workdir} holds another run: its config differs in {len(diffs)} field(s) that "
       f"define a run:\n{lines}\nNothing in {workdir} was changed. To start a new run, "

@@ -247,6 +247,13 @@ def scan_eval(eval_step: Callable[[State, Batch], dict]
   return evaluate
 
 
+def make_weight_signs(graphdef: nnx.GraphDef) -> Callable[[State], dict]:
+  """``signs(model_state) -> {layer: int8 HWIO}``: :func:`irnet_jax.diagnostics.
+  weight_signs` of a model state (what :func:`make_diagnose` returns beside its
+  metrics; the launcher checkpoints them for the flip ratios of a resumed run)."""
+  return lambda model_state: diagnostics.weight_signs(nnx.merge(graphdef, model_state))
+
+
 def make_diagnose(graphdef: nnx.GraphDef, c: ml_collections.ConfigDict,
                   steps_per_epoch: int, total_steps: int) -> Callable:
   """``(model_state, step, prev_signs, x) -> (metrics, signs)`` for jit: the compact

@@ -53,15 +53,16 @@ log = logging.getLogger(__name__)
 
 
 def params_fingerprint(model_state: Any) -> str:
-  """sha256 over every parameter and BN statistic, in sorted path order."""
+  """sha256 over every array of a model state (parameters, BN statistics, RNG streams'
+  keys and counts), in sorted path order."""
   h = hashlib.sha256()
   flat = sorted(((".".join(map(str, p)), v) for p, v in nnx.to_flat_state(model_state)),
                 key=lambda kv: kv[0])
   for name, var in flat:
-    value = np.asarray(jax.device_get(var.get_value() if isinstance(var, nnx.Variable)
-                                      else var))
+    value = checkpointing.host_array(var.get_value() if isinstance(var, nnx.Variable)
+                                     else var)
     h.update(name.encode())
-    h.update(np.ascontiguousarray(value).tobytes())
+    h.update(value.tobytes())
   return h.hexdigest()
 
 
@@ -114,6 +115,7 @@ class Setup(NamedTuple):
   diagnose: Callable               # jitted (model_state, step, prev_signs, x) -> (metrics, signs).
   conv_impl: str                   # The resolved convolution backend (irnet_jax.kernels).
   resident: Resident | None        # The data on the device, or None (host pipeline).
+  signs: Any                       # Shapes/shardings of diagnose's weight signs (restore).
 
 
 def _put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -209,8 +211,10 @@ def build(c: ml_collections.ConfigDict, devices: list, steps_per_epoch: int,
   eval_all = jax.jit(steps.scan_eval(eval_fn), in_shardings=(replicated, stacked_sharding),
                      out_shardings=replicated)
   diagnose = jax.jit(steps.make_diagnose(eval_graphdef, c, steps_per_epoch, total_steps))
+  signs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                       jax.eval_shape(steps.make_weight_signs(eval_graphdef), state[0]))
   return Setup(state, train_step, train_call, eval_step, eval_all, batch_sharding,
-               stacked_sharding, mesh, diagnose, conv_impl, resident)
+               stacked_sharding, mesh, diagnose, conv_impl, resident, signs)
 
 
 def evaluate_setup(setup: Setup, model_state: nnx.State, c: ml_collections.ConfigDict
@@ -323,14 +327,16 @@ def select_devices(num_devices: int) -> list:
   return jax.devices()[:num_devices]
 
 
-def _check_finite(step: int, metrics: dict, last_good: int, ckpt_dir: str,
-                  c: ml_collections.ConfigDict) -> None:
-  """Stops a diverged run, naming the step, the checkpoint kept and the levers."""
+def _first_non_finite(metrics: dict) -> int | None:
+  """Index of the first step of a call whose loss or parameter norm is not finite."""
   bad = [i for i, (loss, norm) in enumerate(zip(metrics["loss"], metrics["param_norm"]))
          if not (math.isfinite(float(loss)) and math.isfinite(float(norm)))]
-  if not bad:
-    return
-  i = bad[0]
+  return bad[0] if bad else None
+
+
+def _diverged(step: int, metrics: dict, i: int, last_good: int | None, ckpt_dir: str,
+              c: ml_collections.ConfigDict) -> FloatingPointError:
+  """The error of a diverged run: the step, the newest verified checkpoint, the levers."""
   at = step - len(metrics["loss"]) + i + 1
   levers = [f"--config.optimizer.learning_rate (now {c.optimizer.learning_rate}; try half)",
             f"--config.optimizer.warmup_steps (now {c.optimizer.warmup_steps})",
@@ -338,11 +344,13 @@ def _check_finite(step: int, metrics: dict, last_good: int, ckpt_dir: str,
             "bounded)"]
   if c.compute_dtype != "float32":
     levers.append("--config.compute_dtype=float32")
-  raise FloatingPointError(
+  kept = (f"The last good checkpoint, step {last_good}, read back and verified, is kept in "
+          f"{ckpt_dir}; the same command resumes from it." if last_good is not None else
+          f"No checkpoint in {ckpt_dir} reads back verified; the same command starts over.")
+  return FloatingPointError(
       f"the training loss became {float(metrics['loss'][i])} (parameter norm "
       f"{float(metrics['param_norm'][i])}) at step {at}: the run diverged and was stopped. "
-      f"The last good checkpoint, step {last_good}, is kept in {ckpt_dir}; the same command "
-      f"resumes from it. Levers that help: {'; '.join(levers)} (a changed config needs a "
+      f"{kept} Levers that help: {'; '.join(levers)} (a changed config needs a "
       "new --workdir, or --config.init_from=<this workdir> to start from its model).")
 
 
@@ -385,31 +393,50 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Plan:
         f"config.steps_per_call={c.steps_per_call} does not divide it; set "
         f"--config.steps_per_call to one of {divisors[:12]}, or "
         f"--config.eval_every_steps to a multiple of {c.steps_per_call}.")
+  # The call mode is recorded with the run: XLA compiles a step inside lax.scan
+  # differently from the step alone, so "scan" and "dispatch" round differently and a
+  # run finishes in the mode it started in (run_record.check_run).
   derived = dict(num_train_examples=info.num_train, steps_per_epoch=steps_per_epoch,
-                 total_steps=total_steps)
+                 total_steps=total_steps, steps_per_call_mode=c.steps_per_call_mode)
   run_record.check_run(workdir, c, derived)
   return Plan(c, devices, steps_per_epoch, total_steps, eval_every, derived)
 
 
-def restore(c: ml_collections.ConfigDict, state: nnx.State, ckpt: checkpointing.Checkpointer,
-            fingerprint: str) -> tuple[nnx.State, int, float]:
-  """``(state, start_step, train_seconds)`` to start from: the newest checkpoint of this
-  run, else the model of ``c.init_from``'s newest checkpoint with a fresh optimizer,
-  else ``state`` (the fresh build). Raises ``IncompatibleCheckpointError`` for
-  checkpoints of another run or model; damaged ones fall back with a warning."""
+class Start(NamedTuple):
+  """Where the loop starts: the state, its step, and what the run had before."""
+  state: nnx.State
+  step: int
+  train_seconds: float
+  signs: Any | None  # The weight signs of the last analysis before ``step``.
+
+
+def _joined(model_state: nnx.State, opt_state: nnx.State) -> nnx.State:
+  """``(model, optimizer)`` state with the pytree structure of ``nnx.split((model,
+  optimizer))`` (nested plain dicts under one State), which a ``lax.scan`` carry must
+  keep: States nested in a State flatten to another structure."""
+  return nnx.State({0: model_state.raw_mapping, 1: opt_state.raw_mapping})
+
+
+def restore(c: ml_collections.ConfigDict, setup: Setup, ckpt: checkpointing.Checkpointer,
+            fingerprint: str) -> Start:
+  """Where to start: the newest verified checkpoint of this run, else the model of
+  ``c.init_from``'s newest checkpoint with a fresh optimizer, else the fresh build.
+  Raises ``IncompatibleCheckpointError`` for checkpoints of another run or model;
+  damaged or corrupt ones fall back with a warning."""
+  state = setup.state
   # This run's own checkpoints: damaged ones are moved aside, so their steps are saved
   # again; another workdir's (init_from) are only read.
-  restored = ckpt.restore_latest(state[0], state[1], fingerprint, repair=True)
+  restored = ckpt.restore_latest(state[0], state[1], fingerprint, repair=True,
+                                 signs=setup.signs)
   if restored is not None:
-    model_state, opt_state, meta = restored
-    log.info("resumed from step %d of %s", meta["step"], ckpt.directory)
-    return (nnx.State({0: model_state, 1: opt_state}), int(meta["step"]),
-            float(meta.get("train_seconds", 0.0)))
+    log.info("resumed from step %d of %s", restored.meta["step"], ckpt.directory)
+    return Start(_joined(restored.model, restored.opt), int(restored.meta["step"]),
+                 float(restored.meta.get("train_seconds", 0.0)), restored.signs)
   if c.get("init_from"):  # Another workdir's model, only read; a fresh optimizer.
     model_state, meta = checkpointing.restore_model(c.init_from, state[0])
     log.info("initialized the model from step %d of %s", meta["step"], c.init_from)
-    return nnx.State({0: model_state, 1: state[1]}), 0, 0.0
-  return state, 0, 0.0
+    return Start(_joined(model_state, state[1]), 0, 0.0, None)
+  return Start(state, 0, 0.0, None)
 
 
 class _Profiler:
@@ -445,13 +472,13 @@ class _Loop:
   stop on preemption."""
 
   def __init__(self, plan: Plan, setup: Setup, ckpt: checkpointing.Checkpointer,
-               writer: workdir_lib.MetricsWriter, fingerprint: str, start_step: int,
-               train_seconds: float, workdir: str):
+               writer: workdir_lib.MetricsWriter, fingerprint: str, start: Start,
+               workdir: str):
     self.plan, self.c, self.setup, self.ckpt, self.writer = (plan, plan.config, setup, ckpt,
                                                              writer)
-    self.fingerprint, self.start_step = fingerprint, start_step
-    self.train_seconds, self.last_good = train_seconds, start_step
-    self.interval, self.pending, self.prev_signs = _Interval(), None, None
+    self.fingerprint, self.start_step = fingerprint, start.step
+    self.train_seconds = start.train_seconds
+    self.interval, self.pending, self.prev_signs = _Interval(), None, start.signs
     self.profiler = _Profiler(config_lib.profile_range(plan.config), workdir)
     self.compile_seconds: float | None = None  # The first call's, until it is logged.
     self.loop_start = time.perf_counter()
@@ -471,7 +498,10 @@ class _Loop:
     if self.pending is not None:
       done, call, metrics = self.pending
       metrics = jax.device_get(metrics)  # Arrays of shape (call.steps,).
-      _check_finite(done, metrics, self.last_good, self.ckpt.directory, self.c)
+      bad = _first_non_finite(metrics)
+      if bad is not None:  # The step named is one read back now and verified.
+        good = self.ckpt.newest_verified(self.setup.state[0], self.setup.state[1], done)
+        raise _diverged(done, metrics, bad, good, self.ckpt.directory, self.c)
       self.interval.add(metrics, call.steps * self.c.batch_size)
       self.pending = None
 
@@ -513,20 +543,27 @@ class _Loop:
   def preempted(self, done: int, state: nnx.State) -> None:
     """Checkpoint at the reached step (unless just saved), say so, stop the run."""
     self.drain()
-    if done not in self.ckpt.all_steps():  # A periodic checkpoint may have just saved it.
-      self.ckpt.save(done, state[0], state[1], self.meta(done))
-    self.ckpt.wait()
-    self.last_good = done
+    # The record first, then the checkpoint (see after_call).
     self.writer.write(dict(step=done, split="event", preempted=1.0,
                            train_seconds=self.seconds()))
-    self.writer.flush()
+    if done not in self.ckpt.all_steps():  # A periodic checkpoint may have just saved it.
+      self.save(done, state)
+    self.ckpt.wait()
     log.warning("preemption signal: checkpoint saved at step %d of %d; rerun the same "
                 "command to resume", done, self.plan.total_steps)
     raise preemption.Preempted(done, self.ckpt.directory)
 
+  def save(self, done: int, state: nnx.State) -> None:
+    """Checkpoints step ``done`` once every record up to it is on disk: a committed
+    checkpoint then implies its step's records, and a resume (which drops the records
+    past its step) leaves each logged step exactly once, whenever a kill came."""
+    self.drain()  # Never checkpoint a diverged state.
+    self.writer.sync()
+    self.ckpt.save(done, state[0], state[1], self.meta(done), signs=self.prev_signs)
+
   def after_call(self, done: int, state: nnx.State, call: Call, bar: tqdm) -> None:
-    """Logging, checkpoint, evaluation and diagnostics due after step ``done`` (every
-    cadence is a multiple of the steps per call, see config.validate)."""
+    """Logging, evaluation, diagnostics, then the checkpoint due after step ``done``
+    (every cadence is a multiple of the steps per call, see config.validate)."""
     c, plan, last = self.c, self.plan, done == self.plan.total_steps
     if done % c.log_every_steps == 0 or last:
       self.drain()
@@ -538,10 +575,6 @@ class _Loop:
       bar.set_postfix(loss=f"{record['loss']:.3f}",
                       img_s=f"{record.get('images_per_sec', 0):.0f}")
       self.interval.reset()
-    if done % c.checkpoint_every_steps == 0 or last:
-      self.drain()  # Never checkpoint a diverged state.
-      self.ckpt.save(done, state[0], state[1], self.meta(done))
-      self.last_good = done
     if done % plan.eval_every == 0 or last:
       self.drain()
       result = evaluate_setup(self.setup, state[0], c)
@@ -552,6 +585,8 @@ class _Loop:
       diag, self.prev_signs = self.setup.diagnose(state[0], jnp.asarray(done),
                                                   self.prev_signs, call.probe())
       self.writer.write(dict(step=done, split="analysis", **diagnostics.to_floats(diag)))
+    if done % c.checkpoint_every_steps == 0 or last:
+      self.save(done, state)
 
 
 def final_report(plan: Plan, setup: Setup, state: nnx.State, train_seconds: float,
@@ -603,14 +638,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                       c.keep_checkpoints)
     writer = None
     try:
-      state, start_step, train_seconds = restore(c, setup.state, ckpt, fingerprint)
+      start = restore(c, setup, ckpt, fingerprint)
       writer = workdir_lib.MetricsWriter(workdir, is_main, tensorboard=c.tensorboard)
       if is_main:  # Only now that the workdir is known to hold this run (or none).
         run_record.record_run(workdir, c, plan.derived)
-        writer.truncate_after(start_step)
-      loop = _Loop(plan, setup, ckpt, writer, fingerprint, start_step, train_seconds,
-                   workdir)
-      state = loop.run(state, step_hook, stop)
+        writer.truncate_after(start.step)
+      loop = _Loop(plan, setup, ckpt, writer, fingerprint, start, workdir)
+      state = loop.run(start.state, step_hook, stop)
       train_seconds = loop.seconds()
     finally:
       ckpt.wait()

@@ -148,10 +148,15 @@ class MetricsWriter:
       for tag, value in scalars.items():
         writer.add_scalar(tag, value, global_step=step)
 
-  def flush(self) -> None:
-    """Pushes written TensorBoard events to disk (``metrics.jsonl`` needs no flush)."""
-    for writer in self._tb_writers.values():
-      writer.flush()
+  def sync(self) -> None:
+    """Returns once every record written is on disk, TensorBoard's too (``metrics.jsonl``
+    is fsynced by each write). The launcher calls it before each checkpoint.
+
+    tensorboardX's ``flush`` does not wait for the events still in its writer thread's
+    queue; ``close`` does. So the event files are closed here and new ones opened at the
+    next record, whose session-start event purges nothing (steps only grow)."""
+    self._close_tensorboard()
+    self._purge_step = None
 
   def close(self) -> None:
     """Writes every pending TensorBoard event and closes the event files; a later

@@ -21,7 +21,7 @@ def test_checkpoints_of_another_run_or_model_are_errors_not_unreadable(tmp_path,
   state = _state("resnet20")
   ckpt.save(1, state, {"x": state["bn1"]["mean"]}, dict(step=1, run_fingerprint="a" * 64))
   ckpt.wait()
-  model, _, meta = ckpt.restore_latest(state, fingerprint="a" * 64)
+  meta = ckpt.restore_latest(state, fingerprint="a" * 64).meta
   assert meta["step"] == 1
   with pytest.raises(checkpointing.IncompatibleCheckpointError, match="another run"):
     ckpt.restore_latest(state, fingerprint="b" * 64)

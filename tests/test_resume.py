@@ -1,0 +1,202 @@
+"""Every run resumes (issue 29): the accelerator's call mode ("scan", forced here on the
+CPU), a user's network with RNG state (``nnx.Dropout``), checkpoints whose array data
+was corrupted, and logs that hold each step once whenever a kill came.
+
+Kills are simulated in process: an exception from ``step_hook`` (or from inside the
+metrics writer) ends the run like ``kill -9`` (what was committed stays, nothing more
+is written), and ``os.kill(os.getpid(), SIGTERM)`` from ``step_hook`` is a real
+preemption signal through the launcher's handler. The subprocess signal tests are in
+test_preemption.py.
+"""
+import glob
+import logging
+import os
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from irnet_jax import checkpointing, evaluate, preemption, run_record, summary, train
+from irnet_jax.export.workdir import export_workdir
+
+
+class _Kill(Exception):
+  """Stands for kill -9."""
+
+
+def _hook(step, action):
+  def hook(done):
+    if done == step:
+      action()
+  return hook
+
+
+def _kill():
+  raise _Kill()
+
+
+def _sigterm():
+  os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _config(tiny_config, toy_npz, steps_per_call=1, **overrides):
+  # 8 steps: checkpoints and evaluations every 2, the accelerator's call mode.
+  fields = dict(num_train_steps=8, eval_every_steps=2, log_every_steps=steps_per_call,
+                steps_per_call=steps_per_call, steps_per_call_mode="scan")
+  return tiny_config(toy_npz, **{**fields, **overrides})
+
+
+def _interrupted_then_resumed(c, workdir, *stops):
+  """Runs ``c`` into ``workdir`` once per ``(step, action)`` of ``stops``, each run
+  stopped by its action at its step, then once more to the end; returns the final
+  metrics."""
+  for step, action in stops:
+    with pytest.raises((_Kill, preemption.Preempted)):
+      train.train_and_evaluate(c, str(workdir), step_hook=_hook(step, action))
+  return train.train_and_evaluate(c, str(workdir))
+
+
+# ------------------------------------------------------------------ scan mode
+
+
+@pytest.mark.parametrize("k,resident", [(1, False), (2, False), (2, True)],
+                         ids=["k1", "k2", "k2_on_device"])
+def test_scan_mode_resumes_exactly_after_kill_and_sigterm(k, resident, toy_npz, tmp_path,
+                                                          tiny_config, read_metrics):
+  c = _config(tiny_config, toy_npz, steps_per_call=k, **{"dataset.cache_on_device": resident})
+  ref = train.train_and_evaluate(c, str(tmp_path / "ref"))
+  # Killed after step 4 (checkpoint 4 committed, or with k=1 at step 3, between
+  # checkpoints), then the resumed run preempted by SIGTERM at step 6, then resumed.
+  resumed = _interrupted_then_resumed(c, tmp_path / "run", (3 if k == 1 else 4, _kill),
+                                      (6, _sigterm))
+  assert resumed["params_fingerprint"] == ref["params_fingerprint"]
+  assert [r["step"] for r in read_metrics(tmp_path / "run", "train")] == list(range(k, 9, k))
+  assert [e["step"] for e in read_metrics(tmp_path / "run", "event")] == [6]
+
+
+def test_resume_in_the_other_call_mode_is_refused_with_the_flag(toy_npz, tmp_path,
+                                                                 tiny_config):
+  workdir = tmp_path / "run"
+  with pytest.raises(_Kill):
+    train.train_and_evaluate(_config(tiny_config, toy_npz), str(workdir),
+                             step_hook=_hook(2, _kill))
+  with pytest.raises(run_record.RunMismatchError,
+                     match=r"steps_per_call_mode: 'scan' \(recorded\) vs 'dispatch' \(now\)"
+                           r"[\s\S]*--config.steps_per_call_mode=scan"):
+    train.train_and_evaluate(_config(tiny_config, toy_npz, steps_per_call_mode="auto"),
+                             str(workdir))
+
+
+# ------------------------------------------------------------------ a network with Dropout
+
+
+class DropoutNet(nnx.Module):
+  """A user's network with RNG state: conv-bn-relu twice, mean pool, Dropout, dense."""
+
+  def __init__(self, *, num_classes: int = 10, rngs: nnx.Rngs):
+    self.stem = nnx.Conv(3, 8, (3, 3), padding=1, rngs=rngs)
+    self.bn0 = nnx.BatchNorm(8, rngs=rngs)
+    self.conv1 = nnx.Conv(8, 16, (3, 3), padding=1, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(16, rngs=rngs)
+    self.drop = nnx.Dropout(0.3, rngs=rngs)
+    self.head = nnx.Linear(16, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = jax.nn.relu(self.bn0(self.stem(x)))
+    x = self.bn1(self.conv1(x))
+    return self.head(self.drop(jnp.mean(x, axis=(1, 2))))
+
+
+def dropout_net(*, rngs: nnx.Rngs, num_classes: int = 10) -> DropoutNet:
+  """The factory the launcher calls: ``--config.model.name=test_resume:dropout_net``."""
+  return DropoutNet(num_classes=num_classes, rngs=rngs)
+
+
+def test_a_network_with_dropout_resumes_exactly_then_evaluates_and_exports(
+    toy_npz, tmp_path, tiny_config):
+  c = _config(tiny_config, toy_npz, steps_per_call=2,
+              **{"model.name": "test_resume:dropout_net", "model.binarize": "irnet"})
+  ref = train.train_and_evaluate(c, str(tmp_path / "ref"))
+  resumed = _interrupted_then_resumed(c, tmp_path / "run", (6, _kill))
+  assert resumed["params_fingerprint"] == ref["params_fingerprint"]
+  # The RNG stream's count moved with training: it is part of the checkpointed state.
+  model, _ = checkpointing.load_model(str(tmp_path / "run"))
+  assert int(model.drop.rngs.count[...]) > 0
+  # Evaluation is deterministic (Dropout off): the same numbers as the run's own.
+  first = evaluate.evaluate_workdir(str(tmp_path / "run"))
+  again = evaluate.evaluate_workdir(str(tmp_path / "run"))
+  assert first["test_loss"] == again["test_loss"] == pytest.approx(ref["test_loss"], rel=1e-6)
+  assert first["step"] == 8
+  rows = summary.summary(model, (1, 8, 8, 3))
+  assert rows.row("conv1").params == 8 * 16 * 9 + 16
+  report = export_workdir(str(tmp_path / "run"), str(tmp_path / "model.irnet"))
+  assert report["check_same_argmax"] and report["check_max_abs_diff"] < 1e-4
+
+
+# ------------------------------------------------------------------ corrupt array data
+
+
+def _array_files(step_dir):
+  return sorted(f for f in glob.glob(os.path.join(step_dir, "*", "ocdbt.process_0", "d", "*"))
+                if os.path.isfile(f))
+
+
+def _flip(path, count=1):
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    for i in range(count):
+      data[len(data) // 2 + i] ^= 0xFF
+    f.seek(0)
+    f.write(data)
+
+
+def test_a_flipped_byte_in_any_array_file_falls_back_to_the_newest_verified_step(
+    toy_npz, tmp_path, tiny_config, caplog):
+  c = _config(tiny_config, toy_npz, analysis_every_steps=2)
+  ref = train.train_and_evaluate(c, str(tmp_path / "ref"))
+  plan = train.prepare(c, str(tmp_path / "unused"))
+  setup = train.build(plan.config, plan.devices, plan.steps_per_epoch, plan.total_steps)
+  newest = tmp_path / "ref" / "checkpoints" / "8"
+  by_item = {}
+  for path in sorted(_array_files(newest), key=os.path.getsize, reverse=True):
+    by_item.setdefault(os.path.relpath(path, newest).split(os.sep)[0], []).append(path)
+  assert by_item.keys() == {"model", "opt", "signs"}
+
+  def read(directory):
+    reader = checkpointing.Checkpointer(str(directory), create=False)
+    try:
+      restored = reader.restore_latest(setup.state[0], setup.state[1], signs=setup.signs,
+                                       repair=False)
+    finally:
+      reader.close()
+    return restored.meta["step"], [train.params_fingerprint(x) for x in restored[:2]]
+
+  workdir = tmp_path / "flipped"
+  shutil.copytree(tmp_path / "ref" / "checkpoints", workdir, ignore=lambda d, names: ["8"])
+  clean = {8: read(tmp_path / "ref" / "checkpoints")[1], 6: read(workdir)[1]}
+  # The two largest files of each item (where its arrays' chunks are), 1 byte, then 16.
+  for item, paths in by_item.items():
+    for count, path in zip((1, 16), paths):
+      shutil.rmtree(workdir / "8", ignore_errors=True)
+      shutil.copytree(newest, workdir / "8")
+      _flip(str(workdir / os.path.relpath(path, newest.parent)), count)
+      step, got = read(workdir)
+      # Never other arrays than those saved: a flip is caught (step 6), or lies where
+      # Orbax reads nothing that reaches an array (an index node) and changes nothing.
+      assert got == clean[step], os.path.relpath(path, newest)
+      if count == 1:  # The largest file holds chunk data: its flip must be caught.
+        assert step == 6, os.path.relpath(path, newest)
+  # A user's view: evaluate names the bad step and uses step 6; the run moves step 8
+  # aside, trains steps 7-8 again and ends with the uninterrupted parameters.
+  workdir = tmp_path / "run"
+  shutil.copytree(tmp_path / "ref", workdir)
+  _flip(str(workdir / os.path.relpath(by_item["model"][0], tmp_path / "ref")))
+  caplog.set_level(logging.WARNING, logger="irnet_jax")
+  out = evaluate.evaluate_workdir(str(workdir))
+  assert out["step"] == 6 and "checkpoint 8" in caplog.text and "corrupt" in caplog.text
+  again = train.train_and_evaluate(c, str(workdir))
+  assert again["params_fingerprint"] == ref["params_fingerprint"]
+  assert os.listdir(workdir / "checkpoints" / checkpointing.DAMAGED_DIR)
