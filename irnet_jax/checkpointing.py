@@ -311,6 +311,7 @@ class Checkpointer:
           f"no checkpoint in {self.directory} can be read ({'; '.join(errors)}). Nothing "
           "was changed; move the directory away (or use another --workdir) to start over.")
     if steps:  # Every one was rotated away while being read: read the new list.
+      self._manager.reload()
       return self.restore_latest(model_state, opt_state, fingerprint, repair, signs, before)
     return None
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import re
 import sys
 from typing import Any, Callable, Iterator, NoReturn, Sequence
@@ -58,6 +59,9 @@ def run(main: Callable[[Sequence[str]], Any],
   def guarded_main(argv: Sequence[str]) -> Any:
     if not FLAGS["verbosity"].present:  # Libraries' INFO chatter only with --verbosity=0.
       FLAGS.verbosity = -1
+    if not debug:
+      for handler in logging.getLogger().handlers:
+        handler.addFilter(drop_tracebacks)
     with workdir_lib.cli_errors(debug):
       try:
         return main(argv)
@@ -68,6 +72,20 @@ def run(main: Callable[[Sequence[str]], Any],
 
   app.run(guarded_main, flags_parser=lambda argv: parse_flags(argv, debug))
   raise AssertionError("app.run returned")  # It always exits.
+
+
+def drop_tracebacks(record: logging.LogRecord) -> bool:
+  """A logging filter: a record keeps its message, not its traceback. Libraries log the
+  exceptions they raise (Orbax's checkpoint thread on a full disk logs two, with their
+  tracebacks, before the error reaches the tool); the tool's ``error:`` line says
+  what to do, and ``--debug`` shows every traceback."""
+  if record.exc_info or record.exc_text:
+    error = record.exc_info[1] if record.exc_info else None
+    record.msg = f"{record.getMessage()}" + (f" ({type(error).__name__}: {error})"
+                                             if error is not None else "")
+    record.msg, record.args = " ".join(record.msg.split())[:500], None
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+  return True
 
 
 def parse_flags(argv: list[str], debug: bool = False) -> list[str]:

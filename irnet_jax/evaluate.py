@@ -36,8 +36,9 @@ FLAGS = flags.FLAGS
 
 
 def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
-                     conv_impl: str = "auto") -> dict:
-  """Evaluates ``workdir``'s newest readable checkpoint; writes and returns the metrics.
+                     conv_impl: str = "auto", write: bool = True) -> dict:
+  """Evaluates ``workdir``'s newest readable, verified checkpoint (its ``step`` is in the
+  result); returns the metrics and, with ``write``, writes them (:func:`write_result`).
 
   ``config``: None = ``workdir/config.json``; a given config must build the same model
   (checked against the checkpoint's shapes before anything is evaluated).
@@ -73,9 +74,17 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
              dataset=dict(name=c.dataset.name, path=c.dataset.get("path", "")))
   if meta.get("imported"):
     out["imported"] = meta["imported"]
-  if jax.process_index() == 0:
-    workdir_lib.write_json_atomic(os.path.join(workdir, EVAL_FILE), out)
+  if write:
+    write_result(workdir, out)
   return out
+
+
+def write_result(workdir: str, out: dict) -> str:
+  """Writes ``out`` to ``workdir/eval_metrics.json`` (process 0); returns the path."""
+  path = os.path.join(workdir, EVAL_FILE)
+  if jax.process_index() == 0:
+    workdir_lib.write_json_atomic(path, out)
+  return path
 
 
 def define_flags() -> None:
@@ -104,10 +113,11 @@ def main(argv: Sequence[str]) -> None:
   del argv  # cli.run refuses positional arguments.
   logging.getLogger().setLevel(logging.WARNING)
   config, conv_impl = overridden_config(FLAGS.workdir)
-  out = evaluate_workdir(FLAGS.workdir, config, conv_impl)
+  out = evaluate_workdir(FLAGS.workdir, config, conv_impl, write=False)
+  # The result first: a workdir it cannot write to (read-only, full) still gets it.
   print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                 for k, v in out.items() if k != "dataset"))
-  print(f"wrote {os.path.join(FLAGS.workdir, EVAL_FILE)}")
+                 for k, v in out.items() if k != "dataset"), flush=True)
+  print(f"wrote {write_result(FLAGS.workdir, out)}")
 
 
 if __name__ == "__main__":

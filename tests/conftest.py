@@ -116,6 +116,31 @@ def read_metrics():
   return _read_metrics
 
 
+def _read_tensorboard(workdir) -> dict:
+  """{(split, tag): [(step, value), ...]} as TensorBoard's backend reads the event files
+  of ``workdir/tensorboard`` (purges included)."""
+  # pylint: disable=import-outside-toplevel
+  from tensorboard.backend.event_processing import plugin_event_multiplexer as event_multiplexer
+  from tensorboard.util import tensor_util
+  mux = event_multiplexer.EventMultiplexer()
+  mux.AddRunsFromDirectory(os.path.join(workdir, "tensorboard"))
+  mux.Reload()
+  out = {}
+  for run, content in mux.Runs().items():
+    for tag in content["tensors"]:
+      points = [(e.step, tensor_util.make_ndarray(e.tensor_proto).item())
+                for e in mux.Tensors(run, tag)]
+      if points:  # A purge empties a tag's series but keeps its name.
+        out[run, tag] = points
+  return out
+
+
+@pytest.fixture(scope="session")
+def read_tensorboard():
+  """``read_tensorboard(workdir)``: see :func:`_read_tensorboard`."""
+  return _read_tensorboard
+
+
 # ------------------------------------------------------------------ data sets made here
 
 

@@ -133,3 +133,27 @@ def test_restore_model_and_load_model_read_any_step_and_name_the_problem(tmp_pat
   with pytest.raises(workdir_lib.WorkdirError, match="checkpoint 1 .*cannot be read"):
     checkpointing.restore_model(str(tmp_path), template, step=1)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]  # Only read.
+
+
+def test_a_checkpoint_rotated_away_while_read_is_not_damage(tmp_path, caplog, monkeypatch):
+  # A live run with keep_checkpoints=1 saves step 6 and deletes step 4 while a reader
+  # (evaluate, export) reads step 4: the reader takes step 6, warns of nothing.
+  state = _state("resnet20")
+  ckpt = checkpointing.Checkpointer(str(tmp_path), max_to_keep=1)
+  ckpt.save(4, state, {"x": state["bn1"]["mean"]}, dict(step=4))
+  ckpt.wait()
+  reader = checkpointing.Checkpointer(str(tmp_path), create=False)
+  original = checkpointing.Checkpointer.incompatibilities
+
+  def racing(self, step, *args, **kwargs):
+    if step == 4 and not os.path.exists(tmp_path / "6"):  # The run rotates, mid-read.
+      ckpt.save(6, state, {"x": state["bn1"]["mean"]}, dict(step=6))
+      ckpt.wait()
+      raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "4"))
+    return original(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpointing.Checkpointer, "incompatibilities", racing)
+  assert reader.restore_latest(state).meta["step"] == 6
+  assert "unreadable" not in caplog.text and not os.path.exists(tmp_path / "4")
+  reader.close()
+  ckpt.close()

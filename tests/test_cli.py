@@ -10,7 +10,9 @@ cases run together, 3 at a time, from one module fixture (each is an interpreter
 and a JAX import; none gets as far as compiling anything).
 """
 import concurrent.futures
+import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -18,6 +20,7 @@ import sys
 
 import pytest
 
+from irnet_jax import cli
 from irnet_jax import workdir as workdir_lib
 
 # Each tool with one of its own flags (which --help must list) and a misspelling of it.
@@ -213,3 +216,23 @@ def test_cli_expected_failures_are_one_error_line(runs, case):
     assert json.load(open(tmp / "busy" / ".lock"))["pid"] == os.getpid()
   if case == "main_damaged_run_json":
     assert (tmp / "damaged_run" / "run.json").read_text() == '{"fields": {"seed"'
+
+
+def test_tracebacks_logged_by_libraries_become_one_line():
+  # Orbax's checkpoint thread logs the OSError of a full disk, traceback and all, before
+  # the error reaches the tool (which prints its own one line).
+  stream = io.StringIO()
+  handler = logging.StreamHandler(stream)
+  handler.addFilter(cli.drop_tracebacks)
+  logger = logging.getLogger("orbax.test_cli")
+  logger.addHandler(handler)
+  try:
+    try:
+      raise OSError(28, "No space left on device", "/w/checkpoints/8.orbax-checkpoint-tmp")
+    except OSError:
+      logger.exception("Error in async save of step %d", 8)
+  finally:
+    logger.removeHandler(handler)
+  text = stream.getvalue()
+  assert text.count("\n") == 1 and "Traceback" not in text, text
+  assert "Error in async save of step 8" in text and "No space left on device" in text

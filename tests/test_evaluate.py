@@ -44,6 +44,21 @@ def test_cli_reproduces_the_runs_final_evaluation(trained, repo_root):
   assert "test_top5_accuracy" in got  # 12 classes.
 
 
+def test_a_workdir_it_cannot_write_still_gets_the_result(trained, tmp_path, repo_root):
+  workdir, final, _ = trained
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  os.remove(copy / "eval_metrics.json") if os.path.exists(copy / "eval_metrics.json") else None
+  os.mkdir(copy / "eval_metrics.json")  # In the way, like a read-only directory (as root).
+  out = subprocess.run([sys.executable, "-m", "irnet_jax.evaluate", f"--workdir={copy}"],
+                       cwd=repo_root, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1
+  assert f"test_accuracy={final['test_accuracy']:.4f}" in out.stdout and "step=4" in out.stdout
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "eval_metrics.json" in errors[0], out.stderr[-3000:]
+  assert "Traceback" not in out.stderr
+
+
 def test_other_dataset_and_top5_match_the_model(trained, make_npz):
   workdir, _, tmp = trained
   other = make_npz(tmp / "other.npz", n_test=13, seed=5)

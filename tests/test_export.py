@@ -531,6 +531,85 @@ def test_load_rejects_crafted_files_with_one_error_type(tmp_path, index, match):
   assert str(path) in str(e.value)
 
 
+def _tiny(program=(), arrays=None, first=None, **meta) -> export.PackedModel:
+  """A binary 3x3 conv ``c`` (4 -> 8 channels: K = 36 bits, 2 words per output channel)
+  on 6x6x4 inputs (``first`` overrides its attributes), then ``program``, each
+  instruction reading the previous one's output."""
+  conv = dict(op="conv", name="c", inputs=["input"], out="r0", kernel_size=3, strides=1,
+              padding=1, in_features=4, out_features=8, binary_weights=True,
+              binary_acts=True, has_zeros=False, scale="exp", bias=False, act_shift=False,
+              rprelu=False)
+  prog = [{**conv, **(first or {})}]
+  for n, ins in enumerate(program, 1):
+    prog.append({"inputs": [f"r{n - 1}"], "out": f"r{n}", **ins})
+  arrays = {"c/sign": np.zeros((8, 2), np.uint32), "c/exp": np.zeros(8, np.int8),
+            **(arrays or {})}
+  return export.PackedModel(prog, prog[-1]["out"], arrays,
+                            {"in_channels": 4, "input_shape": [6, 6, 4], **meta})
+
+
+def _unnamed() -> export.PackedModel:
+  """The conv without a name: its arrays are looked up as "None/..." by load (present),
+  by field under the instruction's name by infer (absent)."""
+  packed = _tiny(arrays={"None/sign": np.zeros((8, 2), np.uint32),
+                         "None/exp": np.zeros(8, np.int8)})
+  del packed.program[0]["name"]
+  return packed
+
+
+_Z = np.zeros(8, np.float32)
+# Each file passes the checksum and the structural checks; before the semantic checks
+# infer failed on it (exception in the comment), or gave silently wrong/empty output.
+_SEMANTIC_CASES = {
+    "stride_0": (_tiny(first={"strides": 0}), "strides 0"),  # ZeroDivisionError
+    "negative_padding": (_tiny(first={"padding": -1}), "padding -1"),  # ValueError
+    "int64_overflow": (_tiny(first={"strides": 10**30}), "beyond"),  # TypeError (MLIR)
+    "kernel_over_image": (_tiny(first={"padding": 0}, input_shape=[2, 2, 4]),
+                          "output .2, 0, 0, 8. is empty"),  # empty logits
+    "channels_vs_words": (_tiny(in_channels=32, input_shape=[6, 6, 32]),
+                          "does not have in_features 4 channels"),  # misread: wrong logits
+    "dense_in_features": (_tiny(first={"op": "dense", "in_features": 64}),
+                          "in_features 64"),  # words dropped: wrong logits
+    "no_layer_name": (_unnamed(), "name None"),  # KeyError
+    "groups_0": (_tiny([{"op": "nnx_conv", "name": "n", "kernel_size": [1, 1],
+                         "in_features": 8, "out_features": 8, "strides": [1, 1],
+                         "padding": "SAME", "lhs_dilation": [1, 1], "rhs_dilation": [1, 1],
+                         "feature_group_count": 0, "bias": False}],
+                       {"n/kernel": np.zeros((1, 1, 8, 8), np.float32)}),
+                 "feature_group_count 0"),  # ZeroDivisionError in load itself
+    "pool_stride_0": (_tiny([{"op": "max_pool", "window": 2, "stride": 0, "padding": 0}]),
+                      "stride 0"),  # TypeError
+    "slice_stride_0": (_tiny([{"op": "slice", "start": [0] * 4, "limit": [None] * 4,
+                               "strides": [1, 0, 1, 1]}]),
+                       r"\(slice\).*ZeroDivisionError"),  # ZeroDivisionError
+    "axis_out_of_range": (_tiny([{"op": "transpose", "permutation": [0, 3, 1, 7]}]),
+                          r"\(transpose\).*permutation"),  # TypeError
+    "bn_size_mismatch": (_tiny([{"op": "bn", "name": "b"}], {
+        "b/mean": np.zeros(5, np.float32), "b/mul": _Z, "b/bias": _Z}),
+                         "incompatible shapes"),  # TypeError
+    "unhashable_attribute": (_tiny([{"op": "act", "fn": "relu", "x": {"a": 1}}]),
+                             "holds a dict"),  # ValueError in mode="layers"
+    "petabyte_padding": (_tiny([{"op": "pad", "value": 0.0, "padding_config": [
+        [0, 0, 0], [0, 1 << 22, 0], [0, 1 << 22, 0], [0, 0, 0]]}]),
+                         "over the bounds"),  # JaxRuntimeError: out of memory (1.1 PB)
+    "meta_channels": (_tiny(in_channels=3), "does not end with in_channels 3"),  # ValueError
+    # (the declared input size sets the memory bound, so it has a bound of its own)
+    "meta_input_size": (_tiny(input_shape=[1 << 16, 1 << 16, 4]), "elements"),
+}
+
+
+def test_crafted_files_with_a_valid_checksum_fail_at_load_not_in_infer(tmp_path):
+  path = tmp_path / "tiny.irnet"
+  path.write_bytes(fmt.to_bytes(_tiny([{"op": "act", "fn": "relu"}])))
+  assert export.infer(export.load(path), jnp.ones((1, 6, 6, 4))).shape == (1, 6, 6, 8)
+  for name, (packed, match) in _SEMANTIC_CASES.items():
+    path = tmp_path / f"{name}.irnet"
+    path.write_bytes(fmt.to_bytes(packed))  # a valid header and checksum
+    with pytest.raises(fmt.PackedFormatError, match=match) as e:
+      export.load(path)
+    assert str(path) in str(e.value), name
+
+
 def test_packed_size_binary_layers_32x_smaller():
   model = _create("resnet18", {}, num_classes=1000)
   packed = export.pack(model)

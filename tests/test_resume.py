@@ -9,6 +9,7 @@ preemption signal through the launcher's handler. The subprocess signal tests ar
 test_preemption.py.
 """
 import glob
+import json
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ import pytest
 from flax import nnx
 
 from irnet_jax import checkpointing, evaluate, preemption, run_record, summary, train
+from irnet_jax import workdir as workdir_lib
 from irnet_jax.export.workdir import export_workdir
 
 
@@ -200,3 +202,77 @@ def test_a_flipped_byte_in_any_array_file_falls_back_to_the_newest_verified_step
   again = train.train_and_evaluate(c, str(workdir))
   assert again["params_fingerprint"] == ref["params_fingerprint"]
   assert os.listdir(workdir / "checkpoints" / checkpointing.DAMAGED_DIR)
+
+
+# ------------------------------------------------------------------ the logs after kills
+
+
+def _kill_in_writer(monkeypatch, split, step, how):
+  """Makes :meth:`MetricsWriter.write` die (like kill -9) at record ``(split, step)``:
+  ``"before"`` it writes, ``"half_line"`` after a cut JSON line, ``"half_scalars"`` with
+  the whole JSON line and the first 3 TensorBoard scalars on disk."""
+  original = workdir_lib.MetricsWriter.write
+
+  def write(self, record):
+    if (record.get("split"), record.get("step")) != (split, step):
+      return original(self, record)
+    if how == "half_line":
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record)[:25])
+    elif how == "half_scalars":
+      tensorboard, self.tensorboard = self.tensorboard, False
+      original(self, record)
+      self.tensorboard = tensorboard
+      writer = self._tb_writer(split, step)  # pylint: disable=protected-access
+      for tag in [k for k in record if k not in ("step", "split")][:3]:
+        writer.add_scalar(tag, float(record[tag]), global_step=step)
+      self.sync()
+    raise _Kill()
+
+  monkeypatch.setattr(workdir_lib.MetricsWriter, "write", write)
+
+
+def _logged(records):
+  """{(split, step): sorted keys} of records; asserts each (split, step) is there once."""
+  out = {}
+  for r in records:
+    key = (r["split"], r["step"])
+    assert key not in out, f"{key} logged twice"
+    out[key] = sorted(k for k in r if k not in ("images_per_sec", "compile_seconds"))
+  return out
+
+
+def test_logs_hold_every_step_once_whenever_the_kills_came(toy_npz, tmp_path, tiny_config,
+                                                         monkeypatch, read_tensorboard):
+  c = _config(tiny_config, toy_npz, analysis_every_steps=2, steps_per_call_mode="dispatch")
+  train.train_and_evaluate(c, str(tmp_path / "ref"))
+  workdir = str(tmp_path / "run")
+  # Four runs, each killed at another moment, then one to the end: just after
+  # checkpoint 2 committed; while writing step 4's test record (before checkpoint 4);
+  # mid-way through step 6's analysis scalars; in the middle of a JSON line at step 8.
+  with pytest.raises(_Kill):
+    train.train_and_evaluate(c, workdir, step_hook=_hook(2, _kill))
+  for split, step, how in (("test", 4, "before"), ("analysis", 6, "half_scalars"),
+                           ("analysis", 8, "half_line")):
+    with monkeypatch.context() as m:
+      _kill_in_writer(m, split, step, how)
+      with pytest.raises(_Kill):
+        train.train_and_evaluate(c, workdir)
+  train.train_and_evaluate(c, workdir)
+
+  def read(w):
+    with open(os.path.join(w, "metrics.jsonl")) as f:
+      return [json.loads(line) for line in f]
+
+  expected = _logged(read(str(tmp_path / "ref")))
+  assert _logged(read(workdir)) == expected
+  analyses = [k for split, k in expected if split == "analysis"]
+  assert analyses == [2, 4, 6, 8]
+  for step in analyses[1:]:  # Flip ratios after the first analysis, resumed or not.
+    assert any(k.startswith("flip_ratio/") for k in expected["analysis", step])
+  ref_tb, got_tb = read_tensorboard(str(tmp_path / "ref")), read_tensorboard(workdir)
+  assert got_tb.keys() == ref_tb.keys()
+  for key, points in ref_tb.items():
+    # Timings: a run's first call logs compile_seconds, not images_per_sec.
+    if key[1] not in ("compile_seconds", "images_per_sec"):
+      assert [s for s, _ in got_tb[key]] == [s for s, _ in points], key

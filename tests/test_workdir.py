@@ -20,23 +20,6 @@ def _jsonl(workdir):
     return [json.loads(line) for line in f]
 
 
-def _tensorboard(workdir) -> dict:
-  """{(split, tag): [(step, value), ...]} as TensorBoard's backend reads the event files."""
-  from tensorboard.backend.event_processing import plugin_event_multiplexer as event_multiplexer
-  from tensorboard.util import tensor_util
-  mux = event_multiplexer.EventMultiplexer()
-  mux.AddRunsFromDirectory(os.path.join(workdir, "tensorboard"))
-  mux.Reload()
-  out = {}
-  for run, content in mux.Runs().items():
-    for tag in content["tensors"]:
-      points = [(e.step, tensor_util.make_ndarray(e.tensor_proto).item())
-                for e in mux.Tensors(run, tag)]
-      if points:  # A purge empties a tag's series but keeps its name.
-        out[run, tag] = points
-  return out
-
-
 def _scalars_of(records) -> dict:
   """The same mapping, built from metrics.jsonl's records."""
   out = {}
@@ -62,7 +45,7 @@ def _train(step, loss):
               ede_t=np.float32(step / 300), ede_k=np.array(2.0), images_per_sec=1234.5)
 
 
-def test_tensorboard_matches_metrics_jsonl(tmp_path):
+def test_tensorboard_matches_metrics_jsonl(tmp_path, read_tensorboard):
   wd = str(tmp_path)
   with MetricsWriter(wd, enabled=True) as writer:
     for step in (100, 200, 300):
@@ -74,12 +57,12 @@ def test_tensorboard_matches_metrics_jsonl(tmp_path):
   assert [r["step"] for r in records] == [100, 200, 300, 300, 300]
   assert records[0]["ede_k"] == 2.0 and isinstance(records[0]["ede_t"], float)
   assert sorted(os.listdir(os.path.join(wd, "tensorboard"))) == ["test", "train"]
-  tensorboard = _tensorboard(wd)
+  tensorboard = read_tensorboard(wd)
   assert ("train", "loss") in tensorboard and ("test", "top5_accuracy") in tensorboard
   _assert_same(tensorboard, [r for r in records if r["split"] != "event"])
 
 
-def test_truncate_after_on_resume_drops_later_records_in_both(tmp_path):
+def test_truncate_after_on_resume_drops_later_records_in_both(tmp_path, read_tensorboard):
   wd = str(tmp_path)
   first = MetricsWriter(wd, enabled=True)  # The run that is killed after step 400.
   for step in (100, 200, 300, 400):
@@ -104,14 +87,14 @@ def test_truncate_after_on_resume_drops_later_records_in_both(tmp_path):
   assert [(r["step"], r["split"]) for r in records] == [
       (100, "train"), (200, "train"), (200, "test"), (300, "train"), (400, "train"),
       (400, "test")]
-  tensorboard = _tensorboard(wd)
+  tensorboard = read_tensorboard(wd)
   assert tensorboard["train", "loss"] == [(100, 100.0), (200, 200.0), (300, -300.0),
                                           (400, -400.0)]
   assert ("analysis", "mean_abs_w") not in tensorboard  # Purged although never re-written.
   _assert_same(tensorboard, records)
 
 
-def test_resume_in_a_fresh_workdir_and_without_truncate(tmp_path):
+def test_resume_in_a_fresh_workdir_and_without_truncate(tmp_path, read_tensorboard):
   # truncate_after(0) before anything exists, as a fresh run does; then a second writer
   # that never calls truncate_after appends after it.
   wd = str(tmp_path)
@@ -120,7 +103,7 @@ def test_resume_in_a_fresh_workdir_and_without_truncate(tmp_path):
     writer.write(_train(100, loss=1.0))
   with MetricsWriter(wd, enabled=True) as writer:
     writer.write(_train(200, loss=2.0))
-  _assert_same(_tensorboard(wd), _jsonl(wd))
+  _assert_same(read_tensorboard(wd), _jsonl(wd))
 
 
 def test_tensorboard_false_writes_only_jsonl_and_disabled_writes_nothing(tmp_path):

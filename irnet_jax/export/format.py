@@ -28,9 +28,11 @@ No pickle, no zip: the payload is the arrays' bytes plus a small index (a zip
 entry per array, as in .npz, would cost ~0.3 KB each -- a third of a packed
 ResNet-20). :func:`load` checks, in this order, magic, version, length
 (truncation or trailing bytes), checksum, the index, then that the program's
-arrays are present with the expected shapes and dtypes, and raises
-:class:`PackedFormatError` (a ``ValueError``) naming the file and the first problem:
-a damaged or crafted file never surfaces as another exception.
+arrays are present with the expected shapes and dtypes, then traces the program on
+abstract inputs of the declared input shape (shapes, indices, strides, channel counts,
+and a memory bound derived from the file), and raises :class:`PackedFormatError` (a
+``ValueError``) naming the file and the first problem: a damaged or crafted file never
+surfaces as another exception, in load or later in infer.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ import struct
 import numpy as np
 
 from irnet_jax import workdir as workdir_lib
+from irnet_jax.export.check import check_attributes, check_program
 from irnet_jax.export.pack import INPUT, OPS, PackedModel, expected_arrays
 
 MAGIC = b"IRNETPKD"
@@ -167,8 +170,11 @@ def load(path: str | os.PathLike) -> PackedModel:
 
 
 def validate(packed: PackedModel, source: str = "<packed>") -> None:
-  """Checks that every instruction is known and finds its arrays with the right
-  shapes/dtypes, and that registers are defined before use."""
+  """Checks that every instruction is known, has usable attributes and finds its arrays
+  with the right shapes/dtypes, that registers are defined before use, then that the
+  program runs on its declared input shape within a memory bound
+  (:func:`.check.check_program`, abstractly: nothing large is allocated), so that
+  :func:`~irnet_jax.export.infer` cannot fail on a loaded file other than for its images."""
   if not isinstance(packed.program, list) or not isinstance(packed.meta, dict):
     raise PackedFormatError(f"{source}: the program must be a list and meta an object")
   defined = {INPUT}
@@ -186,8 +192,9 @@ def validate(packed: PackedModel, source: str = "<packed>") -> None:
       raise PackedFormatError(f"{source}: instruction {n} ({ins['op']}) reads undefined "
                               f"registers {missing}")
     try:
+      check_attributes(ins)  # first: expected_arrays divides by some of them
       expected = expected_arrays(ins)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
       raise PackedFormatError(f"{source}: instruction {n} ({ins['op']}) has a missing or "
                               f"malformed attribute ({type(e).__name__}: {e})") from e
     for key, (shape, dtype) in expected.items():
@@ -200,3 +207,7 @@ def validate(packed: PackedModel, source: str = "<packed>") -> None:
     defined.add(out)
   if not isinstance(packed.output, str) or packed.output not in defined:
     raise PackedFormatError(f"{source}: output register {packed.output!r} is never written")
+  try:
+    check_program(packed)
+  except ValueError as e:
+    raise PackedFormatError(f"{source}: {e}") from e

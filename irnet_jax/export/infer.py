@@ -48,6 +48,9 @@ differently, so agreement with it is exact only up to such rare flips.)
 Execution: ``infer(mode="program")`` jits the whole program; each binary GEMM
 sits behind a fusion barrier (see ``_fusion_barrier``). ``mode="layers"`` jits every
 instruction on its own (compiled once per distinct layer shape).
+
+Loading a file checks what infer relies on (:mod:`irnet_jax.export.check`), so that
+a crafted file fails in ``load``, not here.
 """
 from __future__ import annotations
 
@@ -395,7 +398,7 @@ _OPS = {
     "flatten_chw": _flatten_chw,
 }
 assert set(_OPS) == set(OPS), set(_OPS) ^ set(OPS)
-_NOT_ATTRS = ("op", "name", "inputs", "out")
+NOT_ATTRS = ("op", "name", "inputs", "out")
 
 
 def apply_instruction(ins: dict[str, Any], params: dict[str, jax.Array],
@@ -441,7 +444,7 @@ def run_program(program: list[dict[str, Any]], output: str,
   for ins, p in zip(program, params):
     xs = [regs[r] for r in ins["inputs"]]
     if jit_layers and ins["op"] in _OPS:
-      attrs = tuple(sorted((k, _frozen(v)) for k, v in ins.items() if k not in _NOT_ATTRS))
+      attrs = tuple(sorted((k, _frozen(v)) for k, v in ins.items() if k not in NOT_ATTRS))
       regs[ins["out"]] = _apply_jit(ins["op"], attrs, p, *xs)
     else:
       regs[ins["out"]] = apply_instruction(ins, p, *xs)
@@ -499,3 +502,4 @@ def _program_fn(program_json: str):
   # (e.g. the same file loaded twice) share one jitted function and its compilations.
   program, output = json.loads(program_json)
   return jax.jit(functools.partial(run_program, program, output))
+
