@@ -373,6 +373,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   for field in ("log_every_steps", "checkpoint_every_steps"):
     if c[field] <= 0:
       raise ConfigError(f"config.{field}={c[field]} must be > 0.")
+  # -1 or a count, nothing else: num_train_steps=0 used to train the whole recipe and
+  # eval_every_steps=0 to evaluate every epoch, silently, as -1 does.
+  for field, minus_one in (("num_train_steps", "steps from num_epochs"),
+                           ("eval_every_steps", "evaluate at the end of every epoch")):
+    if c[field] != -1 and c[field] < 1:
+      raise ConfigError(f"config.{field}={c[field]} is not valid: set -1 ({minus_one}) "
+                        f"or a positive number of steps, e.g. --config.{field}=-1.")
   _choice(c.get("steps_per_call_mode", "auto"), ("auto", "scan", "dispatch"),
           "steps_per_call_mode")
   _check_steps_per_call(c)

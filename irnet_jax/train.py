@@ -378,8 +378,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Plan:
            c.model.conv_impl, len(devices), devices[0].platform, c.steps_per_call,
            c.steps_per_call_mode)
   info = data.dataset_info(c.dataset)
-  if c.model.num_classes <= 0:
-    c.model.num_classes = info.num_classes
+  if c.model.num_classes <= 0:  # From the data; labels that are not class ids refused.
+    c.model.num_classes = data.derived_num_classes(c.dataset) or info.num_classes
   elif c.model.num_classes < info.num_classes:
     raise ValueError(f"The data has labels up to {info.num_classes - 1} but "
                      f"config.model.num_classes={c.model.num_classes}; set "

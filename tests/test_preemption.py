@@ -1,6 +1,8 @@
 """Preemption end to end: SIGTERM/SIGINT mid-run -> checkpoint of the reached step, an
-``event`` record, exit code 75; the same command then resumes to the same parameters
-as a run never interrupted. One process (our Python handlers) and two processes over
+``event`` record, exit code 75; SIGKILL mid-run -> the last committed checkpoint; the
+same command then resumes to the same parameters as a run never interrupted. One
+process (our Python handlers), in the call mode of GPUs and TPUs ("scan", forced on
+this CPU, two steps per call over data held on the device), and two processes over
 loopback (JAX's preemption service and sync point, gloo collectives)."""
 import json
 import os
@@ -33,6 +35,11 @@ def _overrides(npz, total):
           "--config.ede.schedule_by=step", "--config.model.num_classes=4",
           # Neither matters here and both cost (diagnostics compile their own program).
           "--config.analysis_every_steps=0", "--config.tensorboard=False"]
+
+
+# The single-process launches: the accelerator's way to run steps, forced on the CPU.
+SCAN = ["--config.steps_per_call_mode=scan", "--config.steps_per_call=2",
+        "--config.log_every_steps=2", "--config.dataset.cache_on_device=True"]
 
 
 def _env():
@@ -151,7 +158,7 @@ def launch(toy_npz, repo_root):
 def uninterrupted_single(launch, tmp_path_factory):
   """params_fingerprint of a single-process run never interrupted."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  run = launch(workdir, SINGLE_STEPS, workdir / "log.txt")
+  run = launch(workdir, SINGLE_STEPS, workdir / "log.txt", SCAN)
   try:
     _run_to_end([run])
   finally:
@@ -159,11 +166,11 @@ def uninterrupted_single(launch, tmp_path_factory):
   return _fingerprint(workdir)
 
 
-def _launch_mid_run(launch, workdir, log_path, launches):
+def _launch_mid_run(launch, workdir, log_path, launches, extra=()):
   """Starts a single-process run into ``workdir`` and returns once it logged train step
   SIGNAL_AFTER_STEP. The launch joins ``launches`` before the wait, so that the caller's
   cleanup kills it when the wait fails."""
-  launches.append(launch(workdir, SINGLE_STEPS, log_path))
+  launches.append(launch(workdir, SINGLE_STEPS, log_path, SCAN + list(extra)))
   _wait_for_train_steps(launches, workdir, SIGNAL_AFTER_STEP, SINGLE_STEPS)
 
 
@@ -179,10 +186,33 @@ def test_signal_checkpoints_exits_75_and_resumes_exactly(signum, launch, uninter
     rc = launches[0].wait(EXIT_TIMEOUT_S)
     assert rc == preemption.EXIT_CODE, f"exit code {rc}:\n{launches[0].output()}"
     _check_preempted(workdir, SINGLE_STEPS)
-    launches.append(launch(workdir, SINGLE_STEPS, tmp_path / "log2.txt"))
+    launches.append(launch(workdir, SINGLE_STEPS, tmp_path / "log2.txt", SCAN))
     _run_to_end(launches[1:])
   finally:
     _kill_all(launches)
+  assert _fingerprint(workdir) == uninterrupted_single
+
+
+@pytest.mark.slow
+def test_sigkill_resumes_from_the_last_committed_checkpoint_exactly(launch,
+                                                                    uninterrupted_single,
+                                                                    tmp_path):
+  workdir = tmp_path / "run"
+  launches = []
+  try:  # Checkpoints every 2 steps (a resumable field: the same run as the reference).
+    _launch_mid_run(launch, workdir, tmp_path / "log1.txt", launches,
+                    ["--config.checkpoint_every_steps=2"])
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not os.path.isdir(workdir / "checkpoints" / "2") and time.monotonic() < deadline:
+      time.sleep(0.02)  # Orbax renames a step's directory into place when it commits.
+    launches[0].proc.send_signal(signal.SIGKILL)
+    assert launches[0].wait(EXIT_TIMEOUT_S) == -signal.SIGKILL
+    assert not _records(workdir, "event")
+    launches.append(launch(workdir, SINGLE_STEPS, tmp_path / "log2.txt", SCAN))
+    _run_to_end(launches[1:])
+  finally:
+    _kill_all(launches)
+  assert "resumed from step" in launches[1].output()
   assert _fingerprint(workdir) == uninterrupted_single
 
 
@@ -197,7 +227,7 @@ def test_second_launch_into_a_running_workdir_is_refused(launch, uninterrupted_s
     # Held still (its lock too) so that it is mid-run whenever the second one starts.
     launches[0].proc.send_signal(signal.SIGSTOP)
     started = time.monotonic()
-    launches.append(launch(workdir, SINGLE_STEPS, tmp_path / "second.txt"))
+    launches.append(launch(workdir, SINGLE_STEPS, tmp_path / "second.txt", SCAN))
     rc = launches[1].wait(60)
     launches[0].proc.send_signal(signal.SIGCONT)
     assert rc not in (0, preemption.EXIT_CODE) and time.monotonic() - started < 30

@@ -122,7 +122,7 @@ def test_a_network_with_dropout_resumes_exactly_then_evaluates_and_exports(
   c = _config(tiny_config, toy_npz, steps_per_call=2,
               **{"model.name": "test_resume:dropout_net", "model.binarize": "irnet"})
   ref = train.train_and_evaluate(c, str(tmp_path / "ref"))
-  resumed = _interrupted_then_resumed(c, tmp_path / "run", (6, _kill))
+  resumed = _interrupted_then_resumed(c, tmp_path / "run", (4, _sigterm), (6, _kill))
   assert resumed["params_fingerprint"] == ref["params_fingerprint"]
   # The RNG stream's count moved with training: it is part of the checkpointed state.
   model, _ = checkpointing.load_model(str(tmp_path / "run"))

@@ -51,11 +51,17 @@ from irnet_jax.data.pipeline import (
     train_indices,
     train_iterator,
 )
-from irnet_jax.data.sources import DATASETS, ArraySource, get_sources, load_digits_arrays
+from irnet_jax.data.sources import (
+  DATASETS,
+  ArraySource,
+  derived_num_classes,
+  get_sources,
+  load_digits_arrays,
+)
 
 __all__ = [
     "AUGMENTS", "ArraySource", "BadImageError", "DATASETS", "DatasetInfo",
-    "color_jitter_on", "dataset_info", "eval_batches", "eval_dataset",
+    "color_jitter_on", "dataset_info", "derived_num_classes", "eval_batches", "eval_dataset",
     "eval_transform", "get_sources", "load_digits_arrays", "loader_options",
     "normalize", "resident_arrays", "train_dataset", "train_indices", "train_iterator",
     "train_transform",
