@@ -195,7 +195,8 @@ def dispatch_steps(step: Callable[..., tuple[State, dict]]) -> Callable[..., tup
   """The ``"dispatch"`` way to run a call: ``step`` (already jitted) once per row of the
   last argument (stacked batches or index rows), from the host; metrics stacked (K,).
 
-  Same signature and results as the scanned call, bit for bit as K single steps. Used
+  Same signature as the scanned call; bit for bit K single dispatched steps (not the
+  scanned call's bits: XLA compiles a step in a loop body differently). Used
   where a step inside an XLA loop runs slower than the step alone (XLA:CPU: ~30% for
   ResNet-20, convolutions in a while loop are compiled differently) and a dispatch
   costs nothing next to the step (see :func:`irnet_jax.train.resolve_call_mode`)."""

@@ -155,7 +155,9 @@ def resolve_call_mode(mode: str, devices: list) -> str:
   Why not scan on CPU: XLA:CPU compiles a step inside a while loop differently (its
   convolutions ran ~30% slower, 229 vs 323 img/s for ResNet-20 at batch 128 on the
   2-core development machine, 2026-12-04), while a dispatch costs microseconds next to a
-  300 ms step. Both give the parameters of K single steps bit for bit.
+  300 ms step. Within a mode any K gives the parameters of K = 1 bit for bit; the two
+  modes round differently (a step in a loop body is compiled differently), so
+  :func:`prepare` records the mode with the run and a resume keeps it.
   """
   if mode not in CALL_MODES:
     raise ValueError(f"config.steps_per_call_mode={mode!r}; choose one of {list(CALL_MODES)}.")

@@ -62,9 +62,10 @@ class MetricsWriter:
   (tag = key) at ``global_step=record["step"]`` to ``WORKDIR/tensorboard/<split>/``.
   Strings, booleans and other non-numbers reach only the JSON line.
 
-  Call order on resume: :meth:`truncate_after` (the checkpoint's step) before the first
-  :meth:`write`, then :meth:`close` at the end of the run (it drains TensorBoard's
-  queue; event files otherwise lag by up to about a second, the JSON lines never).
+  Both are on disk when :meth:`write` returns: the event files are written
+  synchronously (:class:`_EventFile`), so a checkpoint started after a write implies
+  the record, in both. Call order on resume: :meth:`truncate_after` (the checkpoint's
+  step) before the first :meth:`write`, then :meth:`close` at the end of the run.
   A writer with ``enabled=False`` (processes other than 0) writes nothing at all.
   """
 
@@ -76,8 +77,8 @@ class MetricsWriter:
     if enabled:  # Refused before the run starts, not at its first record.
       _refuse_symlink(self.path)
     if self.tensorboard:
-      _summary_writer_class()  # A missing tensorboardX fails now, not at the first record.
-    self._tb_writers: dict[str, Any] = {}  # split -> tensorboardX SummaryWriter, lazily.
+      _tensorboardx()  # A missing tensorboardX fails now, not at the first record.
+    self._tb_writers: dict[str, _EventFile] = {}  # split -> its event file, lazily.
     # TensorBoard drops, per run, the events at steps >= the step of a new writer's
     # session-start event; None = not resumed (each split starts at its first record).
     self._purge_step: int | None = None
@@ -144,23 +145,16 @@ class MetricsWriter:
       os.close(fd)
     if self.tensorboard and scalars:  # An "event" of strings opens no empty run directory.
       step = int(record["step"])
-      writer = self._tb_writer(split, step)
-      for tag, value in scalars.items():
-        writer.add_scalar(tag, value, global_step=step)
+      self._tb_writer(split, step).write(scalars, step)
 
   def sync(self) -> None:
-    """Returns once every record written is on disk, TensorBoard's too (``metrics.jsonl``
-    is fsynced by each write). The launcher calls it before each checkpoint.
-
-    tensorboardX's ``flush`` does not wait for the events still in its writer thread's
-    queue; ``close`` does. So the event files are closed here and new ones opened at the
-    next record, whose session-start event purges nothing (steps only grow)."""
-    self._close_tensorboard()
-    self._purge_step = None
+    """Returns when every record written is on disk. Each :meth:`write` already
+    leaves its line fsynced and its events flushed to the OS (which a kill of the
+    process keeps), so this only states the promise the launcher relies on before
+    each checkpoint; it is where a buffered writer would flush."""
 
   def close(self) -> None:
-    """Writes every pending TensorBoard event and closes the event files; a later
-    :meth:`write` opens new ones."""
+    """Closes the event files; a later :meth:`write` opens new ones."""
     self._close_tensorboard()
 
   def __enter__(self) -> MetricsWriter:
@@ -169,20 +163,14 @@ class MetricsWriter:
   def __exit__(self, *exc_info) -> None:
     self.close()
 
-  def _tb_writer(self, split: str, first_step: int):
+  def _tb_writer(self, split: str, first_step: int) -> _EventFile:
     writer = self._tb_writers.get(split)
     if writer is None:
       # Every event file starts with a session-start event: TensorBoard ignores a run's
       # first one and purges on any later one, so a resume only purges if the first
       # session of the run had one too.
       purge = self._purge_step if self._purge_step is not None else first_step
-      # TensorBoard reads a run's event files in name order and tensorboardX names them
-      # by the second: the nanosecond suffix keeps two files of one second in order.
-      # flush_secs=1: its writer thread has the events on disk within about a second,
-      # so a kill costs the event files no more than that (metrics.jsonl nothing).
-      writer = _summary_writer_class()(
-          os.path.join(self.tensorboard_dir, split), purge_step=purge, flush_secs=1,
-          filename_suffix=f".{time.time_ns():020d}")
+      writer = _EventFile(os.path.join(self.tensorboard_dir, split), purge)
       self._tb_writers[split] = writer
     return writer
 
@@ -192,14 +180,54 @@ class MetricsWriter:
     self._tb_writers.clear()
 
 
-def _summary_writer_class():
-  # Imported here: a run with tensorboard=False (or a process other than 0) never needs it.
+def _tensorboardx():
+  """tensorboardX's record writer, summaries and protos. Imported here: a run with
+  tensorboard=False (or a process other than 0) never needs them."""
+  # pylint: disable=import-outside-toplevel
   try:
-    from tensorboardX import SummaryWriter
+    from tensorboardX import event_file_writer, summary
+    from tensorboardX.proto import event_pb2
   except ImportError as e:
     raise ImportError("tensorboardX is not installed: pip install tensorboardX, or set "
                       "--config.tensorboard=False") from e
-  return SummaryWriter
+  return event_file_writer, summary, event_pb2
+
+
+class _EventFile:
+  """One TensorBoard event file of one run (split), written synchronously.
+
+  Why not tensorboardX's ``SummaryWriter``: its events go through a writer thread whose
+  ``flush`` does not wait for the events still queued, so "a checkpoint implies its
+  step's records" would not hold for the event files. This writes with tensorboardX's
+  own record writer (``EventsWriter``) and summary protos, as ``SummaryWriter`` does,
+  without the thread: a record is in the file when :meth:`write` returns.
+  """
+
+  def __init__(self, logdir: str, purge_step: int):
+    event_file_writer, self._summary, self._pb = _tensorboardx()
+    os.makedirs(logdir, exist_ok=True)
+    # TensorBoard reads a run's event files in name order and they are named by the
+    # second: the nanosecond suffix keeps two files of one second in order.
+    self._writer = event_file_writer.EventsWriter(
+        os.path.join(logdir, "events"), f".{time.time_ns():020d}")
+    # What SummaryWriter(purge_step=...) writes first: TensorBoard drops this run's
+    # events at steps >= purge_step that came before this session.
+    self._writer.write_event(self._pb.Event(step=purge_step, file_version="brain.Event:2"))
+    self._writer.write_event(self._pb.Event(
+        step=purge_step, wall_time=time.time(),
+        session_log=self._pb.SessionLog(status=self._pb.SessionLog.START)))
+    self._writer.flush()
+
+  def write(self, scalars: dict[str, float], step: int) -> None:
+    """One event per scalar (tag = key) at ``step``; in the file on return."""
+    for tag, value in scalars.items():
+      self._writer.write_event(self._pb.Event(
+          wall_time=time.time(), step=step, summary=self._summary.scalar(tag, value)))
+    self._writer.flush()
+
+
+  def close(self) -> None:
+    self._writer.close()
 
 
 def _jsonable(v: Any) -> Any:

@@ -223,10 +223,8 @@ def _kill_in_writer(monkeypatch, split, step, how):
       tensorboard, self.tensorboard = self.tensorboard, False
       original(self, record)
       self.tensorboard = tensorboard
-      writer = self._tb_writer(split, step)  # pylint: disable=protected-access
-      for tag in [k for k in record if k not in ("step", "split")][:3]:
-        writer.add_scalar(tag, float(record[tag]), global_step=step)
-      self.sync()
+      first = {k: float(record[k]) for k in list(record)[2:5]}  # After step and split.
+      self._tb_writer(split, step).write(first, step)  # pylint: disable=protected-access
     raise _Kill()
 
   monkeypatch.setattr(workdir_lib.MetricsWriter, "write", write)
