@@ -81,27 +81,22 @@ def _relative_error(x: jax.Array, q: jax.Array) -> jax.Array:
 
 
 def quantization_error(kernel: jax.Array, quantizer: str = "libra_pb") -> jax.Array:
-  """Relative L2 error ``||x - Q(x)|| / ||x||`` of a weight quantizer, a float32 scalar.
+  """Relative L2 error ``||x - Q(kernel)|| / ||x||`` of a weight quantizer, a float32
+  scalar: ``x`` what its sign sees (:func:`ops.weight_sign_input`), ``Q`` its forward
+  (:func:`ops.quantize_weights`), for every quantizer of :data:`ops.WEIGHT_QUANTIZERS`.
 
-  * "libra_pb": ``x = standardize(kernel)`` (what the sign actually sees) and
-    ``Q(x) = 2^round(log2 mean|x|) * sign(x)`` per output channel. Scale-invariant
-    in the kernel, so comparable across layers and over training.
-  * "sign": ``x = kernel``, ``Q(x) = sign(kernel)``, with no standardization and
-    no scale -- literally the error of what the "sign" ablation computes. It depends
-    on the kernel's magnitude (it is ~``1/mean|w|`` for small weights and can
-    exceed 1); the BN after each conv absorbs that scale, so compare it only
-    between steps of the same run, not with Libra-PB.
+  * "libra_pb": ``x = standardize(kernel)``, ``Q = 2^round(log2 mean|x|) * sign(x)``
+    per output channel. Scale-invariant in the kernel, so comparable across layers and
+    over training.
+  * "sign": ``Q = sign(kernel)``, no scale: it depends on the kernel's magnitude (it is
+    ~``1/mean|w|`` for small weights and can exceed 1); the BN after each conv absorbs
+    that scale, so compare it only between steps of the same run.
+  * "mean_abs", "mean_abs_detached" (XNOR-Net, Bi-Real, ReActNet): ``Q = mean|w| *
+    sign(w)`` per output channel, the least-squares binary approximation of ``w``.
   * "none": 0 (no quantization).
   """
-  if quantizer == "libra_pb":
-    w_std = ops.standardize(kernel)
-    return _relative_error(w_std, ops.libra_scale(w_std) * jnp.sign(w_std))
-  if quantizer == "sign":
-    return _relative_error(kernel, jnp.sign(kernel))
-  if quantizer == "none":
-    return jnp.zeros((), jnp.float32)
-  raise ValueError(f"unknown weight quantizer {quantizer!r}; expected one of "
-                   f"{ops.WEIGHT_QUANTIZERS}")
+  x = ops.weight_sign_input(kernel, quantizer)
+  return _relative_error(x, ops.quantize_weights(kernel, quantizer, "ste"))
 
 
 def flip_ratio(signs_a: jax.Array, signs_b: jax.Array) -> jax.Array:
@@ -165,8 +160,7 @@ def binary_layers(model: nnx.Module) -> dict[str, layers.BinaryConv | layers.Bin
 
 def _sign_input(layer: layers.BinaryConv) -> jax.Array:
   """What the weight sign is applied to: standardized weights for Libra-PB."""
-  kernel = layer.kernel[...]
-  return ops.standardize(kernel) if layer.weight_quantizer == "libra_pb" else kernel
+  return ops.weight_sign_input(layer.kernel[...], layer.weight_quantizer)
 
 
 def weight_signs(model: nnx.Module) -> dict[str, jax.Array]:

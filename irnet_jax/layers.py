@@ -133,7 +133,8 @@ class _Binary(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(y.dtype)
     if self.rprelu is not None:
-      r = {k: v[...].astype(y.dtype) for k, v in self.rprelu.items()}
+      # By name: under nnx.capture (the diagnostics) the Dict also holds __captures__.
+      r = {k: self.rprelu[k][...].astype(y.dtype) for k in ("shift_in", "slope", "shift_out")}
       y = ops.rprelu(y, r["shift_in"], r["slope"], r["shift_out"])
     return y
 

@@ -200,6 +200,12 @@ def mean_abs_scale(kernel: jax.Array, detach: bool = False) -> jax.Array:
   return jax.lax.stop_gradient(alpha) if detach else alpha
 
 
+def weight_sign_input(kernel: jax.Array, quantizer: str) -> jax.Array:
+  """What a weight quantizer's sign is applied to: the standardized kernel for
+  Libra-PB, the kernel itself for every other quantizer of :data:`WEIGHT_QUANTIZERS`."""
+  return standardize(kernel) if quantizer == "libra_pb" else kernel
+
+
 def quantize_weights(kernel: jax.Array, quantizer: str = "libra_pb",
                      estimator: str = "ede", ede: EDE | None = None) -> jax.Array:
   """Weight quantizer dispatch, one of :data:`WEIGHT_QUANTIZERS`: "libra_pb", "sign"

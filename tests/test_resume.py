@@ -64,11 +64,13 @@ def _interrupted_then_resumed(c, workdir, *stops):
 # ------------------------------------------------------------------ scan mode
 
 
-@pytest.mark.parametrize("k,resident", [(1, False), (2, False), (2, True)],
-                         ids=["k1", "k2", "k2_on_device"])
-def test_scan_mode_resumes_exactly_after_kill_and_sigterm(k, resident, toy_npz, tmp_path,
-                                                          tiny_config, read_metrics):
-  c = _config(tiny_config, toy_npz, steps_per_call=k, **{"dataset.cache_on_device": resident})
+@pytest.mark.parametrize("k,resident,mode", [(1, False, "scan"), (2, False, "scan"),
+                                             (2, True, "scan"), (2, True, "dispatch")],
+                         ids=["k1", "k2", "k2_on_device", "dispatch_k2_on_device"])
+def test_scan_mode_resumes_exactly_after_kill_and_sigterm(k, resident, mode, toy_npz,
+                                                          tmp_path, tiny_config, read_metrics):
+  c = _config(tiny_config, toy_npz, steps_per_call=k, steps_per_call_mode=mode,
+              **{"dataset.cache_on_device": resident})
   ref = train.train_and_evaluate(c, str(tmp_path / "ref"))
   # Killed after step 4 (checkpoint 4 committed, or with k=1 at step 3, between
   # checkpoints), then the resumed run preempted by SIGTERM at step 6, then resumed.
