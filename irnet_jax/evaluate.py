@@ -22,7 +22,11 @@ import logging
 import os
 from typing import Any, Sequence
 
-import jax
+if __name__ == "__main__":  # Before the imports that need it: one line naming the extra.
+  from irnet_jax import workdir as _workdir
+  _workdir.run_tool_needing("train", "python -m irnet_jax.evaluate")
+
+import jax  # pylint: disable=wrong-import-position
 import ml_collections
 from absl import flags
 from ml_collections import config_flags

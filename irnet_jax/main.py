@@ -27,8 +27,10 @@ if __name__ == "__main__":
     from irnet_jax import configs
     print(configs.listing())
     sys.exit(0)
-  # Before the heavy imports: maybe re-execute with huge pages (see hugepages.py).
-  from irnet_jax import hugepages
+  # Before the heavy imports: the [train] extra, then maybe re-execute with huge
+  # pages (see hugepages.py).
+  from irnet_jax import hugepages, workdir
+  workdir.run_tool_needing("train", "python -m irnet_jax.main")
   hugepages.reexec(__name__)
 
 import jax  # pylint: disable=wrong-import-position

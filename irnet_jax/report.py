@@ -339,6 +339,7 @@ def write_report(workdir: str | os.PathLike, compare: str | os.PathLike | None =
         "irnet_jax.evaluate on this workdir first for a report of its evaluation.")
   else:
     records, skipped = load_metrics(metrics)
+  workdir_lib.require_extra("plots", "python -m irnet_jax.report")  # Before any folder.
   out = Path(out_dir) if out_dir is not None else workdir / "report"
   out.mkdir(parents=True, exist_ok=True)
   if skipped:

@@ -202,16 +202,18 @@ def _layer_row(name: str, layer: nnx.Module, shape: tuple | None) -> LayerRow:
   binary_a = getattr(layer, "binary_acts", False)
   if isinstance(layer, (layers.BinaryConv, nnx.Conv)):
     k = layer.kernel_size if isinstance(layer.kernel_size, int) else layer.kernel_size[0]
-    kind, window = f"Conv{k}x{k}", k * k
+    kind = f"Conv{k}x{k}"
   else:  # BinaryDense, nnx.Linear: MACs per output position (the last axis).
-    kind, window = "Dense", 1
+    kind = "Dense"
   kind += " (binary)" if binary_w or binary_a else ""
   n_w = _size(layer.kernel.get_value()) if binary_w else 0
   row = LayerRow(name, kind, f"{1 if binary_w else 32}/{1 if binary_a else 32}", shape,
                  params_1bit=n_w, params_32bit=n_params - n_w)
   if shape is not None:
     positions = math.prod(shape[1:-1])  # H_out * W_out for convs, 1 for (N, C) dense.
-    macs = positions * window * layer.in_features * layer.out_features
+    # Per output position, one MAC per kernel entry: (kh, kw, in / groups, out) HWIO,
+    # (in, out) dense, so grouped and depthwise convolutions count right.
+    macs = positions * _size(layer.kernel.get_value())
     if binary_w and binary_a:
       row.macs_binary = macs
     else:

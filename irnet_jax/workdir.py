@@ -360,9 +360,12 @@ class WorkdirLock:
       holder = _read_holder(self.path)
       raise WorkdirBusyError(self._busy_message(holder), holder) from None
     previous = _read_holder(self.path)
-    if previous and _is_dead_here(previous):
-      log.info("%s: taking over the lock left by pid %s on %s (no longer running).",
-               self.path, previous.get("pid"), previous.get("host"))
+    if previous and not previous.get("released") and _is_dead_here(previous):
+      # Only a holder that ended without releasing (killed, crashed): a run that ended
+      # cleanly marked its record released, and its rerun says nothing.
+      log.info("%s: taking over the lock left by pid %s on %s, which ended without "
+               "releasing it (killed or crashed).", self.path, previous.get("pid"),
+               previous.get("host"))
     me = dict(pid=os.getpid(), host=socket.gethostname(), process_index=self.process_index,
               started=datetime.datetime.now(datetime.timezone.utc).isoformat(
                   timespec="seconds"))
@@ -373,13 +376,21 @@ class WorkdirLock:
     return self
 
   def release(self) -> None:
-    """Unlocks; the file (and its record of the last holder) stays."""
+    """Marks the record released, then unlocks; the file (and its record of the last
+    holder) stays."""
     if self._fd is None:
       return
     fd, self._fd = self._fd, None
     try:
-      fcntl.flock(fd, fcntl.LOCK_UN)
+      holder = _read_holder(self.path) or {}
+      holder["released"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds")
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+    except OSError:  # A full disk: the lock is released all the same.
+      pass
     finally:
+      fcntl.flock(fd, fcntl.LOCK_UN)
       os.close(fd)
 
   def __enter__(self) -> WorkdirLock:
@@ -437,6 +448,50 @@ DEBUG_FLAG = "--debug"
 # IncompatibleCheckpointError, WorkdirError, the packed-format errors and JSON errors.
 EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, ImportError, WorkdirBusyError)
 
+# pyproject.toml's optional extras, by the top-level modules they bring (the ones this
+# package imports; tests/test_packaging.py runs each tool without them).
+EXTRAS = {
+    "train": ("grain", "PIL", "tqdm", "tensorboardX", "sklearn"),
+    "tfds": ("tensorflow_datasets", "array_record"),
+    "torch": ("torch",),
+    "plots": ("matplotlib",),
+}
+_EXTRA_OF = {module: extra for extra, modules in EXTRAS.items() for module in modules}
+
+
+class MissingExtraError(ImportError):
+  """An optional dependency is not installed; the message names the extra to install."""
+
+
+def require_extra(extra: str, what: str) -> None:
+  """Raises :class:`MissingExtraError` naming ``pip install "irnet_jax[extra]"`` if a
+  module of ``extra`` is not installed (found without importing it). ``what``: what
+  needs it, for the message (e.g. "python -m irnet_jax.main")."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+  if missing:
+    raise MissingExtraError(f"{what} needs the [{extra}] extra ({', '.join(missing)} not "
+                            f"installed): pip install \"irnet_jax[{extra}]\"")
+
+
+def _missing_extra_line(e: ImportError) -> str | None:
+  """``error: ...`` naming the extra of a module that failed to import, if it is one."""
+  extra = _EXTRA_OF.get((e.name or "").split(".")[0])
+  if extra is None or isinstance(e, MissingExtraError):
+    return None
+  return (f"error: {e.name} is not installed; it comes with the [{extra}] extra: "
+          f"pip install \"irnet_jax[{extra}]\"")
+
+
+def run_tool_needing(extra: str, what: str) -> None:
+  """For a tool's ``if __name__ == "__main__":`` block, before its heavy imports: the
+  one ``error:`` line and exit status 1 when ``extra`` is missing (--help included:
+  the tool cannot even be imported)."""
+  try:
+    require_extra(extra, what)
+  except MissingExtraError as e:
+    sys.exit(f"error: {e}")
+
 # Hints by errno for OSError (they carry no advice of their own).
 _OS_HINTS = {
     errno.EACCES: "check the permissions (or use another --workdir/--out)",
@@ -464,8 +519,12 @@ def error_line(e: BaseException) -> str:
     text = e.strerror + (f": {' -> '.join(map(str, paths))}" if paths else "")
     hint = _OS_HINTS.get(e.errno)
     return f"error: {text}" + (f"; {hint}." if hint else ".")
+  if isinstance(e, ImportError):
+    line = _missing_extra_line(e)
+    if line is not None:
+      return line
   text = str(e) or type(e).__name__
-  if not _raised_by_this_package(e):
+  if not _raised_by_this_package(e) and not isinstance(e, MissingExtraError):
     # Not one of this package's messages (which name the fix) but a library's: where
     # it came from may matter, so say how to see it.
     text = (f"{type(e).__name__}: {text} (rerun with {DEBUG_FLAG} or {DEBUG_ENV}=1 for "

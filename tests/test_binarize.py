@@ -166,7 +166,8 @@ def test_launcher_trains_evaluates_summarizes_and_exports_a_users_network(tmp_pa
   table = _run(["irnet_jax.summary", f"--workdir={workdir}"], tmp_path)
   assert "Dense (binary)" in table and "Conv3x3 (binary)" in table
   packed_file = tmp_path / "model.irnet"
-  _run(["irnet_jax.export", f"--workdir={workdir}", f"--out={packed_file}"], tmp_path)
+  report = _run(["irnet_jax.export", f"--workdir={workdir}", f"--out={packed_file}"], tmp_path)
+  assert ": 2 binary convs, 1 binary dense layer" in report  # conv1, conv2; hidden
   # The packed file's logits are the trained model's eval logits.
   model, _ = checkpointing.load_model(str(workdir))
   x = jax.random.normal(jax.random.key(2), (8, 16, 16, 3))

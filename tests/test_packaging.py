@@ -63,6 +63,29 @@ def test_core_imports_without_the_extras():
   assert out.returncode == 0, out.stderr[-3000:]
 
 
+@pytest.mark.parametrize("tool,extra,argv", [
+    ("irnet_jax.main", "train", ["--config=quickstart", "--workdir={tmp}/run"]),
+    ("irnet_jax.evaluate", "train", ["--workdir={tmp}/run"]),
+    ("irnet_jax.report", "plots", ["--workdir={tmp}/run"]),
+], ids=["main", "evaluate", "report"])
+def test_a_tool_without_its_extra_says_which_to_install(tool, extra, argv, tmp_path):
+  # `pip install .` (the core) and then a tool of an extra: one line naming it, before
+  # anything is made (report's folder included), no traceback.
+  hidden = NOT_IN_TRAIN + TRAIN if extra == "train" else NOT_IN_TRAIN
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "metrics.jsonl").write_text(
+      '{"step": 1, "split": "train", "loss": 1.0}\n')
+  code = (_BLOCKER.format(hidden=hidden) + "\nimport runpy\n"
+          f"sys.argv = [{tool!r}] + {[a.format(tmp=tmp_path) for a in argv]!r}\n"
+          f"runpy.run_module({tool!r}, run_name='__main__', alter_sys=True)\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and f'pip install "irnet_jax[{extra}]"' in errors[0], out.stderr
+  assert sorted(os.listdir(tmp_path / "run")) == ["metrics.jsonl"]
+
+
 def _build_wheel(tmp_path: pathlib.Path) -> pathlib.Path:
   """The wheel of a copy of the sources (setuptools writes build/ and egg-info beside
   them, which the checkout should not get)."""

@@ -81,3 +81,19 @@ def test_summary_lists_binary_dense_layers():
       48, 6, 48, 0)
   assert s.row("head").kind == "Dense" and s.row("head").macs_float == 12
   assert "Dense (binary)" in summary_lib.format_summary(s)
+
+
+def test_grouped_and_depthwise_convs_count_one_mac_per_kernel_entry():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.depthwise = nnx.Conv(64, 64, (3, 3), feature_group_count=64, padding=1, rngs=rngs)
+      self.grouped = nnx.Conv(64, 32, (1, 3), feature_group_count=4, padding=0, rngs=rngs)
+
+    def __call__(self, x):
+      return self.grouped(self.depthwise(x))
+
+  s = summary_lib.summary(Net(nnx.Rngs(0)), (1, 8, 8, 64))
+  # By hand: 8 x 8 outputs x 64 channels x 3 x 3 taps of one input channel each.
+  assert s.row("depthwise").macs_float == 8 * 8 * 64 * 9 == 36_864
+  # 8 x 6 outputs x 32 channels x (1 x 3 taps of 64 / 4 = 16 input channels).
+  assert s.row("grouped").macs_float == 8 * 6 * 32 * 3 * 16

@@ -189,7 +189,20 @@ def test_lock_left_by_a_dead_process_is_taken(tmp_path, caplog):
     with WorkdirLock(str(tmp_path)):
       with open(tmp_path / ".lock") as f:
         assert json.load(f)["pid"] == os.getpid()
-  assert f"pid {dead.pid}" in caplog.text and "no longer running" in caplog.text
+  assert f"pid {dead.pid}" in caplog.text and "ended without releasing" in caplog.text
+
+
+def test_a_lock_released_cleanly_is_taken_without_a_word(tmp_path, caplog):
+  # A finished run released its lock: its rerun is not crash recovery.
+  with WorkdirLock(str(tmp_path)):
+    pass
+  with open(tmp_path / ".lock") as f:
+    assert json.load(f)["released"]
+  with caplog.at_level(logging.INFO, logger=workdir_lib.__name__):
+    with WorkdirLock(str(tmp_path)):
+      with open(tmp_path / ".lock") as f:
+        assert "released" not in json.load(f)
+  assert "taking over" not in caplog.text
 
 
 # ------------------------------------------------------------------ symlinks in the workdir

@@ -44,8 +44,9 @@ def _torch():
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     sys.exit("error: python -m irnet_jax.convert reads and writes PyTorch files and needs "
-             "torch: pip install torch (the CPU build is enough). Nothing else in "
-             "irnet_jax needs it.")
+             "torch: pip install torch --index-url https://download.pytorch.org/whl/cpu "
+             "(the CPU build; plain `pip install torch` brings GBs of CUDA libraries). "
+             "Nothing else in irnet_jax needs it.")
   return torch
 
 

@@ -34,7 +34,8 @@ def define_flags() -> None:
 def format_report(report: dict[str, Any]) -> str:
   """The human-readable lines of an export report, then the report as one JSON line."""
   floats, packed = report["float32_params_bytes"], report["packed_file_bytes"]
-  lines = [f"model {report['model']}: {report['binary_layers']} binary conv layers",
+  lines = [f"model {report['model']}: {_count(report['binary_convs'], 'binary conv')}, "
+           f"{_count(report['binary_denses'], 'binary dense layer')}",
            f"  float32 parameters : {_mib(floats)}"]
   if report["checkpoint_model_bytes"] is not None:
     lines.append(f"  float checkpoint   : {_mib(report['checkpoint_model_bytes'])}  "
@@ -48,6 +49,10 @@ def format_report(report: dict[str, Any]) -> str:
                  f"{report['check_max_abs_diff']:.3g}, same argmax: "
                  f"{report['check_same_argmax']}")
   return "\n".join(lines + [json.dumps(report)])
+
+
+def _count(n: int, what: str) -> str:
+  return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def _mib(n: int) -> str:

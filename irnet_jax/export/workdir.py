@@ -53,6 +53,7 @@ def _sizes(model: Any, packed: PackedModel, file_bytes: int,
   """The size entries of the report."""
   float_bytes = float32_param_bytes(model)
   binary = packed.binary_layers()
+  convs = sum(1 for i in packed.program if i.get("name") in binary and i["op"] == "conv")
   bits_bytes = sum(packed.arrays[f"{n}/{f}"].nbytes for n in binary
                    for f in ("sign", "exp", "nonzero") if f"{n}/{f}" in packed.arrays)
   ckpt_bytes = None
@@ -63,6 +64,7 @@ def _sizes(model: Any, packed: PackedModel, file_bytes: int,
           "checkpoint_dir": ckpt, "checkpoint_model_bytes": ckpt_bytes,
           "packed_file_bytes": file_bytes,
           "packed_binary_layer_bytes": bits_bytes, "binary_layers": len(binary),
+          "binary_convs": convs, "binary_denses": len(binary) - convs,
           "ratio_float32_params_to_file": round(float_bytes / file_bytes, 2)}
 
 
