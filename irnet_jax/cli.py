@@ -22,6 +22,7 @@ import difflib
 import logging
 import re
 import sys
+import threading
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from absl import app, flags
@@ -62,6 +63,7 @@ def run(main: Callable[[Sequence[str]], Any],
     if not debug:
       for handler in logging.getLogger().handlers:
         handler.addFilter(drop_tracebacks)
+      threading.excepthook = sys.unraisablehook = _one_line_once
     with workdir_lib.cli_errors(debug):
       try:
         return main(argv)
@@ -74,11 +76,21 @@ def run(main: Callable[[Sequence[str]], Any],
   raise AssertionError("app.run returned")  # It always exits.
 
 
+_SEEN_ERRORS: set[str] = set()  # What drop_tracebacks and _one_line_once have printed.
+
+
 def drop_tracebacks(record: logging.LogRecord) -> bool:
-  """A logging filter: a record keeps its message, not its traceback. Libraries log the
-  exceptions they raise (Orbax's checkpoint thread on a full disk logs two, with their
-  tracebacks, before the error reaches the tool); the tool's ``error:`` line says
-  what to do, and ``--debug`` shows every traceback."""
+  """A logging filter: a record keeps its message, not its traceback, and a library's
+  error repeated for each of its tasks is logged once. Libraries log the exceptions
+  they raise (on a full disk Orbax's checkpoint threads log them with tracebacks, and
+  asyncio one "Task exception was never retrieved" per array) before the error
+  reaches the tool; the tool's ``error:`` line says what to do, and ``--debug`` shows
+  every traceback."""
+  if record.levelno >= logging.ERROR and not record.name.startswith("irnet_jax"):
+    key = f"{record.name}:{str(record.msg)[:40]}"
+    if key in _SEEN_ERRORS:
+      return False
+    _SEEN_ERRORS.add(key)
   if record.exc_info or record.exc_text:
     error = record.exc_info[1] if record.exc_info else None
     record.msg = f"{record.getMessage()}" + (f" ({type(error).__name__}: {error})"
@@ -86,6 +98,22 @@ def drop_tracebacks(record: logging.LogRecord) -> bool:
     record.msg, record.args = " ".join(record.msg.split())[:500], None
     record.exc_info, record.exc_text, record.stack_info = None, None, None
   return True
+
+
+def _one_line_once(*args: Any) -> None:
+  """``threading.excepthook`` / ``sys.unraisablehook`` (not ``sys.excepthook``: a bug
+  in the tool keeps its traceback) without
+  ``--debug``: an exception that escapes a library's thread or callback (tensorstore's
+  writers on a full disk print "Event loop is closed" a hundred times) is one
+  ``warning:`` line, each distinct message once; the tool's own ``error:`` line says
+  what to do."""
+  info = args[0] if len(args) == 1 else None
+  error = getattr(info, "exc_value", None) if info is not None else args[1]
+  text = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+  if text not in _SEEN_ERRORS:
+    _SEEN_ERRORS.add(text)
+    print(f"warning: {text} (in a library's thread; --debug shows the traceback)",
+          file=sys.stderr, flush=True)
 
 
 def parse_flags(argv: list[str], debug: bool = False) -> list[str]:

@@ -30,6 +30,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -526,8 +527,12 @@ def error_line(e: BaseException) -> str:
   text = str(e) or type(e).__name__
   if not _raised_by_this_package(e) and not isinstance(e, MissingExtraError):
     # Not one of this package's messages (which name the fix) but a library's: where
-    # it came from may matter, so say how to see it.
-    text = (f"{type(e).__name__}: {text} (rerun with {DEBUG_FLAG} or {DEBUG_ENV}=1 for "
+    # it came from may matter, so say how to see it. Tensorstore (Orbax's storage)
+    # reports an OS error as "... [os_error_code='28']": its hint comes first.
+    code = re.search(r"os_error_code='?(\d+)", text)
+    hint = _OS_HINTS.get(int(code.group(1))) if code else None
+    text = ((f"{os.strerror(int(code.group(1)))}; {hint}. " if hint else "")
+            + f"{type(e).__name__}: {text} (rerun with {DEBUG_FLAG} or {DEBUG_ENV}=1 for "
             "the traceback)")
   return f"error: {text}"
 

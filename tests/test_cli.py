@@ -236,3 +236,18 @@ def test_tracebacks_logged_by_libraries_become_one_line():
   text = stream.getvalue()
   assert text.count("\n") == 1 and "Traceback" not in text, text
   assert "Error in async save of step 8" in text and "No space left on device" in text
+
+
+def test_a_full_disk_reported_by_a_library_is_one_line_with_the_hint(capsys):
+  # What Orbax raises on a full disk (tensorstore's message, a ValueError), and what
+  # its writer threads leave behind: the error line leads with the OS error and its fix;
+  # a hundred identical thread exceptions are one warning.
+  error = ValueError('RESOURCE_EXHAUSTED: Error writing "bn1.mean.value/0" in OCDBT '
+                     'database ...: No space left on device [os_error_code=\'28\']')
+  line = workdir_lib.error_line(error)
+  assert line.startswith("error: No space left on device; the disk is full: free space "
+                         "and rerun the same command"), line
+  for _ in range(100):
+    cli._one_line_once(RuntimeError, RuntimeError("Event loop is closed"), None)
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "warning: RuntimeError: Event loop is closed" in err
