@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from absl import app, flags
 
+from irnet_jax import configs
 from irnet_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -34,7 +35,7 @@ HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
 HELPFULL_ARGS = ("--helpfull", "-helpfull")
 DEBUG_ARGS = ("--debug", "-debug", "--debug=true", "--debug=1")
 _HELP_HINT = "(--help lists the flags)"
-_FIELDS_HINT = "(every field and its default: irnet_jax.config.base_config())"
+_FIELDS_HINT = "(python -m irnet_jax.main --print-config lists every field)"
 
 
 class ConfigFileError(ValueError):
@@ -50,6 +51,7 @@ def run(main: Callable[[Sequence[str]], Any],
   ``main(argv)`` gets only the program name: positional arguments are refused.
   """
   debug = workdir_lib.debug_requested(any(a in DEBUG_ARGS for a in sys.argv[1:]))
+  sys.argv[:] = configs.take_free_form_overrides(sys.argv)
   if "debug" not in FLAGS:
     flags.DEFINE_bool("debug", False, "Show the traceback of an error (or "
                       f"{workdir_lib.DEBUG_ENV}=1).", module_name=_main_module_name())
@@ -120,9 +122,12 @@ def parse_flags(argv: list[str], debug: bool = False) -> list[str]:
   """``FLAGS(argv)``; help exits 0, a parsing error is one line (see the module doc)."""
   if any(a in HELP_ARGS + HELPFULL_ARGS for a in argv[1:]):
     _print_help(full=any(a in HELPFULL_ARGS for a in argv[1:]))
+  argv = configs.take_free_form_overrides(argv)
   with _user_input(argv, debug):
     rest = FLAGS(argv)
     _check_configs_loaded()
+    for name in _config_flag_names():
+      configs.apply_free_form_overrides(name, FLAGS[name].value)
   if len(rest) > 1:
     sys.exit(f"error: unexpected arguments {rest[1:]}; every argument is a --flag "
              f"{_HELP_HINT}.")

@@ -7,7 +7,9 @@ before anything is compiled, with one message naming the problem and the fix.
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
+import re
 from typing import Any, Sequence
 
 import jax
@@ -32,18 +34,18 @@ class ConfigError(ValueError):
 def base_config() -> ml_collections.ConfigDict:
   """Defaults: the official CIFAR-10 ResNet-20 1w1a recipe; configs override fields."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.num_epochs = 400
+  c.seed = 0                      # Initialization, data order and augmentation draws.
+  c.num_epochs = 400              # Length of the run in epochs (unless num_train_steps > 0).
   c.num_train_steps = -1          # -1: from num_epochs; > 0 overrides.
   c.batch_size = 128              # Global, across all devices and processes.
   c.eval_batch_size = 500         # Global; the last batch is padded and masked.
-  c.log_every_steps = 50
+  c.log_every_steps = 50          # Steps between train records in metrics.jsonl.
   c.eval_every_steps = -1         # -1: at the end of every epoch (and at the end).
-  c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 3
+  c.checkpoint_every_steps = 1000 # Steps between checkpoints (and one at the end).
+  c.keep_checkpoints = 3          # Newest checkpoints kept; older ones are deleted.
   c.analysis_every_steps = 0      # 0: off. Logs irnet_jax.diagnostics.measure().
   c.compute_dtype = "float32"     # Or "bfloat16" on GPU/TPU (params stay float32).
-  c.progress_bar = True
+  c.progress_bar = True           # A tqdm bar on stderr (process 0).
   c.num_devices = -1              # -1: every device of every process; N: the first N (1 host).
   c.init_from = ""                # A workdir whose newest model state starts this run
                                   # (fine-tuning; e.g. one made by irnet_jax.convert).
@@ -71,10 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.test_list = ""        # filelist: the same for evaluation (val_source).
   c.dataset.train_root = ""       # filelist: root of train_list's paths; "" = path.
   c.dataset.test_root = ""        # filelist: root of test_list's paths; "" = path.
-  c.dataset.augment = "cifar"
-  c.dataset.image_size = 32
+  c.dataset.augment = "cifar"     # cifar (pad-4 crop + flip) | shift | imagenet | none.
+  c.dataset.image_size = 32       # Model input side in pixels.
   c.dataset.mean = IMAGENET_MEAN  # The official CIFAR code normalizes with these too.
-  c.dataset.std = IMAGENET_STD
+  c.dataset.std = IMAGENET_STD    # Per-channel std of the normalization (0-1 pixels).
   c.dataset.num_threads = 2         # In-process reader threads (num_workers=0).
   c.dataset.num_workers = -1        # Worker processes; -1: usable CPUs for augment=imagenet,
                                     # 0 (threads) for the small-image recipes.
@@ -98,40 +100,40 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.keep = ""  # With binarize: comma-separated layer paths to keep real-valued.
   c.model.num_classes = -1        # -1: from the dataset.
   c.model.structure = ""          # "": the model's default ("bireal" for resnet20).
-  c.model.weight_bits = 1
-  c.model.act_bits = 1
-  c.model.estimator = "ede"
-  c.model.weight_quantizer = "libra_pb"
+  c.model.weight_bits = 1         # 1: binary weights; 32: full precision (registry networks).
+  c.model.act_bits = 1            # 1: binary activations; 32: full precision (registry networks).
+  c.model.estimator = "ede"       # Backward of the activation sign: ede | ste | ...
+  c.model.weight_quantizer = "libra_pb"# libra_pb | sign | mean_abs | none.
   # How convolutions run (irnet_jax.kernels): "auto" picks for the run's devices
   # (the CPU kernels on one AVX-512 CPU, XLA otherwise); config.json records the
   # resolved name. Or "xla", "xla_cpu", "avx512".
   c.model.conv_impl = "auto"
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = "sgd"
+  c.optimizer.name = "sgd"        # sgd | nesterov | adam.
   # "bop": Bop (irnet_jax.optim.bop) on the binary kernels, which start at +-1; `name`
   # then optimizes every other parameter. "": `name` optimizes all.
   c.optimizer.binary = ""
-  c.optimizer.bop_threshold = 1e-8
-  c.optimizer.bop_gamma = 1e-4
+  c.optimizer.bop_threshold = 1e-8# Bop: flip a weight's sign when |m| exceeds this.
+  c.optimizer.bop_gamma = 1e-4    # Bop: the adaptivity rate of its gradient average m.
   # "adam": a binarization method's own parameters (ReActNet's thresholds and RPReLU)
   # get Adam at method_params_lr (times the schedule's shape, no weight decay), as
   # ReActNet trains them; SGD at the recipe's 0.1 throws its thresholds out of the
   # inputs' range, where no gradient brings them back. "same": the optimizer above.
   c.optimizer.method_params = "adam"
-  c.optimizer.method_params_lr = 5e-4
-  c.optimizer.learning_rate = 0.1
-  c.optimizer.momentum = 0.9
+  c.optimizer.method_params_lr = 5e-4# Adam's learning rate of the method's parameters.
+  c.optimizer.learning_rate = 0.1 # Peak learning rate.
+  c.optimizer.momentum = 0.9      # SGD momentum (or Adam's b1).
   c.optimizer.weight_decay = 1e-4  # L2 added to the gradient of every parameter (torch SGD).
-  c.optimizer.schedule = "cosine_epoch"
-  c.optimizer.warmup_steps = 0
-  c.optimizer.warmup_init_lr = 0.0
-  c.optimizer.decay_fractions = (0.3, 0.6, 0.9)
-  c.optimizer.decay_factor = 0.1
+  c.optimizer.schedule = "cosine_epoch"# cosine_epoch | cosine | warmup_multistep | constant.
+  c.optimizer.warmup_steps = 0    # Linear warm-up steps from warmup_init_lr.
+  c.optimizer.warmup_init_lr = 0.0# Learning rate at step 0 of the warm-up.
+  c.optimizer.decay_fractions = (0.3, 0.6, 0.9)# warmup_multistep: decay points (fractions).
+  c.optimizer.decay_factor = 0.1  # warmup_multistep: factor at each decay point.
 
   c.ede = ml_collections.ConfigDict()
   c.ede.t_min = 1e-3              # Official ResNet-20 1w1a trainer; the paper says 0.1.
-  c.ede.t_max = 10.0
+  c.ede.t_max = 10.0              # EDE's t at the end of training (t grows from t_min).
   c.ede.schedule_by = "epoch"     # "epoch" (official CIFAR code) or "step".
   c.ede.every_steps = 1           # With schedule_by="step": refresh t, k every N steps.
   return c
@@ -218,6 +220,51 @@ def _fields(c: Any, prefix: str = "") -> dict[str, Any]:
 def field_names() -> list[str]:
   """Every field of :func:`base_config`, dotted (``optimizer.learning_rate``)."""
   return list(_fields(base_config()))
+
+
+def field_help() -> dict[str, str]:
+  """``{field: meaning}`` from the comments of :func:`base_config` (the one place each
+  field is explained): the comment on a field's line and its continuation lines, else
+  the comment lines just above it."""
+  lines = inspect.getsource(base_config).splitlines()
+  out: dict[str, str] = {}
+  above: list[str] = []
+  for i, line in enumerate(lines):
+    stripped = line.strip()
+    match = re.match(r"c\.([\w.]+)\s*=", stripped)
+    if match is None:
+      above = above + [stripped[1:].strip()] if stripped.startswith("#") else []
+      continue
+    notes = [line.split("#", 1)[1].strip()] if "#" in line else []
+    column = line.index("#") if notes else None
+    for more in lines[i + 1:]:  # Continuation comments, aligned under this one.
+      if column is None or not more.strip().startswith("#") or more.index("#") != column:
+        break
+      notes.append(more.strip()[1:].strip())
+    out[match.group(1)] = " ".join(notes or above)
+    above = []
+  return out
+
+
+def describe(c: ml_collections.ConfigDict) -> str:
+  """Every field of ``c`` as ``--config.FIELD=VALUE  meaning`` lines, by section."""
+  meanings, lines, section = field_help(), [], None
+  fields = sorted(_fields(c).items(), key=lambda kv: ("." in kv[0], kv[0]))
+  for field, value in fields:
+    head = field.rpartition(".")[0]
+    if head != section:
+      lines.append(f"\n[{head or 'run'}]")
+      section = head
+    text = f"--config.{field}={_flag_text(value)}"
+    meaning = meanings.get(field, "")
+    lines.append(f"  {text:<48} {meaning}".rstrip())
+  return "\n".join(lines).lstrip("\n")
+
+
+def _flag_text(value: Any) -> str:
+  if isinstance(value, (tuple, list)):
+    return ",".join(map(str, value))
+  return '""' if value == "" else str(value)
 
 
 def nearest_field(field: str, known: Sequence[str]) -> str | None:

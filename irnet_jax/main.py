@@ -27,6 +27,13 @@ if __name__ == "__main__":
     from irnet_jax import configs
     print(configs.listing())
     sys.exit(0)
+  if {"--print-config", "--print_config"} & set(sys.argv[1:]):
+    from irnet_jax import config as config_lib
+    from irnet_jax import configs, workdir
+    with workdir.cli_errors():
+      print(config_lib.describe(configs.load(next(
+          (a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), ""))))
+    sys.exit(0)
   # Before the heavy imports: the [train] extra, then maybe re-execute with huge
   # pages (see hugepages.py).
   from irnet_jax import hugepages, workdir
@@ -46,6 +53,9 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 flags.DEFINE_bool("list_configs", False, "Print the packaged recipes (--config=NAME) with "
                   "their one-line descriptions, and exit (also --list-configs).")
+flags.DEFINE_bool("print_config", False, "Print every field of --config (or of the "
+                  "defaults) as --config.FIELD=VALUE with its meaning, and exit (also "
+                  "--print-config).")
 flags.DEFINE_bool("distributed", False, "Multi-host from the environment: "
                   "jax.distributed.initialize() with no arguments (Cloud TPU VMs, SLURM "
                   "srun, Open MPI), which finds the coordinator and process ids itself.")

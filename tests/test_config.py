@@ -1,5 +1,8 @@
 """irnet_jax.config: validation names the field, the value and the fix (a typo gets the
 nearest field) before anything is written; the configs' plain fields."""
+import subprocess
+import sys
+
 import pytest
 
 from irnet_jax import config as config_lib
@@ -72,3 +75,17 @@ def test_ede_schedule_by_is_a_plain_field():
   assert c.ede.schedule_by == "epoch"
   assert config_lib.imagenet_config("resnet18").ede.schedule_by == "step"
   assert "update" not in c.ede
+
+
+def test_print_config_lists_every_field_with_its_value_and_meaning(repo_root):
+  out = subprocess.run([sys.executable, "-m", "irnet_jax.main", "--print-config",
+                        "--config=quickstart"], cwd=repo_root, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = {line.split()[0]: line for line in out.stdout.splitlines()
+           if line.strip().startswith("--config.")}
+  for field in config_lib.field_names():
+    line = next((v for k, v in lines.items() if k.startswith(f"--config.{field}=")), None)
+    assert line is not None, field
+    assert len(line.split(None, 1)) == 2, f"{field} has no meaning: {line!r}"
+  assert "--config.num_epochs=40" in lines  # quickstart's value, not the default

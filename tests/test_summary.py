@@ -1,5 +1,9 @@
 """irnet_jax.summary: the model summary (parameters, MACs binary and float, output shapes,
 memory) of registry models and of flax layers in containers, and its CLI's defaults."""
+import os
+import subprocess
+import sys
+
 from flax import nnx
 
 import irnet_jax
@@ -97,3 +101,17 @@ def test_grouped_and_depthwise_convs_count_one_mac_per_kernel_entry():
   assert s.row("depthwise").macs_float == 8 * 8 * 64 * 9 == 36_864
   # 8 x 6 outputs x 32 channels x (1 x 3 taps of 64 / 4 = 16 input channels).
   assert s.row("grouped").macs_float == 8 * 6 * 32 * 3 * 16
+
+
+def test_a_factorys_own_arguments_come_from_config_model_kwargs_flags(tmp_path):
+  # --config.model.kwargs.NAME=VALUE: a free-form section (the factory's arguments),
+  # which ml_collections' overrides of existing fields cannot reach.
+  tests = os.path.dirname(os.path.abspath(__file__))
+  out = subprocess.run(
+      [sys.executable, "-m", "irnet_jax.summary", "--config=quickstart",
+       "--config.model.name=test_binarize:small_cnn", "--config.model.binarize=irnet",
+       "--config.model.kwargs.width=8"], cwd=tmp_path, capture_output=True, text=True,
+      timeout=120, env=dict(os.environ, PYTHONPATH=tests))
+  assert out.returncode == 0, out.stderr[-2000:]
+  conv1 = next(line for line in out.stdout.splitlines() if line.startswith("conv1 "))
+  assert "1,152" in conv1  # 3x3x8x16 binary weights at width 8 (4,608 at the default 16).

@@ -246,8 +246,9 @@ def test_damaged_newest_checkpoint_falls_back_on_resume(toy_npz, tmp_path, caplo
 @pytest.mark.slow
 def test_k_steps_per_call_are_bit_identical_to_single_steps(toy_npz, tmp_path, tiny_config):
   def fingerprint_after(name, **overrides):
-    c = tiny_config(toy_npz, num_train_steps=64, log_every_steps=8, checkpoint_every_steps=32,
-                    eval_every_steps=64, **{"dataset.augment": "shift", **overrides})
+    # 16 steps: two calls of K=8, a checkpoint between them, a second epoch's data order.
+    c = tiny_config(toy_npz, num_train_steps=16, log_every_steps=8, checkpoint_every_steps=8,
+                    eval_every_steps=16, **{"dataset.augment": "shift", **overrides})
     return train.train_and_evaluate(c, str(tmp_path / name))["params_fingerprint"]
 
   # "scan" is what GPUs and TPUs run (one lax.scan of K steps): host pipeline and data

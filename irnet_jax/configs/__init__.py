@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib
+import importlib.util
 import os
 import re
 from typing import Any
@@ -49,6 +50,19 @@ def get_config(name: str) -> Any:
   return importlib.import_module(f"{__name__}.{name}").get_config()
 
 
+def load(spec: str) -> Any:
+  """The config ``--config=spec`` gives: a recipe name, a config file (``PATH[:ARG]``,
+  its ``get_config(ARG)``), or "" for :func:`irnet_jax.config.base_config`."""
+  if not spec:
+    from irnet_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+    return config_lib.base_config()
+  file, _, arg = resolve(spec).partition(":")
+  module_spec = importlib.util.spec_from_file_location("_irnet_jax_config", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
 def summary(name: str) -> str:
   """The first sentence of recipe ``name``'s docstring, on one line (read without
   importing the recipe)."""
@@ -79,13 +93,56 @@ def resolve(arg: str) -> str:
   return path(spec) + sep + rest
 
 
+# Free-form config sections: their keys are the user's (a factory's own arguments), so
+# ml_collections, which reads ``--config.a.b=v`` overrides of existing fields only (when
+# the flag is defined), cannot take them; they are set after parsing.
+FREE_FORM = ("model.kwargs",)
+_FREE_FORM_ARG = re.compile(r"^--(\w+)\.((?:" + "|".join(map(re.escape, FREE_FORM))
+                            + r")\.\w+)=(.*)$")
+_pending: list[tuple[str, str, str]] = []  # (config flag, "model.kwargs.NAME", VALUE)
+
+
+def take_free_form_overrides(argv: list[str]) -> list[str]:
+  """``argv`` without its ``--CONFIG.model.kwargs.NAME=VALUE`` arguments, which are kept
+  for :func:`apply_free_form_overrides` (call before the config flag is defined)."""
+  rest = []
+  for arg in argv:
+    match = _FREE_FORM_ARG.match(arg)
+    if match:
+      _pending.append(match.groups())
+    else:
+      rest.append(arg)
+  return rest
+
+
+def apply_free_form_overrides(name: str, config: Any) -> None:
+  """Sets the kept overrides of config flag ``name`` on ``config``: each VALUE read as
+  a Python literal (``16``, ``0.5``, ``True``, ``(1, 2)``), else as the string."""
+  for flag, path, text in [p for p in _pending if p[0] == name]:
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, key = path.split(".")
+    section = config
+    for parent in parents:
+      section = section[parent]
+    with section.unlocked():
+      section[key] = value
+    _pending.remove((flag, path, text))
+
+
 def define_flag(name: str = "config", help_string: str | None = None,
                 **kwargs: Any) -> Any:
   """``config_flags.DEFINE_config_file`` whose value may also be a recipe name (see
-  :func:`resolve`). Returns the flag holder."""
+  :func:`resolve`), with the free-form ``--config.model.kwargs.NAME=VALUE`` overrides
+  (:func:`take_free_form_overrides`). Returns the flag holder."""
+  import sys  # pylint: disable=import-outside-toplevel
+
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
+  sys.argv[:] = take_free_form_overrides(sys.argv)
   if help_string is None:
     help_string = ("Experiment config: a packaged recipe's name (--list-configs lists "
                    "them) or the path of a config file (.py) of your own.")
