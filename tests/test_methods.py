@@ -108,12 +108,12 @@ def test_every_method_trains_with_analysis_then_evaluates_and_exports(
   # The launcher with the information-retention analysis on (quickstart turns it on):
   # every method's quantizer is measured, then the run evaluates and exports.
   workdir = str(tmp_path / "run")
-  c = tiny_config(toy_npz, num_train_steps=4, analysis_every_steps=2,
+  c = tiny_config(toy_npz, num_train_steps=2, analysis_every_steps=1,
                   **{"model.binarize": method, "model.name": "resnet20"})
   final = train.train_and_evaluate(c, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     analyses = [r for r in map(json.loads, f) if r["split"] == "analysis"]
-  assert [r["step"] for r in analyses] == [2, 4]
+  assert [r["step"] for r in analyses] == [1, 2]
   errors = {k: v for k, v in analyses[-1].items() if k.startswith("quant_error/")}
   # (bnn's plain sign has no scale: its error grows as 1/mean|w|; the others are < 1.)
   assert len(errors) == 18 and all(0 < v < (1e3 if method == "bnn" else 1)

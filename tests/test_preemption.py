@@ -19,7 +19,7 @@ from irnet_jax import preemption
 # Steps of a whole run, so that a signal sent after step SIGNAL_AFTER_STEP lands mid-run:
 # one process makes ~35 steps/s on an idle 2-core CPU, two over gloo far fewer (2-25
 # steps/s measured on a busy one).
-SINGLE_STEPS, TWO_PROCESS_STEPS = 100, 40
+SINGLE_STEPS, TWO_PROCESS_STEPS = 100, 24
 SIGNAL_AFTER_STEP = 3  # Signal once metrics.jsonl shows this many train steps.
 RUN_TIMEOUT_S = 300  # A whole launch, start-up and compilation included (2 busy cores).
 EXIT_TIMEOUT_S = 60  # From the signal to the exit.

@@ -64,14 +64,30 @@ def _interrupted_then_resumed(c, workdir, *stops):
 # ------------------------------------------------------------------ scan mode
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """``{(data on the device, call mode): final metrics}`` of uninterrupted runs, made
+  on first use (K steps per call give the parameters of K = 1 within a mode)."""
+  runs = {}
+
+  def get(c):
+    key = (c.dataset.cache_on_device, c.steps_per_call_mode)
+    if key not in runs:
+      runs[key] = train.train_and_evaluate(c, str(tmp_path_factory.mktemp("uninterrupted")))
+    return runs[key]
+
+  return get
+
+
 @pytest.mark.parametrize("k,resident,mode", [(1, False, "scan"), (2, False, "scan"),
                                              (2, True, "scan"), (2, True, "dispatch")],
                          ids=["k1", "k2", "k2_on_device", "dispatch_k2_on_device"])
 def test_scan_mode_resumes_exactly_after_kill_and_sigterm(k, resident, mode, toy_npz,
-                                                          tmp_path, tiny_config, read_metrics):
+                                                          tmp_path, tiny_config, read_metrics,
+                                                          uninterrupted):
   c = _config(tiny_config, toy_npz, steps_per_call=k, steps_per_call_mode=mode,
               **{"dataset.cache_on_device": resident})
-  ref = train.train_and_evaluate(c, str(tmp_path / "ref"))
+  ref = uninterrupted(c)
   # Killed after step 4 (checkpoint 4 committed, or with k=1 at step 3, between
   # checkpoints), then the resumed run preempted by SIGTERM at step 6, then resumed.
   resumed = _interrupted_then_resumed(c, tmp_path / "run", (3 if k == 1 else 4, _kill),
