@@ -172,8 +172,24 @@ def _print_help(full: bool) -> NoReturn:
   """The tool's docstring and flags on stdout; exit status 0."""
   for name in _config_flag_names():  # Also those defined by a helper (irnet_jax.configs).
     FLAGS.register_key_flag_for_module(_main_module_name(), FLAGS[name])
+  main_module = sys.modules["__main__"]
+  main_module.__doc__ = plain_text(main_module.__doc__ or "")  # What absl prints first.
   app.usage(shorthelp=not full, writeto_stdout=True)
   sys.exit(0)
+
+
+def plain_text(doc: str) -> str:
+  """A module docstring as a tool's help: reST markup removed (``x`` -> x,
+  :func:`~a.b` -> b), and for a library module with a ``CLI::`` section, its first
+  line and that section only (the rest documents the Python API)."""
+  if "\nCLI::" in doc:
+    doc = doc.split("\n", 1)[0] + "\n\n" + doc[doc.index("\nCLI::") + 1:]
+  def role(m: re.Match) -> str:  # A reference may be wrapped over two lines.
+    name = re.sub(r"\s+", "", m.group(2))
+    return name.rsplit(".", 1)[-1] if m.group(1) else name
+  doc = re.sub(r":\w+:`(~?)([^`]*)`", role, doc)
+  doc = doc.replace("``", "")
+  return re.sub(r"::$", ":", doc, flags=re.M)
 
 
 def _config_flag_names() -> list[str]:

@@ -3,13 +3,15 @@
   python -m irnet_jax.main --config=NAME --workdir=DIR [--config.a.b=value ...] [--debug]
   python -m irnet_jax.main --config=my_config.py --workdir=DIR ...
   python -m irnet_jax.main --list-configs
+  python -m irnet_jax.main --print-config [--config=NAME]
 
 ``--config`` names a packaged recipe (``irnet_jax/configs/``; ``--list-configs`` prints
 them with their one-line descriptions) or the path of a config file of your own.
+``--print-config`` lists every ``--config.FIELD`` with its value and meaning.
 
 Errors a user can fix are one ``error: ...`` line and exit status 1 (``--debug`` or
-``IRNET_JAX_DEBUG=1``: the traceback); a preempted run exits with
-``preemption.EXIT_CODE``.
+``IRNET_JAX_DEBUG=1``: the traceback); a run stopped by SIGTERM or Ctrl-C exits with
+75 after checkpointing (the same command resumes it).
 
 Multi-host: add ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``
 on every process (``jax.distributed.initialize``; on CPU, gloo collectives), or

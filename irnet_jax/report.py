@@ -1,22 +1,26 @@
-"""Plots and a Markdown report from a training run's ``metrics.jsonl``.
+"""Plots and a Markdown report from a training run's metrics.jsonl.
 
     python -m irnet_jax.report --workdir=DIR [--compare=DIR2] [--out=DIR/report] [--debug]
 
-Reads ``DIR/metrics.jsonl`` (one JSON object per line, each with ``step`` and
-``split``; written by the training loop) and, if present, ``DIR/final_metrics.json``,
-and writes into ``DIR/report/``:
+Reads DIR/metrics.jsonl (one JSON object per line, each with "step" and "split";
+written by the training loop) and, if present, DIR/final_metrics.json. Writes these
+files into DIR/report/ (or --out) and prints the full path of each one it wrote:
 
-* ``curves.png`` -- loss and accuracy (train, test), learning rate, throughput;
-* ``ede.png`` -- EDE t and k, and the EDE gradient scale of weights/activations;
-* ``weight_entropy.png``, ``flip_ratio.png``, ``quant_error.png``,
-  ``act_entropy.png`` -- per-layer analysis metrics over training;
-* ``compare.png`` (with ``--compare``) -- both runs on the same axes;
-* ``report.md`` -- tables of final/best values and the figures.
+  report.md             tables of final/best and per-layer values, and the figures
+  curves.png            loss, accuracy, learning rate and images/s against step
+  ede.png               EDE t and k; EDE gradient scale of weights and activations
+  weight_entropy.png    per-layer metrics over training, one figure each: the mean
+  flip_ratio.png        over layers (bold line), the min-max band over layers, and
+  quant_error.png       the (up to 3) layers farthest from the mean at the last
+  act_entropy.png       step, by name
+  ede_grad_scale_a.png
+  compare.png           with --compare: both runs' main curves on the same axes
 
+Every figure's title names the run (the workdir's basename; both for compare.png).
 Splits: "train" (loss, accuracy, lr, ede_t, ede_k, images_per_sec), "test" (loss,
-accuracy) and "analysis" (the keys of :func:`irnet_jax.diagnostics.measure`,
-``name/<layer>`` per layer). Missing splits or keys skip their plot and the report
-says so; unparsable lines are skipped and counted. Only matplotlib (Agg) is needed.
+accuracy) and "analysis" (the keys of irnet_jax.diagnostics.measure, "name/<layer>"
+per layer). A figure whose values are missing is not written, and report.md says
+why; unparsable lines are skipped and counted. Only matplotlib (Agg) is needed.
 """
 from __future__ import annotations
 
@@ -35,15 +39,19 @@ Records = dict[str, list[dict[str, Any]]]
 # Per-layer metric families of the "analysis" split:
 # prefix -> (title, y label, key of the mean over layers).
 LAYER_FAMILIES = {
-    "weight_entropy": ("Weight entropy per layer", "bits", "weight_entropy_mean"),
-    "flip_ratio": ("Weight sign flip ratio per layer (since previous analysis)", "fraction",
-                   "flip_ratio_mean"),
-    "quant_error": ("Weight quantization error per layer", "relative L2",
+    "weight_entropy": ("Weight entropy per layer", "entropy of weight signs (bits)",
+                       "weight_entropy_mean"),
+    "flip_ratio": ("Weight sign flip ratio per layer (since previous analysis)",
+                   "fraction of signs flipped", "flip_ratio_mean"),
+    "quant_error": ("Weight quantization error per layer", "relative L2 error",
                     "quant_error_mean"),
-    "act_entropy": ("Activation entropy per layer", "bits", "act_entropy_mean"),
-    "ede_grad_scale_a": ("EDE gradient scale of activations per layer", "mean |dsign/dx|",
-                         "ede_grad_scale_a"),
+    "act_entropy": ("Activation entropy per layer", "entropy of input signs (bits)",
+                    "act_entropy_mean"),
+    "ede_grad_scale_a": ("EDE gradient scale of activations per layer",
+                         "mean |dEDE/dx| (gradient factor)", "ede_grad_scale_a"),
 }
+# How many layers a per-layer figure names (those farthest from the mean at the end).
+OUTLIER_LAYERS = 3
 
 
 def load_metrics(path: str | os.PathLike) -> tuple[Records, int]:
@@ -125,7 +133,19 @@ def _plot(ax, xs, ys, **kw) -> None:
   ax.plot(xs, ys, **kw)
 
 
-def _panel(ax, title: str, lines: Sequence[tuple[str, tuple[list, list]]],
+def _title(run: str | None, what: str) -> str:
+  return f"{run}: {what}" if run else what
+
+
+def _step_label(x: float, _pos=None) -> str:
+  """A step for a tick label: 2500 -> "2.5k", 156000 -> "156k", 2e6 -> "2M"."""
+  for div, unit in ((1e6, "M"), (1e3, "k")):
+    if abs(x) >= div:
+      return f"{x / div:.4g}{unit}"
+  return f"{x:.4g}"
+
+
+def _panel(ax, title: str, lines: Sequence[tuple[str, tuple[list, list]]], ylabel: str,
            legend: dict | None = None, log: bool = False) -> None:
   """One axes: ``(label, (steps, values))`` lines (empty ones skipped) against step;
   a log y axis if ``log`` and every value is positive; a legend if ``legend``
@@ -135,14 +155,34 @@ def _panel(ax, title: str, lines: Sequence[tuple[str, tuple[list, list]]],
       _plot(ax, xs, ys, label=label)
   if log and all(y > 0 for _, (_, ys) in lines for y in ys):
     ax.set_yscale("log")
+    ylabel += " (log scale)"
   ax.set_title(title)
   ax.set_xlabel("step")
+  ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
   if legend is not None:
     ax.legend(**legend)
 
 
+def _plain_ticks(fig) -> None:
+  """Tick labels that are the values themselves: no offset ("1e-5+9.999e-1") and no
+  "1e-5" multiplier above an axis, which a reader misses (log axes keep 10^k); steps
+  as 2.5k, 20k, 156k, which stay short."""
+  # pylint: disable-next=import-outside-toplevel
+  from matplotlib.ticker import FuncFormatter, MaxNLocator, ScalarFormatter
+  for ax in fig.axes:
+    if ax.get_xlabel() == "step":
+      ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+      ax.xaxis.set_major_formatter(FuncFormatter(_step_label))
+    for axis in (ax.xaxis, ax.yaxis):
+      formatter = axis.get_major_formatter()
+      if isinstance(formatter, ScalarFormatter):
+        formatter.set_useOffset(False)
+        formatter.set_scientific(False)
+
+
 def _save(fig, out_dir: Path, name: str) -> str:
+  _plain_ticks(fig)
   fig.tight_layout()
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=110)
@@ -152,77 +192,129 @@ def _save(fig, out_dir: Path, name: str) -> str:
   return name
 
 
-def plot_curves(records: Records, out_dir: Path) -> str | None:
-  """Loss, accuracy (train and test), learning rate and images/s vs step."""
-  panels = [("loss", "Loss", [("train", "loss"), ("test", "loss")]),
-            ("accuracy", "Accuracy", [("train", "accuracy"), ("test", "accuracy")]),
-            ("lr", "Learning rate", [("train", "lr")]),
-            ("images_per_sec", "Throughput (images/s)", [("train", "images_per_sec")])]
+def plot_curves(records: Records, out_dir: Path, run: str | None = None) -> str | None:
+  """Loss, accuracy (train and test), learning rate and images/s vs step; ``run``
+  (the run's name) goes into the title."""
+  panels = [("Loss", "cross-entropy (nats)", [("train", "loss"), ("test", "loss")]),
+            ("Accuracy", "accuracy (fraction correct)",
+             [("train", "accuracy"), ("test", "accuracy")]),
+            ("Learning rate", "learning rate", [("train", "lr")]),
+            ("Throughput", "images/s", [("train", "images_per_sec")])]
   panels = [p for p in panels if any(series(records, s, k)[0] for s, k in p[2])]
   if not panels:
     return None
   plt = _plt()
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-  for ax, (_, title, lines) in zip(axes[0], panels):
-    _panel(ax, title, [(split, series(records, split, key)) for split, key in lines],
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+  for ax, (title, ylabel, lines) in zip(axes[0], panels):
+    _panel(ax, title, [(split, series(records, split, key)) for split, key in lines], ylabel,
            legend={} if len(lines) > 1 else None)
+  fig.suptitle(_title(run, "Training curves"))
   return _save(fig, out_dir, "curves.png")
 
 
-def plot_ede(records: Records, out_dir: Path) -> str | None:
+def plot_ede(records: Records, out_dir: Path, run: str | None = None) -> str | None:
   """EDE t and k (log scale) and the EDE gradient scale of weights/activations."""
   t, k = series(records, "train", "ede_t"), series(records, "train", "ede_k")
   gw = series(records, "analysis", "ede_grad_scale_w")
   ga = series(records, "analysis", "ede_grad_scale_a")
   panels = []
   if t[0] or k[0]:
-    panels.append(("EDE parameters", [("t", t), ("k", k)], True))
+    panels.append(("EDE parameters", [("t", t), ("k", k)], "t, k", True))
   if gw[0] or ga[0]:
     panels.append(("EDE gradient scale (mean over layers)",
-                   [("weights", gw), ("activations", ga)], False))
+                   [("weights", gw), ("activations", ga)], "mean |dEDE/dx| (gradient factor)",
+                   False))
   if not panels:
     return None
   plt = _plt()
-  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False)
-  for ax, (title, lines, log) in zip(axes[0], panels):
-    _panel(ax, title, lines, legend={}, log=log)
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+  for ax, (title, lines, ylabel, log) in zip(axes[0], panels):
+    _panel(ax, title, lines, ylabel, legend={}, log=log)
+  fig.suptitle(_title(run, "Error Decay Estimator"))
   return _save(fig, out_dir, "ede.png")
 
 
-def plot_layer_family(records: Records, family: str, out_dir: Path) -> str | None:
-  """One line per layer of ``family/<layer>``, colored by depth, and the mean if logged."""
+def layer_spread(records: Records, family: str) -> tuple[list, list, list, list]:
+  """(steps, mean, min, max) over the layers of ``family/<layer>`` at each analysis step
+  that has any."""
+  prefix = family + "/"
+  steps, mean, lo, hi = [], [], [], []
+  for rec in records.get("analysis", []):
+    values = [float(v) for k, v in rec.items() if k.startswith(prefix)
+              and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if values:
+      steps.append(rec["step"])
+      mean.append(sum(values) / len(values))
+      lo.append(min(values))
+      hi.append(max(values))
+  return steps, mean, lo, hi
+
+
+def outlier_layers(records: Records, family: str, n: int = OUTLIER_LAYERS) -> list[str]:
+  """The (up to) ``n`` layers of ``family`` farthest from the mean over layers at their
+  last logged step, farthest first; layers on the mean are not outliers."""
+  steps, mean, _, _ = layer_spread(records, family)
+  mean_at = dict(zip(steps, mean))
+  distance = {}
+  for name in layer_names(records, family):
+    xs, ys = series(records, "analysis", f"{family}/{name}")
+    if xs:
+      m = mean_at[xs[-1]]
+      d = abs(ys[-1] - m)
+      if d > 1e-12 + 1e-9 * abs(m):
+        distance[name] = d
+  return sorted(distance, key=lambda name: -distance[name])[:n]
+
+
+def plot_layer_family(records: Records, family: str, out_dir: Path,
+                      run: str | None = None) -> str | None:
+  """``family/<layer>`` over training: the mean over layers (bold), the min-max band
+  over layers, and the layers farthest from the mean at the end (thin, named)."""
   names = layer_names(records, family)
   if not names:
     return None
   plt = _plt()
-  title, ylabel, mean_key = LAYER_FAMILIES.get(family, (family, "", f"{family}_mean"))
-  fig, ax = plt.subplots(figsize=(9, 4.2))
-  cmap = plt.get_cmap("viridis")
-  for i, name in enumerate(names):
+  title, ylabel, _ = LAYER_FAMILIES.get(family, (family, family, f"{family}_mean"))
+  fig, ax = plt.subplots(figsize=(9.5, 4.2))
+  steps, mean, lo, hi = layer_spread(records, family)
+  n = len(names)
+  layers = f"{n} layer" + ("s" if n > 1 else "")
+  band = ax.fill_between(steps, lo, hi, color="0.6", alpha=0.3, lw=0,
+                         label=f"min-max of {layers}")
+  _plot(ax, steps, mean, color="black", lw=2.5, label=f"mean of {layers}", zorder=3)
+  handles = [ax.get_lines()[-1], band]
+  outliers = outlier_layers(records, family)
+  if outliers:
+    from matplotlib.patches import Patch  # pylint: disable=import-outside-toplevel
+    # A legend row without a symbol, heading the named layers.
+    handles.append(Patch(visible=False, label="farthest from the mean\nat the last step:"))
+  for i, name in enumerate(outliers):
     xs, ys = series(records, "analysis", f"{family}/{name}")
-    _plot(ax, xs, ys, color=cmap(i / max(len(names) - 1, 1)), lw=1, label=name)
-  xs, ys = series(records, "analysis", mean_key)
-  if xs:
-    _plot(ax, xs, ys, color="red", lw=2.2, ls="--", label="mean")
-  ax.set_title(title)
+    _plot(ax, xs, ys, color=f"C{i + 1}", lw=1.2, ms=2.5, label=name, zorder=2)
+    handles.append(ax.get_lines()[-1])
+  ax.set_title(_title(run, title))
   ax.set_xlabel("step")
   ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=6, ncol=1 + len(names) // 20, loc="center left",
-            bbox_to_anchor=(1.01, 0.5))
+  ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
   return _save(fig, out_dir, f"{family}.png")
 
 
-COMPARE_PANELS = [("test", "accuracy", "Test accuracy"), ("train", "loss", "Train loss"),
-                  ("train", "accuracy", "Train accuracy"), ("test", "loss", "Test loss"),
-                  ("analysis", "weight_entropy_mean", "Mean weight entropy (bits)"),
-                  ("analysis", "flip_ratio_mean", "Mean flip ratio"),
-                  ("analysis", "act_entropy_mean", "Mean activation entropy (bits)"),
-                  ("train", "lr", "Learning rate")]
+# (split, key, panel title, y label).
+COMPARE_PANELS = [
+    ("test", "accuracy", "Test accuracy", "accuracy (fraction correct)"),
+    ("train", "loss", "Train loss", "cross-entropy (nats)"),
+    ("train", "accuracy", "Train accuracy", "accuracy (fraction correct)"),
+    ("test", "loss", "Test loss", "cross-entropy (nats)"),
+    ("analysis", "weight_entropy_mean", "Mean weight entropy", "entropy (bits)"),
+    ("analysis", "flip_ratio_mean", "Mean flip ratio", "fraction of signs flipped"),
+    ("analysis", "act_entropy_mean", "Mean activation entropy", "entropy (bits)"),
+    ("train", "lr", "Learning rate", "learning rate")]
 
 
 def plot_compare(runs: Sequence[tuple[str, Records]], out_dir: Path) -> str | None:
-  """The main curves of several runs, one panel per metric, runs overlaid."""
+  """The main curves of several ``(name, records)`` runs, one panel per metric, runs
+  overlaid; the title names the runs."""
   panels = [p for p in COMPARE_PANELS
             if any(series(r, p[0], p[1])[0] for _, r in runs)]
   if not panels:
@@ -230,12 +322,13 @@ def plot_compare(runs: Sequence[tuple[str, Records]], out_dir: Path) -> str | No
   plt = _plt()
   cols = min(4, len(panels))
   rows = math.ceil(len(panels) / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
-  for ax, (split, key, title) in zip(axes.ravel(), panels):
-    _panel(ax, title, [(label, series(recs, split, key)) for label, recs in runs],
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows + 0.4), squeeze=False)
+  for ax, (split, key, title, ylabel) in zip(axes.ravel(), panels):
+    _panel(ax, title, [(label, series(recs, split, key)) for label, recs in runs], ylabel,
            legend={"fontsize": 7})
   for ax in axes.ravel()[len(panels):]:
     ax.axis("off")
+  fig.suptitle(" vs ".join(name for name, _ in runs))
   return _save(fig, out_dir, "compare.png")
 
 
@@ -322,6 +415,13 @@ def write_report(workdir: str | os.PathLike, compare: str | os.PathLike | None =
   exist or ``workdir/metrics.jsonl`` is missing, unless the workdir has results without
   a training log (``eval_metrics.json`` of ``python -m irnet_jax.evaluate``, e.g. on a
   workdir of ``irnet_jax.convert``)."""
+  return write_report_files(workdir, compare, out_dir)[-1]
+
+
+def write_report_files(workdir: str | os.PathLike, compare: str | os.PathLike | None = None,
+                       out_dir: str | os.PathLike | None = None) -> list[Path]:
+  """:func:`write_report`, returning the path of every file it wrote: the figures in
+  the order written, then ``report.md``."""
   workdir = Path(workdir)
   if not workdir.is_dir():
     raise workdir_lib.WorkdirError(f"--workdir={workdir} is not a directory; give the "
@@ -349,6 +449,7 @@ def write_report(workdir: str | os.PathLike, compare: str | os.PathLike | None =
       notes.append(f"No '{split}' records in metrics.jsonl.")
 
   figures: list[tuple[str, str]] = []
+  run = workdir.name
 
   def add(title: str, name: str | None, why_missing: str) -> None:
     if name:
@@ -356,11 +457,11 @@ def write_report(workdir: str | os.PathLike, compare: str | os.PathLike | None =
     else:
       notes.append(f"Skipped '{title}': {why_missing}.")
 
-  add("Training curves", plot_curves(records, out), "no loss/accuracy/lr values")
-  add("Error Decay Estimator", plot_ede(records, out),
+  add("Training curves", plot_curves(records, out, run), "no loss/accuracy/lr values")
+  add("Error Decay Estimator", plot_ede(records, out, run),
       "no ede_t/ede_k (train) or ede_grad_scale_* (analysis) values")
   for family, (title, _, _) in LAYER_FAMILIES.items():
-    add(title, plot_layer_family(records, family, out),
+    add(title, plot_layer_family(records, family, out, run),
         f"no '{family}/<layer>' keys in the analysis split")
 
   lines = [f"# Training report: `{workdir.name}`", "", f"Run directory: `{workdir}`", ""]
@@ -424,25 +525,34 @@ def write_report(workdir: str | os.PathLike, compare: str | os.PathLike | None =
     lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
   report = out / "report.md"
   workdir_lib.write_atomic(str(report), "\n".join(lines))
-  return report
+  return [out / name for _, name in figures] + [report]
 
 
 def define_flags() -> None:
   # pylint: disable-next=import-outside-toplevel
   from absl import flags  # Imported here: only the command line needs absl.
   flags.DEFINE_string("workdir", None, "Run directory containing metrics.jsonl.")
-  flags.DEFINE_string("compare", None, "Optional second run directory to compare with.")
-  flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/report).")
+  flags.DEFINE_string("compare", None, "Optional second run directory to compare with: "
+                      "adds compare.png (both runs on the same axes) and its column to "
+                      "report.md's tables.")
+  files = ", ".join(["report.md", "curves.png", "ede.png",
+                     *[f"{family}.png" for family in LAYER_FAMILIES]])
+  flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/report). report "
+                      f"writes {files} and, with --compare, compare.png there (a figure "
+                      "without values is left out, and report.md says why), and prints "
+                      "the path of each.")
   flags.mark_flag_as_required("workdir")
 
 
 def main(argv: Sequence[str]) -> None:
-  """Writes the report of ``--workdir`` and prints where."""
+  """Writes the report of ``--workdir`` and prints the full path of every file written,
+  one per line."""
   del argv  # cli.run refuses positional arguments.
   # pylint: disable-next=import-outside-toplevel
   from absl import flags
   f = flags.FLAGS
-  print(f"wrote {write_report(f.workdir, f.compare, f.out)}")
+  for path in write_report_files(f.workdir, f.compare, f.out):
+    print(os.path.abspath(path))
 
 
 if __name__ == "__main__":
@@ -451,5 +561,6 @@ if __name__ == "__main__":
   cli.run(main, define_flags)
 
 
-__all__ = ["write_report", "load_metrics", "series", "layer_names", "headline", "plot_curves",
-           "plot_ede", "plot_layer_family", "plot_compare"]
+__all__ = ["write_report", "write_report_files", "load_metrics", "series", "layer_names",
+           "layer_spread", "outlier_layers", "headline", "plot_curves", "plot_ede",
+           "plot_layer_family", "plot_compare"]

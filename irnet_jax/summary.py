@@ -14,8 +14,9 @@ Conventions:
 * **Binary MACs** are those with *both* operands binary (XNOR + popcount): convs
   with binary weights *and* binary activations. A 1w32a conv (binary weights,
   float activations) counts as float MACs, as do the FP first conv, 1x1 shortcuts
-  and the last dense. Conv MACs per image: ``H_out * W_out * k * k * in * out``;
-  dense: ``in * out``. BN, pooling and the shortcuts' adds are not counted.
+  and the last dense. Conv MACs per image: ``H_out * W_out * kh * kw * in / groups *
+  out`` (one per kernel entry and output position); dense: ``in * out``. BN, pooling
+  and the shortcuts' adds are not counted.
 * **Memory**: "float32" stores every parameter and BN running statistic in 4 bytes;
   "packed" stores 1-bit params in 1 bit (``n / 8`` bytes), the rest in 4 bytes.
   KiB/MiB are 1024-based.

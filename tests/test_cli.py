@@ -165,6 +165,11 @@ def test_help_lists_the_flags_and_exits_0(runs, tool):
   flag = TOOLS[tool][0]
   assert re.search(rf"^  --{flag}: \S", proc.stdout, re.M), proc.stdout[-3000:]
   assert "--[no]debug: Show the traceback" in proc.stdout
+  # Plain text: no reST markup, and no library documentation before the usage.
+  assert "``" not in proc.stdout and not re.search(r":(func|mod|class|data):`", proc.stdout)
+  assert f"python -m {tool}" in proc.stdout.split("flags:")[0], proc.stdout[:2000]
+  if tool == "irnet_jax.main":
+    assert "--print-config" in proc.stdout
   if tool in ("irnet_jax.main", "irnet_jax.convert", "irnet_jax.summary",
               "irnet_jax.evaluate"):
     assert re.search(r"^  --config: \S", proc.stdout, re.M)
@@ -251,3 +256,19 @@ def test_a_full_disk_reported_by_a_library_is_one_line_with_the_hint(capsys):
     cli._one_line_once(RuntimeError, RuntimeError("Event loop is closed"), None)
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "warning: RuntimeError: Event loop is closed" in err
+
+
+def test_one_command_runs_every_tool(repo_root, tmp_path):
+  # `irnet-jax COMMAND` (the console script) is `python -m irnet_jax COMMAND`.
+  def run(*args):
+    return subprocess.run([sys.executable, "-m", "irnet_jax", *args], cwd=repo_root,
+                          capture_output=True, text=True, timeout=120)
+
+  listing = run("--help")
+  assert listing.returncode == 0
+  for command in ("train", "evaluate", "convert", "export", "report", "summary"):
+    assert f"irnet-jax {command} " in listing.stdout
+  typo = run("trian", "--config=quickstart")
+  assert typo.returncode == 1 and "did you mean train?" in typo.stderr
+  report = run("report", f"--workdir={tmp_path}")  # The tool itself answers.
+  assert report.returncode == 1 and "has no metrics.jsonl" in report.stderr

@@ -135,6 +135,9 @@ def test_wheel_metadata_and_contents(wheel):
   assert "irnet_jax/configs/cifar10_resnet20.py" in names
   assert "irnet_jax/kernels/csrc/binary_conv.cc" in names
   assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)
+  with zipfile.ZipFile(wheel) as z:
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert "irnet-jax = irnet_jax.__main__:main" in z.read(entry_points).decode()
 
 
 @pytest.mark.slow
