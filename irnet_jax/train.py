@@ -468,6 +468,40 @@ class _Profiler:
       log.info("profile of steps %d-%d written to %s", *self.span, self.logdir)
 
 
+class _Progress:
+  """The progress bar (tqdm): it starts once the first call, which compiles, is done
+  (compilation time shown apart, never as step 1's), and its rate and ETA are those of
+  training: time spent evaluating, analysing and checkpointing is taken out."""
+
+  def __init__(self, total: int, enabled: bool, desc: str):
+    self.total, self.enabled, self.desc = total, enabled, desc
+    self.bar: tqdm | None = None
+
+  def start(self, done: int, compile_seconds: float) -> None:
+    # smoothing=0: the rate is (steps since start) / (time since start), which
+    # exclude() corrects; an exponential average would jump after each evaluation.
+    self.bar = tqdm(total=self.total, initial=done, unit="step", dynamic_ncols=True,
+                    disable=not self.enabled, desc=self.desc, smoothing=0)
+    self.bar.set_postfix(compile=f"{compile_seconds:.1f}s")
+
+  def update(self, steps: int) -> None:
+    if self.bar is not None:
+      self.bar.update(steps)
+
+  def exclude(self, seconds: float) -> None:
+    """Takes ``seconds`` of work other than training out of the rate."""
+    if self.bar is not None:
+      self.bar.start_t += seconds
+
+  def postfix(self, **values: str) -> None:
+    if self.bar is not None:
+      self.bar.set_postfix(**values)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
 class _Loop:
   """The host side of the training loop: dispatch calls of K steps, log the previous
   call's metrics (never block on the call just dispatched), checkpoint, evaluate,
@@ -513,9 +547,7 @@ class _Loop:
     Raises :class:`preemption.Preempted` after checkpointing when ``stop`` says so."""
     c, plan = self.c, self.plan
     feed = _resident_calls if self.setup.resident is not None else _host_calls
-    bar = tqdm(total=plan.total_steps, initial=self.start_step, unit="step",
-               dynamic_ncols=True, disable=not (self.writer.enabled and c.progress_bar),
-               desc=c.model.name)
+    bar = _Progress(plan.total_steps, self.writer.enabled and c.progress_bar, c.model.name)
     done, first = self.start_step, True
     try:
       for index, call in enumerate(feed(c, self.setup, self.start_step, plan.total_steps)):
@@ -529,7 +561,9 @@ class _Loop:
           self.drain()
           self.compile_seconds, first = time.perf_counter() - started, False
           self.interval.restart_clock()
-        bar.update(call.steps)
+          bar.start(done, self.compile_seconds)
+        else:
+          bar.update(call.steps)
         self.profiler.after(done, state)
         self.after_call(done, state, call, bar)
         if step_hook is not None:
@@ -563,7 +597,7 @@ class _Loop:
     self.writer.sync()
     self.ckpt.save(done, state[0], state[1], self.meta(done), signs=self.prev_signs)
 
-  def after_call(self, done: int, state: nnx.State, call: Call, bar: tqdm) -> None:
+  def after_call(self, done: int, state: nnx.State, call: Call, bar: _Progress) -> None:
     """Logging, evaluation, diagnostics, then the checkpoint due after step ``done``
     (every cadence is a multiple of the steps per call, see config.validate)."""
     c, plan, last = self.c, self.plan, done == self.plan.total_steps
@@ -574,21 +608,27 @@ class _Loop:
         record["compile_seconds"] = self.compile_seconds
         self.compile_seconds = None
       self.writer.write(dict(step=done, split="train", **record))
-      bar.set_postfix(loss=f"{record['loss']:.3f}",
-                      img_s=f"{record.get('images_per_sec', 0):.0f}")
+      bar.postfix(loss=f"{record['loss']:.3f}", img_s=f"{record.get('images_per_sec', 0):.0f}")
       self.interval.reset()
-    if done % plan.eval_every == 0 or last:
-      self.drain()
+    evaluate = done % plan.eval_every == 0 or last
+    analyse = c.analysis_every_steps > 0 and done % c.analysis_every_steps == 0
+    checkpoint = done % c.checkpoint_every_steps == 0 or last
+    if not (evaluate or analyse or checkpoint):
+      return  # Nothing to wait for: the next call is dispatched at once.
+    self.drain()  # The step's own compute: before the clock of the work below starts.
+    started = time.perf_counter()
+    if evaluate:
       result = evaluate_setup(self.setup, state[0], c)
       self.writer.write(dict(step=done, split="test", loss=result["loss"],
                              accuracy=result["accuracy"]))
       self.interval.restart_clock()  # Keep eval time out of the training throughput.
-    if c.analysis_every_steps > 0 and done % c.analysis_every_steps == 0:
+    if analyse:
       diag, self.prev_signs = self.setup.diagnose(state[0], jnp.asarray(done),
                                                   self.prev_signs, call.probe())
       self.writer.write(dict(step=done, split="analysis", **diagnostics.to_floats(diag)))
-    if done % c.checkpoint_every_steps == 0 or last:
+    if checkpoint:
       self.save(done, state)
+    bar.exclude(time.perf_counter() - started)
 
 
 def final_report(plan: Plan, setup: Setup, state: nnx.State, train_seconds: float,

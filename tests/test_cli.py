@@ -121,7 +121,8 @@ def _failure_cases(tmp, npz, tiny_config):
       "report_no_metrics": (
           ["irnet_jax.report", f"--workdir={empty}"], {}, "has no metrics.jsonl"),
       "summary_unknown_model": (
-          ["irnet_jax.summary", "--model=resnet99"], {}, "unknown model 'resnet99'"),
+          ["irnet_jax.summary", "--model=resnet99"], {},
+          r"unknown model 'resnet99'; did you mean .*package.module:factory"),
       "main_cadence_not_a_multiple_of_the_call": (
           ["irnet_jax.main", "--config=quickstart", f"--workdir={tmp / 'cadence_run'}",
            "--config.steps_per_call=8"], {},

@@ -334,3 +334,32 @@ def test_profile_span_inside_one_call_traces_that_call(tmp_path, monkeypatch):
     profiler.before(step, 13)
     profiler.after(step + 13, None)
   assert started == [str(tmp_path / "tensorboard"), "stop"]
+
+
+def test_progress_bar_starts_after_compilation_and_rates_training_only(
+    toy_npz, tmp_path, tiny_config, monkeypatch):
+  bars = []
+
+  class Bar:  # Records what tqdm is asked (its own output is not what is tested).
+    def __init__(self, **kwargs):
+      self.kwargs, self.n, self.start_t, self.postfixes = kwargs, kwargs["initial"], 0.0, []
+      bars.append(self)
+
+    def update(self, n):
+      self.n += n
+
+    def set_postfix(self, **values):
+      self.postfixes.append(values)
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(train, "tqdm", Bar)
+  train.train_and_evaluate(tiny_config(toy_npz, progress_bar=True, eval_every_steps=2),
+                           str(tmp_path))
+  (bar,) = bars
+  # Created after the first call (which compiles): step 1 is never the compile's.
+  assert bar.kwargs["initial"] == 1 and bar.kwargs["smoothing"] == 0 and bar.n == 6
+  assert "compile" in bar.postfixes[0]
+  # Evaluations and checkpoints (every 2 steps) were taken out of the rate's clock.
+  assert bar.start_t > 0

@@ -25,6 +25,7 @@ nothing from a model: it traces the forward (:mod:`irnet_jax.export.trace`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 from typing import Callable, Sequence
 
@@ -82,7 +83,12 @@ FAMILIES: tuple[type[nnx.Module], ...] = tuple(dict.fromkeys(s.family for s in _
 def spec(name: str) -> ModelSpec:
   """The registry entry of ``name``; a ValueError listing the names if unknown."""
   if name not in REGISTRY:
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(REGISTRY)}")
+    near = difflib.get_close_matches(name, list(REGISTRY), n=1)
+    raise ValueError(f"unknown model {name!r}" + (f"; did you mean {near[0]!r}?" if near
+                                                   else "")
+                     + f" The registry has {sorted(REGISTRY)}; a network of your own is "
+                     "named \"package.module:factory\" (factory(rngs=..., num_classes=..., "
+                     "**model.kwargs) returns an nnx.Module; docs/binarize.md).")
   return REGISTRY[name]
 
 
