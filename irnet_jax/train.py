@@ -478,10 +478,12 @@ class _Progress:
     self.bar: tqdm | None = None
 
   def start(self, done: int, compile_seconds: float) -> None:
+    if not self.enabled:  # (A disabled tqdm has no clock to correct.)
+      return
     # smoothing=0: the rate is (steps since start) / (time since start), which
     # exclude() corrects; an exponential average would jump after each evaluation.
     self.bar = tqdm(total=self.total, initial=done, unit="step", dynamic_ncols=True,
-                    disable=not self.enabled, desc=self.desc, smoothing=0)
+                    desc=self.desc, smoothing=0)
     self.bar.set_postfix(compile=f"{compile_seconds:.1f}s")
 
   def update(self, steps: int) -> None:
