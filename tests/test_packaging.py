@@ -86,6 +86,19 @@ def test_a_tool_without_its_extra_says_which_to_install(tool, extra, argv, tmp_p
   assert sorted(os.listdir(tmp_path / "run")) == ["metrics.jsonl"]
 
 
+@pytest.mark.parametrize("tool,argv", [
+    ("irnet_jax.summary", ["--model=resnet20", "--image_size=8"]),
+    ("irnet_jax.export", ["--help"]),
+], ids=["summary", "export"])
+def test_the_core_tools_run_without_any_extra(tool, argv):
+  code = (_BLOCKER.format(hidden=NOT_IN_TRAIN + TRAIN) + "\nimport runpy\n"
+          f"sys.argv = [{tool!r}] + {argv!r}\n"
+          f"runpy.run_module({tool!r}, run_name='__main__', alter_sys=True)\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
 def _build_wheel(tmp_path: pathlib.Path) -> pathlib.Path:
   """The wheel of a copy of the sources (setuptools writes build/ and egg-info beside
   them, which the checkout should not get)."""
