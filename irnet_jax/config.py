@@ -18,6 +18,7 @@ import ml_collections
 from flax import nnx
 
 from irnet_jax import binarize, kernels, methods, models, ops
+from irnet_jax import workdir as workdir_lib
 
 OPTIMIZERS = ("sgd", "nesterov", "adam")
 SCHEDULES = ("cosine_epoch", "cosine", "warmup_multistep", "constant")
@@ -205,21 +206,9 @@ _RANGES = {
 }
 
 
-def _fields(c: Any, prefix: str = "") -> dict[str, Any]:
-  """``{'optimizer.learning_rate': 0.1, ...}``: the leaves of a (nested) config."""
-  out = {}
-  for key in c.keys():
-    value = c[key]
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      out.update(_fields(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def field_names() -> list[str]:
   """Every field of :func:`base_config`, dotted (``optimizer.learning_rate``)."""
-  return list(_fields(base_config()))
+  return list(workdir_lib.flatten(base_config()))
 
 
 def field_help() -> dict[str, str]:
@@ -249,7 +238,7 @@ def field_help() -> dict[str, str]:
 def describe(c: ml_collections.ConfigDict) -> str:
   """Every field of ``c`` as ``--config.FIELD=VALUE  meaning`` lines, by section."""
   meanings, lines, section = field_help(), [], None
-  fields = sorted(_fields(c).items(), key=lambda kv: ("." in kv[0], kv[0]))
+  fields = sorted(workdir_lib.flatten(c).items(), key=lambda kv: ("." in kv[0], kv[0]))
   for field, value in fields:
     head = field.rpartition(".")[0]
     if head != section:
@@ -322,14 +311,14 @@ def _type_name(default: Any) -> str:
 def check_fields(c: ml_collections.ConfigDict) -> None:
   """Raises :class:`ConfigError` unless every field of ``c`` is one of
   :func:`base_config`'s, of its type, and finite (the first part of :func:`validate`)."""
-  schema = _fields(base_config())
+  schema = workdir_lib.flatten(base_config())
   sections = {k.rpartition(".")[0] for k in schema} - {""}
   for key in c.keys():  # A section replaced by a value (c.optimizer = 0.1).
     if key in sections and not isinstance(c[key], (ml_collections.ConfigDict, dict)):
       raise ConfigError(f"config.{key}={c[key]!r} replaces the whole section config.{key}; "
                         f"set one of its fields instead (e.g. config.{key}."
                         f"{next(k for k in schema if k.startswith(key + '.')).split('.')[1]}).")
-  for field, value in _fields(c).items():
+  for field, value in workdir_lib.flatten(c).items():
     if field.startswith("model.kwargs."):  # The user's factory checks its own arguments.
       continue
     if field not in schema:
@@ -346,7 +335,7 @@ def check_fields(c: ml_collections.ConfigDict) -> None:
 
 
 def _check_ranges(c: ml_collections.ConfigDict) -> None:
-  fields = _fields(c)
+  fields = workdir_lib.flatten(c)
   for field, (low, high, meaning) in _RANGES.items():
     if field not in fields:
       continue
@@ -354,7 +343,7 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
     if value < low or (high is not None and value > high):
       allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
       raise ConfigError(f"config.{field}={value!r} must be {allowed} ({meaning}); e.g. "
-                        f"--config.{field}={_fields(base_config())[field]!r}.")
+                        f"--config.{field}={workdir_lib.flatten(base_config())[field]!r}.")
   if fields.get("optimizer.momentum", 0) >= 1:
     raise ConfigError(f"config.optimizer.momentum={fields['optimizer.momentum']!r} must be "
                       "< 1 (1 never forgets a gradient); e.g. 0.9.")

@@ -344,16 +344,6 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def headline(records: Records) -> dict[str, Any]:
   """Key numbers of a run: final/best test accuracy, final losses, EDE, entropy."""
   out: dict[str, Any] = {}
@@ -405,7 +395,7 @@ def _read_final(workdir: Path, name: str = "final_metrics.json") -> dict[str, An
     data = json.loads(path.read_text(encoding="utf-8"))
   except (json.JSONDecodeError, OSError):
     return None
-  return _flatten(data) if isinstance(data, dict) else None
+  return workdir_lib.flatten(data) if isinstance(data, dict) else None
 
 
 def write_report(workdir: str | os.PathLike, compare: str | os.PathLike | None = None,

@@ -59,21 +59,10 @@ RESUMABLE_FIELDS = (
 RESOLVED_FIELDS = ("steps_per_call_mode",)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
 def run_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """``{'model.name': 'resnet20', ...}``: every field of ``config`` (num_classes
   resolved) except :data:`RESUMABLE_FIELDS`, with JSON values (tuples as lists)."""
-  flat = _flatten(json.loads(config.to_json()))
+  flat = workdir_lib.flatten(json.loads(config.to_json()))
   return {k: v for k, v in sorted(flat.items()) if k not in RESUMABLE_FIELDS}
 
 

@@ -259,6 +259,20 @@ def _default_mode() -> int:
 _FILE_MODE = _default_mode()
 
 
+def flatten(nested: Any, prefix: str = "") -> dict[str, Any]:
+  """``{"optimizer.learning_rate": 0.1, ...}``: the leaves of nested dicts (or
+  ConfigDicts) under dotted keys, in the nested order. (Here, beside the workdir's
+  JSON files it reads, because this module needs only the standard library.)"""
+  out = {}
+  for key in nested.keys():
+    value = nested[key]
+    if isinstance(value, dict) or hasattr(value, "to_dict"):  # dict or ConfigDict
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
 def write_atomic(path: str, data: str | bytes) -> None:
   """Writes ``data`` to ``path`` so that readers see the old file or the new one.
 
