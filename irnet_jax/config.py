@@ -72,15 +72,17 @@ def base_config() -> ml_collections.ConfigDict:
                                   # imagenet2012), else "test".
   c.dataset.train_list = ""       # filelist: "relative/path label" lines (train_source).
   c.dataset.test_list = ""        # filelist: the same for evaluation (val_source).
-  c.dataset.train_root = ""       # filelist: root of train_list's paths; "" = path.
-  c.dataset.test_root = ""        # filelist: root of test_list's paths; "" = path.
+  c.dataset.train_root = ""       # filelist: root of train_list's paths ("" = path);
+                                  # imagefolder: the train split's folder itself.
+  c.dataset.test_root = ""        # filelist: root of test_list's paths ("" = path);
+                                  # imagefolder: the test split's folder itself.
   c.dataset.augment = "cifar"     # cifar (pad-4 crop + flip) | shift | imagenet | none.
   c.dataset.image_size = 32       # Model input side in pixels.
   c.dataset.mean = IMAGENET_MEAN  # The official CIFAR code normalizes with these too.
   c.dataset.std = IMAGENET_STD    # Per-channel std of the normalization (0-1 pixels).
   c.dataset.num_threads = 2         # In-process reader threads (num_workers=0).
-  c.dataset.num_workers = -1        # Worker processes; -1: usable CPUs for augment=imagenet,
-                                    # 0 (threads) for the small-image recipes.
+  c.dataset.num_workers = -1        # Worker processes; -1: usable CPUs for augment=imagenet
+                                    # on images over 64 px, else 0 (threads).
   c.dataset.prefetch_mb = 1024      # Host prefetch budget (uint8 batches; >= 1 per worker).
   c.dataset.color_jitter_on = "device"  # imagenet recipe: "device" (in the step) or "host".
   c.dataset.jpeg_draft = True       # Reduced-DCT JPEG decode where the crop stays >= 224

@@ -15,8 +15,9 @@ or a dict) with the fields:
 * ``train_split`` / ``test_split``: ImageFolder folder or TFDS split names
   (defaults ``"train"``; ``"val"`` for imagefolder, ``"validation"`` for tfds
   imagenet2012, else ``"test"``).
-* ``train_list`` / ``test_list``, ``train_root`` / ``test_root``: list files of
-  ``relative/path label`` lines and the folders their paths are relative to.
+* ``train_list`` / ``test_list``: list files of ``relative/path label`` lines;
+  ``train_root`` / ``test_root``: the folders their paths are relative to, or for
+  imagefolder the two split folders themselves (in place of ``path``).
 * ``skip_bad_files``: replace undecodable image files instead of failing.
 * ``augment``: ``"cifar" | "imagenet" | "shift" | "none"``.
 * ``image_size``: side of the model input in pixels (32 / 224 / 16).
@@ -24,7 +25,8 @@ or a dict) with the fields:
   the jitted step feeds the model float32 ``(x / 255 - mean) / std``
   (``irnet_jax.data.device.model_input``).
 * ``num_workers``: grain worker processes (-1: every usable CPU for the
-  "imagenet" recipe, in-process threads for the others); ``num_threads``:
+  "imagenet" recipe on stored images larger than 64 pixels, in-process threads
+  otherwise); ``num_threads``:
   in-process reader threads (default 2); ``prefetch_mb``: prefetch budget.
 * ``color_jitter_on``: ``"device"`` (default) or ``"host"``; ``jpeg_draft``:
   decode JPEGs at a reduced DCT scale when the crop allows.

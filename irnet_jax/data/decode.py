@@ -123,6 +123,25 @@ def decode_image(data: bytes, path: str = "<bytes>",
     raise BadImageError(path, pil_error_reason(e)) from e
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+  """``(height, width)`` of an image file from its header (no pixel decoding).
+
+  Raises:
+    BadImageError: unreadable, or not an image of :data:`PIL_FORMATS`.
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, "rb") as f, Image.open(f, formats=pil_formats()) as img:
+      width, height = img.size
+  except OSError as e:
+    if isinstance(e, Image.UnidentifiedImageError):
+      raise BadImageError(path, pil_error_reason(e)) from e
+    raise BadImageError(path, f"{type(e).__name__}: {e.strerror or e}") from e
+  except (ValueError, SyntaxError) as e:
+    raise BadImageError(path, pil_error_reason(e)) from e
+  return int(height), int(width)
+
+
 def load_image(path: str | os.PathLike,
                draft_to: tuple[int, int] | None = None) -> np.ndarray:
   """:func:`read_file` then :func:`decode_image`; uint8 ``(H, W, 3)`` RGB."""

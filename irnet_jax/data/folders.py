@@ -92,6 +92,22 @@ class FileIndex:
   def relpaths(self) -> list[str]:
     return _decode_names(self.blob, self.offsets)
 
+  def sample_sizes(self, limit: int = 256) -> list[tuple[tuple[int, int], str]]:
+    """``((height, width), path)`` of up to ``limit`` files spread evenly over the
+    index (the first and the last included), read from their headers only (~15 us a
+    file from the page cache). Files that cannot be read are left out: they fail, or
+    are replaced (``dataset.skip_bad_files``), when decoded.
+    """
+    n = len(self)
+    picks = sorted(set(np.linspace(0, n - 1, min(n, limit)).round().astype(int)))
+    found = []
+    for i in picks:
+      try:
+        found.append((decode.image_size(self.path(i)), self.path(i)))
+      except decode.BadImageError:
+        continue
+    return found
+
 
 class FileSource:
   """Random-access source over image files: ``source[i] -> dict(image=uint8

@@ -19,9 +19,12 @@ processes or threads, or on ``num_steps``, so
 * batches may straddle epochs; nothing is dropped except the unused tail.
 
 Speed: :func:`train_iterator` builds batches in grain worker processes
-(``dataset.num_workers``), each decoding and augmenting whole batches (image
-files are cropped from their header size before decoding, optionally at a
-reduced JPEG scale: ``dataset.jpeg_draft``). Batches stay uint8 NHWC up to the
+(``dataset.num_workers``; by default only for the "imagenet" recipe on images
+larger than :data:`SMALL_IMAGE_SIDE`), each decoding and augmenting whole batches
+(image files are cropped from their header size before decoding, optionally at a
+reduced JPEG scale: ``dataset.jpeg_draft``). Its :class:`BatchIterator` joins the
+workers and frees their shared memory after the last batch, on ``close()``, or at
+exit. Batches stay uint8 NHWC up to the
 device; normalization, and by default the colour jitter, run inside the
 jitted step (:mod:`irnet_jax.data.device`).
 
@@ -30,11 +33,15 @@ order, padding the last global batch with ``mask=False`` entries.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
 import logging
 import math
 import os
+import sys
 import threading
+import weakref
 from typing import Any, Iterator, NamedTuple
 
 import grain
@@ -53,6 +60,9 @@ _SHUFFLE_TAG = 0x5F1
 _AUGMENT_TAG = 0xA06
 
 JITTER_PLACES = ("device", "host")
+# Stored images up to this side (pixels) decode in ~0.1-0.2 ms (a 64x64 PNG or
+# JPEG on one core of a Xeon): dataset.num_workers=-1 reads them in-process.
+SMALL_IMAGE_SIDE = 64
 # Undecodable files replaced in a row before giving up (skip_bad_files).
 _MAX_REPLACEMENTS = 100
 
@@ -98,21 +108,70 @@ def _check_cfg(ds_cfg: Any) -> tuple[sources.SourceInfo, str, int]:
     raise ValueError(f"ds_cfg.std={sources.cfg_get(ds_cfg, 'std')!r} must be "
                      f"positive.")
   color_jitter_on(ds_cfg)  # Validates ds_cfg.color_jitter_on,
-  loader_options(ds_cfg, 1)  # ... prefetch_mb.
+  _prefetch_megabytes(ds_cfg)  # ... and prefetch_mb.
   info = spec.inspect(ds_cfg)
   h, w = info.stored_shape[:2]
-  if augment != "imagenet":
+  if augment != "imagenet" and spec.files:
+    # Image files: inspect reads no sizes; their headers tell (a sample of them,
+    # and each image again when decoded: _check_stored_size).
+    _check_file_sizes(ds_cfg, name, augment, int(size))
+  elif augment != "imagenet":
     if h is None or w is None:
-      raise ValueError(f"{name} images vary in size, which augment="
-                       f"{augment!r} cannot handle. Set ds_cfg.augment="
-                       f"'imagenet' (random-resized-crop for training, resize + "
-                       f"centre crop for evaluation).")
+      raise ValueError(f"{name} images vary in size, which --config.dataset."
+                       f"augment={augment} cannot handle. Set --config.dataset."
+                       f"augment=imagenet (random-resized-crop for training, "
+                       f"resize + centre crop for evaluation).")
     if (h, w) != (size, size):
       raise ValueError(f"{name} images are {h}x{w} but ds_cfg.image_size={size} "
                        f"and augment={augment!r} does not resize. Set "
                        f"ds_cfg.image_size={h} (square images) or augment="
                        f"'imagenet'.")
   return info, augment, int(size)
+
+
+def _resize_fix(augment: str) -> str:
+  return (f"--config.dataset.augment={augment} uses each stored image as it is "
+          f"(no resize)")
+
+
+def _check_file_sizes(ds_cfg: Any, name: str, augment: str, size: int) -> None:
+  """Image files with a recipe that does not resize ("cifar", "shift", "none"):
+  the sampled files (:meth:`folders.FileIndex.sample_sizes`, both splits) must all
+  be ``size`` x ``size``."""
+  train, test = sources.get_sources(ds_cfg)
+  first: dict[tuple[int, int], str] = {}
+  for hw, path in train.index.sample_sizes() + test.index.sample_sizes():
+    first.setdefault(hw, path)
+  if len(first) > 1:
+    shown = "; ".join(f"{path} is {h}x{w}"
+                      for (h, w), path in list(first.items())[:3])
+    raise ValueError(f"The {name} images vary in size ({shown}), but "
+                     f"{_resize_fix(augment)}, so every image must be "
+                     f"{size}x{size} (--config.dataset.image_size={size}). Resize "
+                     f"the files to one size, or set --config.dataset.augment="
+                     f"imagenet (random-resized crop for training, resize + centre "
+                     f"crop for evaluation).")
+  for (h, w), path in first.items():
+    if (h, w) != (size, size):
+      fix = (f"set --config.dataset.image_size={h}" if h == w else
+             f"resize the files to {size}x{size}")
+      raise ValueError(f"The {name} images are {h}x{w} (e.g. {path}) but "
+                       f"--config.dataset.image_size={size}, and "
+                       f"{_resize_fix(augment)}: {fix}, or set "
+                       f"--config.dataset.augment=imagenet (crops and resizes to "
+                       f"image_size).")
+
+
+def _check_stored_size(image: np.ndarray, path: str, size: int,
+                       augment: str) -> np.ndarray:
+  """A decoded file for a recipe that does not resize must be ``size`` square."""
+  if image.shape[:2] != (size, size):
+    raise ValueError(f"{path} is {image.shape[0]}x{image.shape[1]}, but "
+                     f"{_resize_fix(augment)} and the model input is {size}x{size} "
+                     f"(--config.dataset.image_size={size}; the files sampled "
+                     f"when the run started were). Resize or remove the file, or "
+                     f"set --config.dataset.augment=imagenet.")
+  return image
 
 
 def _check_sharding(global_batch_size: int, process_index: int,
@@ -235,7 +294,9 @@ class _TrainExample:
                                               self.draft)
       image = augment_lib.random_flip(image, rng)
     else:
-      image = self.transform(decode.decode_image(data, path), rng)
+      image = _check_stored_size(decode.decode_image(data, path), path,
+                                 self.size, self.augment)
+      image = self.transform(image, rng)
     return image, self.source.label(index)
 
   def __call__(self, position: int) -> dict[str, Any]:
@@ -298,13 +359,36 @@ def usable_cpus() -> int:
   return len(os.sched_getaffinity(0))
 
 
+def _prefetch_megabytes(ds_cfg: Any) -> float:
+  """``ds_cfg.prefetch_mb`` (default 1024), checked."""
+  megabytes = sources.cfg_get(ds_cfg, "prefetch_mb", 1024)
+  megabytes = 1024 if megabytes is None else megabytes
+  if megabytes <= 0:
+    raise ValueError(f"ds_cfg.prefetch_mb={megabytes} must be positive.")
+  return megabytes
+
+
+def _stored_side(ds_cfg: Any) -> float | None:
+  """The longer side of the stored images in pixels (image files: the median of
+  32 sampled headers), or None where they vary or are unknown (TFDS ImageNet)."""
+  spec = sources.source_spec(sources.cfg_get(ds_cfg, "name"))
+  if spec.files:
+    train, _ = sources.get_sources(ds_cfg)
+    sides = [max(hw) for hw, _ in train.index.sample_sizes(32)]
+    return float(np.median(sides)) if sides else None
+  h, w = spec.inspect(ds_cfg).stored_shape[:2]
+  return None if h is None or w is None else float(max(h, w))
+
+
 def loader_options(ds_cfg: Any, local_batch_size: int) -> dict[str, int]:
   """Keyword arguments of :func:`train_iterator` from the config.
 
   * ``num_workers``: ``ds_cfg.num_workers``; ``-1`` (default) means every
-    usable CPU for the "imagenet" recipe (JPEG decoding) and 0 (in-process
-    threads) for the small-image recipes, whose per-image work costs less
-    than shipping arrays to processes.
+    usable CPU for the "imagenet" recipe on images larger than
+    :data:`SMALL_IMAGE_SIDE` (JPEG decoding, resizing), else 0 (in-process
+    threads): the small-image recipes, and any recipe on small images, cost
+    ~0.1 ms an image, less than starting worker processes (~1-3 s a pool, one
+    per training and one per evaluation; docs/data.md, "Input pipeline").
   * ``num_threads``: ``ds_cfg.num_threads`` (in-process readers).
   * ``prefetch_batches``: ``ds_cfg.prefetch_mb`` (default 1024) of uint8
     batches of ``local_batch_size`` images, at least one per worker.
@@ -313,13 +397,12 @@ def loader_options(ds_cfg: Any, local_batch_size: int) -> dict[str, int]:
   workers = -1 if workers is None else int(workers)
   if workers < 0:
     imagenet = sources.cfg_get(ds_cfg, "augment", "none") == "imagenet"
-    workers = usable_cpus() if imagenet else 0
+    side = _stored_side(ds_cfg) if imagenet else None
+    large = side is None or side > SMALL_IMAGE_SIDE
+    workers = usable_cpus() if imagenet and large else 0
   size = int(sources.cfg_get(ds_cfg, "image_size"))
   batch_bytes = local_batch_size * size * size * 3
-  megabytes = sources.cfg_get(ds_cfg, "prefetch_mb", 1024)
-  megabytes = 1024 if megabytes is None else megabytes
-  if megabytes <= 0:
-    raise ValueError(f"ds_cfg.prefetch_mb={megabytes} must be positive.")
+  megabytes = _prefetch_megabytes(ds_cfg)
   prefetch = max(1, workers, int(megabytes * 2**20 // batch_bytes))
   threads = int(sources.cfg_get(ds_cfg, "num_threads", 2) or 0)
   return dict(num_workers=workers, num_threads=threads,
@@ -378,9 +461,116 @@ def train_dataset(ds_cfg: Any, global_batch_size: int, seed: int,
   return batches[process_index::process_count]
 
 
+# Iterators with worker processes still open; closed at exit (_close_at_exit).
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def _flush_shared_memory() -> None:
+  """Unlinks the shared memory of batches that are no longer referenced.
+
+  Workers hand batches over in shared memory blocks; a block is unlinked when its
+  last array is deleted, by grain's deleter thread (``SharedMemoryArray``'s async
+  delete). Some of those arrays sit in reference cycles inside grain's iterators, so
+  after a close they wait for the garbage collector, and a deletion still queued when
+  Python exits never runs: the resource tracker then warns of "leaked shared_memory
+  objects" (and unlinks them). Collect, then wait for the deleter's queue (one thread,
+  first in first out).
+  """
+  gc.collect()
+  if sys.is_finalizing():
+    return  # The deleter thread may be gone: do not wait for it.
+  try:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+    pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+      pool.apply_async(int).wait(timeout=10)
+  except Exception as e:  # pylint: disable=broad-except
+    # grain's internals moved, or the pool is shut down: at worst the warning.
+    log.debug("Could not flush grain's shared memory deletions: %s", e)
+
+
+class BatchIterator:
+  """Batches from :func:`train_iterator`; releases its worker processes and their
+  shared memory when the last batch has been taken, on :meth:`close` (or leaving a
+  ``with`` block, or garbage collection), and at the latest when Python exits."""
+
+  def __init__(self, iterator: Iterator[Batch], remaining: int, workers: bool):
+    self._iterator: Iterator[Batch] | None = iterator
+    self._remaining = remaining
+    self._workers = workers
+    if workers:
+      _OPEN.add(self)
+
+  def __iter__(self) -> "BatchIterator":
+    return self
+
+  def __next__(self) -> Batch:
+    if self._iterator is None or self._remaining <= 0:
+      self.close()
+      raise StopIteration
+    try:
+      batch = next(self._iterator)
+    except BaseException:
+      self.close()
+      raise
+    self._remaining -= 1
+    if self._remaining == 0:
+      self.close()  # The workers are done: join them now, not at exit.
+    return batch
+
+  def close(self) -> None:
+    """Stops and joins the worker processes (if any) and frees their shared memory.
+    Idempotent; the batches already taken stay valid."""
+    iterator, self._iterator = self._iterator, None
+    if iterator is None:
+      return
+    _OPEN.discard(self)
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
+    del iterator, close
+    if self._workers:
+      _flush_shared_memory()
+
+  def __enter__(self) -> "BatchIterator":
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+  def __del__(self) -> None:
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass  # Interpreter shutdown; _close_at_exit has run.
+
+
+@atexit.register
+def _close_at_exit() -> None:
+  """Closes the iterators left open (an interrupted run, an iterator not read to its
+  end) before multiprocessing's own exit handler (registered earlier, so run later)
+  terminates the workers; then frees the batches still held.
+
+  After an uncaught exception (Ctrl-C, a crash) the interpreter keeps it in
+  ``sys.last_*`` until it is torn down, and with it every frame of the traceback and
+  the batches they hold, whose shared memory would then never be unlinked. Nothing
+  reads those records once the exit handlers run (it is how post-mortem debuggers
+  find the exception, in a session that goes on), so they are dropped first.
+  """
+  for name in ("last_exc", "last_type", "last_value", "last_traceback"):
+    if getattr(sys, name, None) is not None:
+      setattr(sys, name, None)
+  for iterator in list(_OPEN):
+    try:
+      iterator.close()
+    except Exception as e:  # pylint: disable=broad-except
+      log.debug("Closing a batch iterator at exit: %s", e)
+  _flush_shared_memory()
+
+
 def train_iterator(train_ds: grain.MapDataset, start_step: int = 0,
                    num_threads: int = 2, *, num_workers: int = 0,
-                   prefetch_batches: int | None = None) -> Iterator[Batch]:
+                   prefetch_batches: int | None = None) -> BatchIterator:
   """Iterates batches ``start_step, start_step + 1, ...`` with prefetching.
 
   The batches are the same whatever the worker and thread counts.
@@ -397,7 +587,9 @@ def train_iterator(train_ds: grain.MapDataset, start_step: int = 0,
       per reader; at least one per worker); see :func:`loader_options`.
 
   Returns:
-    A Python iterator over batch dicts (see :func:`train_dataset`).
+    A :class:`BatchIterator` over batch dicts (see :func:`train_dataset`): the
+    workers are joined and their shared memory freed once the last batch is
+    taken, or on ``close()`` / leaving ``with``, or at exit.
   """
   if not 0 <= start_step <= len(train_ds):
     raise ValueError(f"start_step={start_step} is outside [0, "
@@ -414,12 +606,13 @@ def train_iterator(train_ds: grain.MapDataset, start_step: int = 0,
       # grain reads an absl flag when it starts workers, which raises outside
       # absl.app (scripts, pytest): google/grain#1355. Use the defaults.
       flags.FLAGS.mark_as_parsed()
-    return iter(ds.to_iter_dataset(serial).mp_prefetch(options))
+    return BatchIterator(iter(ds.to_iter_dataset(serial).mp_prefetch(options)),
+                         len(ds), workers=True)
   if prefetch_batches is None:
     prefetch_batches = 2 * num_threads
   options = grain.ReadOptions(num_threads=max(0, int(num_threads)),
                               prefetch_buffer_size=max(0, prefetch_batches))
-  return iter(ds.to_iter_dataset(options))
+  return BatchIterator(iter(ds.to_iter_dataset(options)), len(ds), workers=False)
 
 
 # ----------------------------------------------------------------------------
@@ -444,12 +637,16 @@ class _EvalBatch:
   size: int
   skip_bad_files: bool
   imagenet: bool
+  augment: str = "imagenet"
 
   def _load(self, index: int) -> tuple[np.ndarray, int]:
-    if hasattr(self.source, "read") and self.imagenet:
-      data = self.source.read(index)
-      image = decode_crop.resize_center_crop(data, self.source.path(index),
-                                             self.size)
+    if hasattr(self.source, "read"):
+      data, path = self.source.read(index), self.source.path(index)
+      if self.imagenet:
+        image = decode_crop.resize_center_crop(data, path, self.size)
+      else:
+        image = _check_stored_size(decode.decode_image(data, path), path,
+                                   self.size, self.augment)
       return image, self.source.label(index)
     example = self.source[index]
     return self.transform(example["image"]), example["label"]
@@ -492,17 +689,20 @@ def eval_dataset(ds_cfg: Any, global_batch_size: int, process_index: int = 0,
       test_source, augment_lib.eval_transform(augment, size),
       global_batch_size, local_batch, process_index, size,
       bool(sources.cfg_get(ds_cfg, "skip_bad_files", False)),
-      imagenet=augment == "imagenet")
+      imagenet=augment == "imagenet", augment=augment)
   return grain.MapDataset.range(num_steps).map(make_batch)
 
 
 def eval_batches(ds_cfg: Any, global_batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[Batch]:
   """Yields the batches of :func:`eval_dataset`, read as
-  :func:`loader_options` says (worker processes for the "imagenet" recipe)."""
+  :func:`loader_options` says (worker processes for the "imagenet" recipe on
+  large images); the workers are joined when the generator ends or is closed."""
   ds = eval_dataset(ds_cfg, global_batch_size, process_index, process_count)
   options = loader_options(ds_cfg, global_batch_size // process_count)
-  yield from train_iterator(ds, 0, **options)
+  # Closed however the caller stops (an error, a break): no workers left behind.
+  with train_iterator(ds, 0, **options) as batches:
+    yield from batches
 
 
 # ----------------------------------------------------------------------------

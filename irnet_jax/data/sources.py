@@ -8,8 +8,9 @@ with ``grain.MapDataset.source``. Supported ``ds_cfg.name`` values:
   once into ``ds_cfg.data_dir`` (default ``$IRNET_JAX_DATA_DIR`` or
   ``~/.cache/irnet_jax/data``), see :mod:`irnet_jax.data.cifar`.
 * ``imagefolder``: JPEG/PNG files in ``ds_cfg.path/<train_split>/<class>/`` and
-  ``ds_cfg.path/<test_split>/<class>/`` (default ``train`` / ``val``), class
-  ids as torchvision's ImageFolder (sorted folder names), see
+  ``ds_cfg.path/<test_split>/<class>/`` (default ``train`` / ``val``), or in
+  ``ds_cfg.train_root/<class>/`` and ``ds_cfg.test_root/<class>/`` when those
+  are set; class ids as torchvision's ImageFolder (sorted folder names), see
   :mod:`irnet_jax.data.folders`.
 * ``filelist``: list files ``ds_cfg.train_list`` / ``ds_cfg.test_list`` of
   ``relative/path label`` lines, paths relative to ``ds_cfg.train_root`` /
@@ -491,21 +492,36 @@ def _listing(folder: str, limit: int = 8) -> str:
 
 def _image_folder_indexes(ds_cfg: Any) -> tuple[folders.FileIndex,
                                                 folders.FileIndex]:
+  """The indexes of the two split folders: ``dataset.train_root`` /
+  ``dataset.test_root`` when set (each the folder holding one sub-folder per
+  class), else ``dataset.path`` joined with ``train_split`` / ``test_split``."""
   root = cfg_get(ds_cfg, "path")
-  if not root:
-    raise ValueError("ds_cfg.name='imagefolder' needs ds_cfg.path, the folder "
-                     "holding train/<class>/*.JPEG and val/<class>/*.JPEG; pass "
-                     "--config.dataset.path=/data/imagenet.")
-  if not os.path.isdir(root):
-    raise ValueError(f"dataset.path={root!r} does not exist or is not a "
-                     f"directory; set --config.dataset.path to the folder "
-                     f"holding the train/ and val/ image folders.")
-  if not os.access(root, os.R_OK | os.X_OK):
-    raise ValueError(f"dataset.path={root!r} is not readable by this user; fix "
-                     f"its permissions.")
   indexes = []
-  for field, split in (("train_split", train_split_name(ds_cfg)),
-                       ("test_split", eval_split_name(ds_cfg))):
+  for field, split, root_field in (
+      ("train_split", train_split_name(ds_cfg), "train_root"),
+      ("test_split", eval_split_name(ds_cfg), "test_root")):
+    split_dir = cfg_get(ds_cfg, root_field)
+    if split_dir:
+      if not os.path.isdir(split_dir):
+        raise ValueError(f"dataset.{root_field}={split_dir!r} does not exist or is "
+                         f"not a directory; set --config.dataset.{root_field} to the "
+                         f"folder holding one sub-folder per class.")
+      indexes.append(folders.index_image_folder(split_dir))
+      continue
+    if not root:
+      raise ValueError(f"ds_cfg.name='imagefolder' needs ds_cfg.path, the folder "
+                       f"holding train/<class>/*.JPEG and val/<class>/*.JPEG; pass "
+                       f"--config.dataset.path=/data/imagenet (or name each split "
+                       f"folder: --config.dataset.train_root=/data/imagenet/train "
+                       f"--config.dataset.test_root=/data/imagenet/val; "
+                       f"dataset.{root_field} is empty).")
+    if not os.path.isdir(root):
+      raise ValueError(f"dataset.path={root!r} does not exist or is not a "
+                       f"directory; set --config.dataset.path to the folder "
+                       f"holding the train/ and val/ image folders.")
+    if not os.access(root, os.R_OK | os.X_OK):
+      raise ValueError(f"dataset.path={root!r} is not readable by this user; fix "
+                       f"its permissions.")
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
       raise ValueError(f"{root!r} has no {split!r} folder (it holds: "
@@ -577,6 +593,8 @@ class SourceSpec:
     class_ids: ``ds_cfg -> ClassIds`` where the class count is the largest label + 1
       (npz, list files), checked by :func:`derived_num_classes`; None where the name,
       the class folders or the dataset's metadata give it.
+    files: the sources are :class:`folders.FileSource` (image files, whose sizes
+      ``inspect`` does not read: ``stored_shape`` is ``(None, None, 3)``).
   """
   open: Callable[[Any], tuple[Any, Any]]
   inspect: Callable[[Any], SourceInfo]
@@ -584,6 +602,7 @@ class SourceSpec:
   num_classes: int | None = None
   test_split: str = "test"
   class_ids: Callable[[Any], ClassIds] | None = None
+  files: bool = False
 
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -651,7 +670,7 @@ def _files(index: IndexFn, test_split: str = "test",
   """Image files named by ``index(ds_cfg) = (train index, test index)``."""
   return SourceSpec(functools.partial(_open_files, index),
                     functools.partial(_inspect_files, index), in_memory=False,
-                    test_split=test_split, class_ids=class_ids)
+                    test_split=test_split, class_ids=class_ids, files=True)
 
 
 def _open_tfds_sources(ds_cfg: Any) -> tuple[Any, Any]:
