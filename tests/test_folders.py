@@ -106,7 +106,7 @@ def test_image_folder_dataset_end_to_end(tmp_path, monkeypatch, write_image, ima
 
 
 @pytest.mark.parametrize("problem,message", [
-    ("no_path", "needs ds_cfg.path"),
+    ("no_path", "needs --config.dataset.path"),
     ("missing_root", "does not exist"),
     ("no_split", "has no 'val' folder .*holds: train\\).*dataset.test_split"),
     ("no_classes", "no class sub-folders"),
@@ -213,7 +213,8 @@ def test_image_folder_split_folders_by_train_root_and_test_root(tmp_path, monkey
   train_source, test_source = sources.get_sources(cfg)
   assert test_source.path(0) == str(tmp_path / "elsewhere" / "c0" / "0.png")
   assert train_source.path(3) == str(root / "train" / "c1" / "3.png")
-  with pytest.raises(ValueError, match=r"needs ds_cfg\.path.*--config\.dataset\.train_root="
+  with pytest.raises(ValueError, match=r"needs --config\.dataset\.path.*"
+                     r"--config\.dataset\.train_root="
                      r".*dataset\.test_root is empty"):
     data.dataset_info(dataset_cfg("imagefolder", "shift", train_root=str(root / "train")))
   with pytest.raises(ValueError, match=r"dataset\.test_root='.*nope' does not exist"):
@@ -306,7 +307,7 @@ def test_file_list_errors(tmp_path, monkeypatch, lines, message, lists, dataset_
 
 
 def test_file_list_missing_fields(tmp_path, dataset_cfg):
-  with pytest.raises(ValueError, match="needs dataset.train_list"):
+  with pytest.raises(ValueError, match="needs --config.dataset.train_list"):
     data.dataset_info(dataset_cfg("filelist", "imagenet", path=str(tmp_path)))
   with pytest.raises(ValueError, match="list file .* does not exist"):
     data.dataset_info(dataset_cfg("filelist", "imagenet", path=str(tmp_path),

@@ -34,7 +34,7 @@ def test_source_table_drives_every_dispatcher(tmp_path, monkeypatch, image_tree)
   assert sources.source_spec("tfds:mnist").num_classes is None
   assert sources.tfds_name("imagenet2012") == "imagenet2012"
   assert sources.tfds_name("tfds:") is None and sources.tfds_name("npz") is None
-  with pytest.raises(ValueError, match="Unknown dataset ds_cfg.name='tfds:'"):
+  with pytest.raises(ValueError, match="Unknown dataset --config.dataset.name='tfds:'"):
     sources.source_spec("tfds:")
   assert {n for n, s in sources.SOURCES.items() if s.in_memory} == {
       "cifar10", "cifar100", "npz", "digits"}
@@ -102,7 +102,7 @@ def test_npz_source(tmp_path, grey, write_indexed_npz):
 
 
 @pytest.mark.parametrize("kind, expect", [
-    ("empty_path", "needs ds_cfg.path"),
+    ("empty_path", "needs --config.dataset.path"),
     ("missing_file", "does not exist"),
     ("not_npz", "not a readable .npz"),
     ("missing_key", "lacks the arrays ['y_test']"),
@@ -137,13 +137,13 @@ def test_unknown_name_and_augment():
     data.dataset_info(_cfg(name="mnist"))
   for name in data.DATASETS:
     assert repr(name) in str(e.value)
-  with pytest.raises(ValueError, match="Unknown ds_cfg.augment='autoaugment'"):
+  with pytest.raises(ValueError, match="Unknown --config.dataset.augment='autoaugment'"):
     data.dataset_info(_cfg(augment="autoaugment"))
 
 
 def test_image_size_mismatch(tmp_path, write_indexed_npz):
   npz_path = write_indexed_npz(tmp_path / "tiny.npz")
-  with pytest.raises(ValueError, match="Set ds_cfg.image_size=8"):
+  with pytest.raises(ValueError, match="Set --config.dataset.image_size=8"):
     data.dataset_info(_cfg(name="npz", path=npz_path, image_size=32,
                            augment="cifar"))
 

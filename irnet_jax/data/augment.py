@@ -336,7 +336,7 @@ def _identity(image: np.ndarray, rng: np.random.Generator | None = None
 
 def _check_augment(augment: str) -> None:
   if augment not in AUGMENTS:
-    raise ValueError(f"Unknown ds_cfg.augment={augment!r}. Set it to one of "
+    raise ValueError(f"Unknown --config.dataset.augment={augment!r}. Set it to one of "
                      f"{list(AUGMENTS)}.")
 
 

@@ -93,11 +93,11 @@ def _check_cfg(ds_cfg: Any) -> tuple[sources.SourceInfo, str, int]:
   spec = sources.source_spec(name)  # an unknown name first
   augment = sources.cfg_get(ds_cfg, "augment", "none")
   if augment not in augment_lib.AUGMENTS:
-    raise ValueError(f"Unknown ds_cfg.augment={augment!r}. Set it to one of "
+    raise ValueError(f"Unknown --config.dataset.augment={augment!r}. Set it to one of "
                      f"{list(augment_lib.AUGMENTS)}.")
   size = sources.cfg_get(ds_cfg, "image_size")
   if not isinstance(size, (int, np.integer)) or size <= 0:
-    raise ValueError(f"ds_cfg.image_size={size!r} must be a positive int (32 "
+    raise ValueError(f"--config.dataset.image_size={size!r} must be a positive int (32 "
                      f"for CIFAR, 224 for ImageNet, 16 for digits).")
   for field in ("mean", "std"):
     value = sources.cfg_get(ds_cfg, field)
@@ -105,7 +105,7 @@ def _check_cfg(ds_cfg: Any) -> tuple[sources.SourceInfo, str, int]:
       raise ValueError(f"ds_cfg.{field}={value!r} must be 3 per-channel (RGB) "
                        f"values in [0, 1] units.")
   if np.any(np.asarray(sources.cfg_get(ds_cfg, "std")) <= 0):
-    raise ValueError(f"ds_cfg.std={sources.cfg_get(ds_cfg, 'std')!r} must be "
+    raise ValueError(f"--config.dataset.std={sources.cfg_get(ds_cfg, 'std')!r} must be "
                      f"positive.")
   color_jitter_on(ds_cfg)  # Validates ds_cfg.color_jitter_on,
   _prefetch_megabytes(ds_cfg)  # ... and prefetch_mb.
@@ -122,10 +122,10 @@ def _check_cfg(ds_cfg: Any) -> tuple[sources.SourceInfo, str, int]:
                        f"augment=imagenet (random-resized-crop for training, "
                        f"resize + centre crop for evaluation).")
     if (h, w) != (size, size):
-      raise ValueError(f"{name} images are {h}x{w} but ds_cfg.image_size={size} "
+      raise ValueError(f"{name} images are {h}x{w} but --config.dataset.image_size={size} "
                        f"and augment={augment!r} does not resize. Set "
-                       f"ds_cfg.image_size={h} (square images) or augment="
-                       f"'imagenet'.")
+                       f"--config.dataset.image_size={h} (square images) or "
+                       f"--config.dataset.augment=imagenet.")
   return info, augment, int(size)
 
 
@@ -347,7 +347,7 @@ def color_jitter_on(ds_cfg: Any) -> str | None:
   ``None`` for the other recipes, which have none."""
   where = sources.cfg_get(ds_cfg, "color_jitter_on", "device") or "device"
   if where not in JITTER_PLACES:
-    raise ValueError(f"ds_cfg.color_jitter_on={where!r}; set it to one of "
+    raise ValueError(f"--config.dataset.color_jitter_on={where!r}; set it to one of "
                      f"{list(JITTER_PLACES)}.")
   if sources.cfg_get(ds_cfg, "augment", "none") != "imagenet":
     return None
@@ -364,7 +364,7 @@ def _prefetch_megabytes(ds_cfg: Any) -> float:
   megabytes = sources.cfg_get(ds_cfg, "prefetch_mb", 1024)
   megabytes = 1024 if megabytes is None else megabytes
   if megabytes <= 0:
-    raise ValueError(f"ds_cfg.prefetch_mb={megabytes} must be positive.")
+    raise ValueError(f"--config.dataset.prefetch_mb={megabytes} must be positive.")
   return megabytes
 
 

@@ -236,7 +236,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray,
 
 
 def _npz_fix(path: str) -> str:
-  return (f"Set ds_cfg.path to an .npz made with np.savez(path, x_train=..., "
+  return (f"Set --config.dataset.path to an .npz made with np.savez(path, x_train=..., "
           f"y_train=..., x_test=..., y_test=...) where x is uint8 (N,H,W,3), "
           f"(N,H,W,1) or (N,H,W) and y is integer (N,) (got path={path!r}).")
 
@@ -293,7 +293,7 @@ def _check_npz(path: str | None) -> tuple[dict[str, Any], int, ClassIds]:
   the number of classes and its class ids. Reads the file once per process while
   it is unchanged."""
   if not path:
-    raise ValueError("ds_cfg.name='npz' needs ds_cfg.path, which is empty. "
+    raise ValueError("--config.dataset.name=npz needs --config.dataset.path, which is empty. "
                      + _npz_fix(path))
   if not os.path.isfile(path):
     raise ValueError(f"npz file {path!r} does not exist. " + _npz_fix(path))
@@ -424,7 +424,7 @@ def _tfds_prepare_hint(name: str, data_dir: str | None) -> str:
     hint += (f"; ImageNet cannot be downloaded automatically: first put "
              f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in "
              f"{shown}/downloads/manual/")
-  return hint + ". Or set ds_cfg.data_dir to where it is already prepared."
+  return hint + ". Or set --config.dataset.data_dir to where it is already prepared."
 
 
 def _tfds_split(name: str, split: str, data_dir: str | None) -> Any:
@@ -457,7 +457,7 @@ def _open_tfds(ds_cfg: Any) -> tuple[Any, Any]:
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"Split {split!r} of {name} could not be opened in {shown} "
                      f"({type(e).__name__}: {str(e)[:300]}). Set "
-                     f"ds_cfg.test_split to an existing split ('test' for "
+                     f"--config.dataset.test_split to an existing split ('test' for "
                      f"cifar, 'validation' for imagenet2012).") from e
   return train, test
 
@@ -509,7 +509,7 @@ def _image_folder_indexes(ds_cfg: Any) -> tuple[folders.FileIndex,
       indexes.append(folders.index_image_folder(split_dir))
       continue
     if not root:
-      raise ValueError(f"ds_cfg.name='imagefolder' needs ds_cfg.path, the folder "
+      raise ValueError(f"--config.dataset.name=imagefolder needs --config.dataset.path, the folder "
                        f"holding train/<class>/*.JPEG and val/<class>/*.JPEG; pass "
                        f"--config.dataset.path=/data/imagenet (or name each split "
                        f"folder: --config.dataset.train_root=/data/imagenet/train "
@@ -550,7 +550,7 @@ def _file_list_indexes(ds_cfg: Any) -> tuple[folders.FileIndex,
     list_path = cfg_get(ds_cfg, f"{split}_list")
     root = cfg_get(ds_cfg, f"{split}_root") or path
     if not list_path or not root:
-      raise ValueError(f"ds_cfg.name='filelist' needs dataset.{split}_list (a "
+      raise ValueError(f"--config.dataset.name=filelist needs --config.dataset.{split}_list (a "
                        f"file of 'relative/path label' lines) and an image "
                        f"root for its paths (dataset.{split}_root, or "
                        f"dataset.path for both splits); got {split}_list="
@@ -716,7 +716,7 @@ def source_spec(name: str) -> SourceSpec:
     return SOURCES[name]
   if tfds_name(name):
     return _tfds()
-  raise ValueError(f"Unknown dataset ds_cfg.name={name!r}. Set it to one of "
+  raise ValueError(f"Unknown dataset --config.dataset.name={name!r}. Set it to one of "
                    f"{list(DATASETS)} (or 'tfds:NAME' for another TFDS "
                    f"dataset with 'image' and 'label' features).")
 
