@@ -90,11 +90,15 @@ def test_scan_mode_resumes_exactly_after_kill_and_sigterm(k, resident, mode, toy
   ref = uninterrupted(c)
   # Killed after step 4 (checkpoint 4 committed, or with k=1 at step 3, between
   # checkpoints), then the resumed run preempted by SIGTERM at step 6, then resumed.
+  # (Scan mode with K=2 and data on the device is preempted by a real SIGTERM in
+  # test_preemption.py: here it is only killed.)
+  sigterm = k == 1 or mode == "dispatch"
   resumed = _interrupted_then_resumed(c, tmp_path / "run", (3 if k == 1 else 4, _kill),
-                                      (6, _sigterm))
+                                      *([(6, _sigterm)] if sigterm else []))
   assert resumed["params_fingerprint"] == ref["params_fingerprint"]
   assert [r["step"] for r in read_metrics(tmp_path / "run", "train")] == list(range(k, 9, k))
-  assert [e["step"] for e in read_metrics(tmp_path / "run", "event")] == [6]
+  assert [e["step"] for e in read_metrics(tmp_path / "run", "event")] == ([6] if sigterm
+                                                                           else [])
 
 
 def test_resume_in_the_other_call_mode_is_refused_with_the_flag(toy_npz, tmp_path,
