@@ -592,11 +592,12 @@ class _Loop:
     raise preemption.Preempted(done, self.ckpt.directory)
 
   def save(self, done: int, state: nnx.State) -> None:
-    """Checkpoints step ``done`` once every record up to it is on disk: a committed
-    checkpoint then implies its step's records, and a resume (which drops the records
-    past its step) leaves each logged step exactly once, whenever a kill came."""
+    """Checkpoints step ``done``, after every record up to it was written (a
+    :meth:`MetricsWriter.write` returns with its line fsynced and its events in the
+    file): a committed checkpoint then implies its step's records, and a resume (which
+    drops the records past its step) leaves each logged step exactly once, whenever a
+    kill came."""
     self.drain()  # Never checkpoint a diverged state.
-    self.writer.sync()
     self.ckpt.save(done, state[0], state[1], self.meta(done), signs=self.prev_signs)
 
   def after_call(self, done: int, state: nnx.State, call: Call, bar: _Progress) -> None:

@@ -148,12 +148,6 @@ class MetricsWriter:
       step = int(record["step"])
       self._tb_writer(split, step).write(scalars, step)
 
-  def sync(self) -> None:
-    """Returns when every record written is on disk. Each :meth:`write` already
-    leaves its line fsynced and its events flushed to the OS (which a kill of the
-    process keeps), so this only states the promise the launcher relies on before
-    each checkpoint; it is where a buffered writer would flush."""
-
   def close(self) -> None:
     """Closes the event files; a later :meth:`write` opens new ones."""
     self._close_tensorboard()
