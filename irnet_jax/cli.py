@@ -102,15 +102,14 @@ def drop_tracebacks(record: logging.LogRecord) -> bool:
   return True
 
 
-def _one_line_once(*args: Any) -> None:
-  """``threading.excepthook`` / ``sys.unraisablehook`` (not ``sys.excepthook``: a bug
-  in the tool keeps its traceback) without
-  ``--debug``: an exception that escapes a library's thread or callback (tensorstore's
-  writers on a full disk print "Event loop is closed" a hundred times) is one
-  ``warning:`` line, each distinct message once; the tool's own ``error:`` line says
-  what to do."""
-  info = args[0] if len(args) == 1 else None
-  error = getattr(info, "exc_value", None) if info is not None else args[1]
+def _one_line_once(info: Any) -> None:
+  """``threading.excepthook`` / ``sys.unraisablehook`` without ``--debug`` (not
+  ``sys.excepthook``: a bug in the tool keeps its traceback): an exception that escapes
+  a library's thread or callback (tensorstore's writers on a full disk print "Event loop
+  is closed" a hundred times) is one ``warning:`` line, each distinct message once; the
+  tool's own ``error:`` line says what to do. ``info``: the hook's argument (it has
+  ``exc_value``)."""
+  error = info.exc_value
   text = " ".join(f"{type(error).__name__}: {error}".split())[:300]
   if text not in _SEEN_ERRORS:
     _SEEN_ERRORS.add(text)

@@ -133,7 +133,9 @@ def check_run(workdir: str, config: ml_collections.ConfigDict,
       f"define a run:\n{lines}\nNothing in {workdir} was changed. To start a new run, "
       f"use another --workdir; to resume this one, use its original values"
       + (f" ({fixes})" if fixes else "") + f" or its config ({workdir}/{CONFIG_FILE}). "
-      f"Fields that may change on resume: {', '.join(RESUMABLE_FIELDS)}.")
+      "Fields that may change on resume: "
+      f"{', '.join(f for f in RESUMABLE_FIELDS if f not in RESOLVED_FIELDS)}; "
+      f"{', '.join(RESOLVED_FIELDS)} only to the value it resolved to.")
 
 
 def _flag_value(v: Any) -> str:

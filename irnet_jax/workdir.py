@@ -220,7 +220,6 @@ class _EventFile:
           wall_time=time.time(), step=step, summary=self._summary.scalar(tag, value)))
     self._writer.flush()
 
-
   def close(self) -> None:
     self._writer.close()
 

@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -253,8 +254,8 @@ def test_a_full_disk_reported_by_a_library_is_one_line_with_the_hint(capsys):
   line = workdir_lib.error_line(error)
   assert line.startswith("error: No space left on device; the disk is full: free space "
                          "and rerun the same command"), line
-  for _ in range(100):
-    cli._one_line_once(RuntimeError, RuntimeError("Event loop is closed"), None)
+  for _ in range(100):  # What threading.excepthook / sys.unraisablehook are given.
+    cli._one_line_once(types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed")))
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "warning: RuntimeError: Event loop is closed" in err
 
